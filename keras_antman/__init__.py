@@ -1,0 +1,37 @@
+"""keras-antman: structured (AntMan) compression of Keras recurrent models.
+
+Importing the package registers its layers and schemes with Keras
+serialization and changes nothing else: the compiled op loads on first use.
+"""
+
+from keras_antman.compress import compress
+from keras_antman.layers import StructuredGRU
+from keras_antman.layers import StructuredGRUCell
+from keras_antman.layers import StructuredLSTM
+from keras_antman.layers import StructuredLSTMCell
+from keras_antman.schemes import Dense
+from keras_antman.schemes import LGPDense
+from keras_antman.schemes import LGPShuffle
+from keras_antman.schemes import LowRank
+from keras_antman.schemes import LowRankLGP
+from keras_antman.report import Report
+from keras_antman.report import report
+from keras_antman.schemes import Scheme
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Dense",
+    "LGPDense",
+    "LGPShuffle",
+    "LowRank",
+    "LowRankLGP",
+    "Report",
+    "Scheme",
+    "StructuredGRU",
+    "StructuredGRUCell",
+    "StructuredLSTM",
+    "StructuredLSTMCell",
+    "compress",
+    "report",
+]
