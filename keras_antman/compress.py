@@ -279,8 +279,10 @@ def _dense_weights(cell):
 
 
 def _copy_weights(old, new):
-    if isinstance(new, (keras.Sequential, Functional)):
-        return  # its layers were cloned (and are copied) one by one
+    if isinstance(new, (keras.Sequential, Functional)) or not isinstance(
+        new, keras.layers.Layer
+    ):
+        return  # nested models are copied layer by layer; ops have no weights
     if isinstance(new, keras.layers.Bidirectional) and isinstance(
         new.forward_layer, (StructuredLSTM, StructuredGRU)
     ):

@@ -126,6 +126,8 @@ class Scheme(keras.layers.Layer):
         self.constraint = keras.constraints.get(constraint)
         self.context = context
         self.input_dim = None
+        # Applied position by position, so a sequence mask passes through.
+        self.supports_masking = True
 
     # -- configuration ---------------------------------------------------
 

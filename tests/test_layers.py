@@ -1,0 +1,244 @@
+"""StructuredLSTM / StructuredGRU: equal to the stock layers with Dense
+schemes, equal to a NumPy reference with structured schemes, every Keras
+RNN option, serialization and training."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_antman as am
+import reference
+from conftest import randomize_weights
+from conftest import run_layer_test
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+SCHEMES = [
+    am.Dense(), am.LowRank(2), am.LGPShuffle(4), am.LGPDense(4),
+    am.LowRankLGP(2, 4, 2),
+]
+
+
+def _x(rng, shape=(3, 6, 8)):
+    return rng.normal(size=shape).astype("float32")
+
+
+def _stock_and_structured(stock_cls, ours_cls, x, **kwargs):
+    stock = stock_cls(**kwargs)
+    stock(x)
+    randomize_weights(stock, seed=7)
+    ours = ours_cls(**kwargs)
+    ours(x)
+    ours.load_dense(*stock.get_weights())
+    return stock, ours
+
+
+LSTM_OPTIONS = [
+    dict(units=8),
+    dict(units=8, return_sequences=True),
+    dict(units=8, return_sequences=True, return_state=True),
+    dict(units=8, go_backwards=True, return_sequences=True),
+    dict(units=8, unroll=True, return_state=True),
+    dict(units=8, use_bias=False),
+    dict(units=8, activation="relu", recurrent_activation="hard_sigmoid"),
+]
+
+
+@pytest.mark.parametrize("kwargs", LSTM_OPTIONS)
+def test_dense_lstm_equals_keras_lstm(kwargs, rng):
+    x = _x(rng)
+    stock, ours = _stock_and_structured(
+        keras.layers.LSTM, am.StructuredLSTM, x, **kwargs)
+    for a, b in zip(keras.tree.flatten(stock(x)), keras.tree.flatten(ours(x))):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("extra", [{}, dict(go_backwards=True),
+                                   dict(return_state=True)])
+def test_dense_gru_equals_keras_gru(reset_after, extra, rng):
+    x = _x(rng)
+    stock, ours = _stock_and_structured(
+        keras.layers.GRU, am.StructuredGRU, x, units=8,
+        return_sequences=True, reset_after=reset_after, **extra)
+    for a, b in zip(keras.tree.flatten(stock(x)), keras.tree.flatten(ours(x))):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_masking_and_initial_state_match_keras(rng):
+    x = _x(rng)
+    mask = np.ones((3, 6), bool)
+    mask[0, 4:] = False
+    mask[2, 1:] = False
+    h0 = rng.normal(size=(3, 8)).astype("float32")
+    c0 = rng.normal(size=(3, 8)).astype("float32")
+    stock, ours = _stock_and_structured(
+        keras.layers.LSTM, am.StructuredLSTM, x, units=8,
+        return_sequences=True, return_state=True)
+    a = stock(x, mask=mask, initial_state=[h0, c0])
+    b = ours(x, mask=mask, initial_state=[h0, c0])
+    for u, v in zip(a, b):
+        np.testing.assert_allclose(u, v, **TOL)
+    # Masked steps carry the state: row 2's final state is its step-0 state.
+    np.testing.assert_allclose(b[1][2], b[0][2, 0], **TOL)
+
+
+def test_embedding_mask_propagates(rng):
+    tokens = np.array([[3, 4, 5, 0, 0], [1, 2, 0, 0, 0]])
+
+    def model(rnn):
+        inp = keras.Input((5,), dtype="int32")
+        h = keras.layers.Embedding(10, 8, mask_zero=True)(inp)
+        return keras.Model(inp, rnn(h))
+
+    stock = model(keras.layers.LSTM(8))
+    ours = am.compress(stock)
+    randomize_weights(stock, seed=3)
+    ours = am.compress(stock)
+    np.testing.assert_allclose(stock(tokens), ours(tokens), **TOL)
+    # Padding beyond the mask changes nothing.
+    padded = tokens.copy()
+    padded[0, 3:] = 0
+    np.testing.assert_allclose(ours(tokens), ours(padded), **TOL)
+
+
+def test_stateful_matches_keras(rng):
+    x = _x(rng, (2, 4, 8))
+    stock, ours = _stock_and_structured(
+        keras.layers.LSTM, am.StructuredLSTM, x, units=8, stateful=True)
+    stock.reset_states()
+    ours.reset_states()
+    for _ in range(3):  # state carries across calls
+        np.testing.assert_allclose(stock(x), ours(x), **TOL)
+    a1 = ours(x)
+    ours.reset_states()
+    stock.reset_states()
+    np.testing.assert_allclose(stock(x), ours(x), **TOL)
+    assert not np.allclose(a1, ours(x))
+
+
+def test_input_dropout_matches_keras_with_the_same_seed(rng):
+    x = _x(rng)
+    stock, ours = _stock_and_structured(
+        keras.layers.LSTM, am.StructuredLSTM, x, units=8, dropout=0.3,
+        seed=11)
+    b = ours(x, training=True)
+    np.testing.assert_allclose(stock(x, training=True), b, **TOL)
+    assert not np.allclose(b, ours(x, training=False))
+
+
+def test_recurrent_dropout_applies_in_training_only(rng):
+    x = _x(rng)
+    layer = am.StructuredLSTM(8, recurrent_dropout=0.5, seed=3,
+                              recurrent_scheme=am.LGPShuffle(2))
+    layer(x)
+    randomize_weights(layer, seed=1)
+    np.testing.assert_array_equal(layer(x), layer(x))
+    assert not np.allclose(layer(x, training=True), layer(x))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+def test_structured_lstm_equals_numpy_reference(scheme, rng):
+    x = _x(rng)
+    layer = am.StructuredLSTM(8, input_scheme=scheme, recurrent_scheme=scheme,
+                              return_sequences=True, go_backwards=True)
+    layer(x)
+    randomize_weights(layer, seed=5)
+    kernel, rec, bias = layer.dense_weights()
+    expected, _, _ = reference.lstm(x, kernel, rec, bias, go_backwards=True)
+    np.testing.assert_allclose(layer(x), expected, **TOL)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("scheme", SCHEMES[1:], ids=lambda s: s.describe())
+def test_structured_gru_equals_numpy_reference(scheme, reset_after, rng):
+    x = _x(rng)
+    layer = am.StructuredGRU(8, input_scheme=scheme, recurrent_scheme=scheme,
+                             return_sequences=True, reset_after=reset_after)
+    layer(x)
+    randomize_weights(layer, seed=5)
+    kernel, rec, bias = layer.dense_weights()
+    expected, _ = reference.gru(x, kernel, rec, bias, reset_after=reset_after)
+    np.testing.assert_allclose(layer(x), expected, **TOL)
+
+
+def test_gru_reset_after_false_splits_the_recurrent_product():
+    layer = am.StructuredGRU(8, reset_after=False,
+                             recurrent_scheme=am.LGPShuffle(2))
+    layer.build((None, 5, 4))
+    products = layer.products()
+    assert sorted(products) == ["candidate", "input", "recurrent"]
+    assert (products["recurrent"].input_dim,
+            products["recurrent"].output_dim) == (8, 16)
+    assert (products["candidate"].input_dim,
+            products["candidate"].output_dim) == (8, 8)
+
+
+def test_cell_in_keras_rnn_equals_layer(rng):
+    x = _x(rng)
+    layer = am.StructuredLSTM(8, input_scheme=am.LGPShuffle(2),
+                              recurrent_scheme=am.LowRankLGP(2, 2, 2),
+                              return_sequences=True)
+    layer(x)
+    randomize_weights(layer, seed=2)
+    cell = am.StructuredLSTMCell(8, input_scheme=am.LGPShuffle(2),
+                                 recurrent_scheme=am.LowRankLGP(2, 2, 2))
+    rnn = keras.layers.RNN(cell, return_sequences=True)
+    rnn(x)
+    cell.load_dense(*layer.dense_weights())
+    np.testing.assert_allclose(rnn(x), layer(x), **TOL)
+
+
+@pytest.mark.parametrize("layer_cls,weights", [
+    (am.StructuredLSTM, 5), (am.StructuredGRU, 5)])
+def test_run_layer_test(layer_cls, weights, tmp_path):
+    run_layer_test(
+        lambda: layer_cls(8, input_scheme=am.LGPShuffle(2),
+                          recurrent_scheme=am.LowRankLGP(2, 2, 2),
+                          return_sequences=True),
+        input_shape=(4, 5, 6), expected_output_shape=(4, 5, 8),
+        expected_trainable_weights=weights, tmp_path=tmp_path)
+
+
+def test_config_round_trip():
+    layer = am.StructuredLSTM(
+        12, input_scheme=am.LowRankLGP(2, 3, 2),
+        recurrent_scheme=am.LGPDense(3), return_state=True, dropout=0.1,
+        kernel="portable", name="my_lstm")
+    again = am.StructuredLSTM.from_config(layer.get_config())
+    assert again.get_config() == layer.get_config()
+    assert again.input_scheme.describe() == layer.input_scheme.describe()
+    assert again.kernel == "portable" and again.dropout == 0.1
+
+
+def test_bidirectional_structured_round_trip(tmp_path, rng):
+    x = _x(rng)
+    inp = keras.Input((6, 8))
+    out = keras.layers.Bidirectional(am.StructuredGRU(
+        8, input_scheme=am.LGPShuffle(4), return_sequences=True))(inp)
+    model = keras.Model(inp, out)
+    randomize_weights(model)
+    model.save(tmp_path / "bi.keras")
+    restored = keras.models.load_model(tmp_path / "bi.keras")
+    np.testing.assert_array_equal(restored(x), model(x))
+
+
+def test_bad_layer_arguments():
+    with pytest.raises(ValueError, match="`kernel` must be one of"):
+        am.StructuredLSTM(4, kernel="fast")
+    with pytest.raises(ValueError, match="`units` must be a positive"):
+        am.StructuredLSTM(0)
+    with pytest.raises(ValueError, match=r"`dropout` must be in \[0, 1\)"):
+        am.StructuredGRU(4, dropout=1.5)
+    with pytest.raises(ValueError, match="Expected a keras_antman scheme"):
+        am.StructuredLSTM(4, input_scheme="lgp")
+
+
+def test_invalid_scheme_names_the_layer_and_product(rng):
+    layer = am.StructuredLSTM(200, recurrent_scheme=am.LGPShuffle(7),
+                              name="lstm_1")
+    with pytest.raises(
+        ValueError,
+        match=r"`lstm_1: recurrent product`: LGPShuffle\(groups=7\) cannot "
+              r"compress a 200 -> 800 product.*groups in \[1, 2, 4, 5, 8,",
+    ):
+        layer.build((None, 3, 16))
