@@ -786,7 +786,7 @@ def _fresh_optimizer(optimizer):
     )
 
 
-def _copy_model(student):
+def _copy_model(student, reinitialize):
     try:
         copy = keras.models.clone_model(student)
     except Exception as e:
@@ -797,7 +797,8 @@ def _copy_model(student):
             f" Received: {student.name!r} ({type(student).__name__}); "
             f"error: {e}"
         ) from e
-    copy.set_weights(student.get_weights())
+    if not reinitialize:
+        copy.set_weights(student.get_weights())
     return copy
 
 
@@ -834,12 +835,14 @@ def calibrate_coefficients(
     loss=None,
     batch_size=None,
     significant_digits=1,
+    reinitialize=False,
     verbose=0,
 ):
     """Chooses the distillation coefficients by the paper's method.
 
     Trains three copies of `student`, each from the student's current
-    weights and with one loss alone (label loss, logit MSE, KL), for
+    weights (or freshly initialised, `reinitialize=True`) and with one loss
+    alone (label loss, logit MSE, KL), for
     `epochs` epochs, and records that loss's converged value: on
     `validation_data` after training when it is given (as the paper does),
     else the mean over the last training epoch. Then
@@ -872,6 +875,11 @@ def calibrate_coefficients(
         batch_size: Batch size for array data. Defaults to `None`.
         significant_digits: Rounding of the coefficients, see
             `coefficients_from_losses`. Defaults to 1.
+        reinitialize: Start each copy from its initializers instead of the
+            student's weights. A student initialised from the teacher
+            (`compress`) may already match it so closely that MSE and KL
+            stay near 0 and the coefficients come out huge; the paper's
+            students were trained from scratch. Defaults to `False`.
         verbose: Verbosity of `fit`/`evaluate`. Defaults to 0.
 
     Returns:
@@ -900,7 +908,7 @@ def calibrate_coefficients(
     measured = {}
     try:
         for name, coefficients in _SINGLE_LOSS_RUNS:
-            copy = _copy_model(student)
+            copy = _copy_model(student, reinitialize)
             distiller = Distiller(student=copy, teacher=teacher)
             distiller.compile(
                 optimizer=_fresh_optimizer(optimizer),

@@ -493,8 +493,9 @@ def test_coefficient_errors(kwargs, match):
         coefficients_from_losses(**args)
 
 
-@pytest.mark.parametrize("validation", [False, True])
-def test_calibrate_coefficients_end_to_end(validation):
+@pytest.mark.parametrize("validation, reinitialize",
+                         [(False, False), (True, True)])
+def test_calibrate_coefficients_end_to_end(validation, reinitialize):
     x, y, teacher = classifier_task(n=128)
     student = small_student(1)
     before = [w.copy() for w in student.get_weights()]
@@ -502,6 +503,7 @@ def test_calibrate_coefficients_end_to_end(validation):
         student, teacher, (x[:96], y[:96]),
         validation_data=(x[96:], y[96:]) if validation else None,
         epochs=2, batch_size=32, optimizer=keras.optimizers.Adam(0.01),
+        reinitialize=reinitialize,
     )
     assert isinstance(c, DistillationCoefficients)
     for value in (c.target_loss, c.mse_loss, c.kl_loss):
@@ -510,3 +512,21 @@ def test_calibrate_coefficients_end_to_end(validation):
     for a, b in zip(before, student.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert teacher.trainable
+
+
+def test_calibrate_rejects_a_student_it_cannot_copy():
+    class Student(keras.Model):
+        def __init__(self, units):
+            super().__init__()
+            self.dense = keras.layers.Dense(units)
+
+        def call(self, x):
+            return self.dense(x)
+
+    x, y, teacher = classifier_task(n=32)
+    student = Student(5)
+    student(x[:1])
+    with pytest.raises(ValueError, match="could not copy `student`"):
+        calibrate_coefficients(student, teacher, (x, y))
+    with pytest.raises(ValueError, match="`epochs` must be a positive int"):
+        calibrate_coefficients(small_student(1), teacher, (x, y), epochs=0)
