@@ -13,9 +13,7 @@ import math
 import keras
 from keras.src.models.functional import Functional
 
-from keras_antman.layers import StructuredGRU
 from keras_antman.layers import StructuredGRUCell
-from keras_antman.layers import StructuredLSTM
 from keras_antman.layers import StructuredLSTMCell
 
 _STOCK_CELLS = (keras.layers.LSTMCell, keras.layers.GRUCell)

@@ -602,7 +602,9 @@ class LowRankLGP(Scheme):
         u, s, vt = np.linalg.svd(w.astype("float64"), full_matrices=False)
         root = np.sqrt(s[:k])
         in_blocks = _block_diag_extract(u[:, :k] * root, self.groups_in)
-        out_blocks = _block_diag_extract(root[:, None] * vt[:k], self.groups_out)
+        out_blocks = _block_diag_extract(
+            root[:, None] * vt[:k], self.groups_out
+        )
         d_in = _block_diag_dense(in_blocks)
         d_out = _block_diag_dense(out_blocks)
         mix = np.linalg.pinv(d_in) @ w @ np.linalg.pinv(d_out)

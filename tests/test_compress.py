@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
+from conftest import randomize_weights
 
 import keras_antman as am
-from conftest import randomize_weights
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 LGP = dict(input_scheme=am.LGPShuffle(2), recurrent_scheme=am.LGPShuffle(4))
@@ -92,7 +92,7 @@ def test_structured_weights_come_from_the_dense_ones(make, rng):
         np.testing.assert_array_equal(a, b)
     # Every structured product is the scheme's projection of the trained
     # dense matrix; every other weight is copied.
-    old_layers = {l.name: l for l in _leaves(model)}
+    old_layers = {x.name: x for x in _leaves(model)}
     n_structured = 0
     for layer in _leaves(out):
         old = old_layers[layer.name]
@@ -126,8 +126,8 @@ def _cell_pairs(old, new):
         return (_cell_pairs(old.forward_layer, new.forward_layer)
                 + _cell_pairs(old.backward_layer, new.backward_layer))
     if isinstance(new, keras.layers.RNN):
-        cells = lambda l: (l.cell.cells if isinstance(  # noqa: E731
-            l.cell, keras.layers.StackedRNNCells) else [l.cell])
+        cells = lambda x: (x.cell.cells if isinstance(  # noqa: E731
+            x.cell, keras.layers.StackedRNNCells) else [x.cell])
         return list(zip(cells(old), cells(new)))
     return []
 
@@ -148,7 +148,7 @@ def test_compress_replaces_every_recurrent_layer():
 
 def test_shared_layer_stays_shared(rng):
     out = am.compress(shared_layer(), **LGP)
-    structured = [l for l in out.layers if isinstance(l, am.StructuredLSTM)]
+    structured = [x for x in out.layers if isinstance(x, am.StructuredLSTM)]
     assert len(structured) == 1
 
 
