@@ -1,7 +1,10 @@
 """keras-antman: structured (AntMan) compression of Keras recurrent models.
 
 Importing the package registers its layers and schemes with Keras
-serialization and changes nothing else: the compiled op loads on first use.
+serialization and, when the compiled CPU op library was built for this
+TensorFlow, registers its ops with TensorFlow, so that SavedModels exported
+with ``kernel="compiled"`` load after ``import keras_antman``. Nothing else
+global changes (no environment variables, no Keras settings).
 """
 
 from keras_antman import datasets
@@ -28,6 +31,10 @@ from keras_antman.schemes import LowRankLGP
 from keras_antman.schemes import Scheme
 
 __version__ = "0.1.0"
+
+from keras_antman import ops as _ops  # noqa: E402
+
+_ops.is_available()  # registers the ops; warns once if the build is stale
 
 __all__ = [
     "Dense",

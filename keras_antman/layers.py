@@ -12,6 +12,8 @@ outside the time loop) and run only the recurrent product per step; that is
 both what the compiled kernel does and what makes plain TF fast here.
 """
 
+import warnings
+
 import keras
 import numpy as np
 from keras import activations
@@ -36,6 +38,25 @@ _CELL_ARGS = (
     "bias_constraint", "dropout", "recurrent_dropout", "seed",
     "unit_forget_bias", "reset_after",
 )
+
+
+_warned = []
+
+
+def _warn_portable_once(ops_module):
+    if not _warned:
+        _warned.append(True)
+        warnings.warn(
+            "keras-antman: the compiled CPU op is not available, so "
+            "structured layers run on stock TF ops (slower inference). "
+            + ops_module.HOW_TO_BUILD,
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _zeros(shape):
+    return ops.zeros(shape, dtype="float32")
 
 
 def _check_rate(name, value):
@@ -475,6 +496,10 @@ class _StructuredRNN(keras.layers.RNN):
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if tree.is_nested(mask):
             mask = mask[0]
+        if not training and self.kernel != "portable":
+            result = self._compiled_loop(sequences, initial_state, mask)
+            if result is not None:
+                return result
         cell = self.cell
         if training and 0.0 < cell.dropout < 1.0:
             dp_mask = cell.get_dropout_mask(sequences[:, 0, :])
@@ -505,6 +530,78 @@ class _StructuredRNN(keras.layers.RNN):
         return super().call(
             sequences, mask=mask, training=training, initial_state=initial_state
         )
+
+    def compiled_blockers(self, mask=None):
+        """Why the compiled op cannot run this layer (empty if it can)."""
+        cell = self.cell
+        reasons = []
+        if mask is not None:
+            reasons.append("a mask was given (the op has no masking)")
+        if activations.serialize(cell.activation) != "tanh":
+            reasons.append("activation is not tanh")
+        if activations.serialize(cell.recurrent_activation) != "sigmoid":
+            reasons.append("recurrent_activation is not sigmoid")
+        if self.compute_dtype != "float32":
+            reasons.append(f"dtype is {self.compute_dtype}, not float32")
+        from keras_antman import ops
+
+        for name, matrix in cell.products().items():
+            if type(matrix).__name__ not in ops.SUPPORTED_SCHEMES:
+                reasons.append(
+                    f"the {name} scheme {matrix.describe()} has no kernel"
+                )
+        return reasons
+
+    def _compiled_loop(self, sequences, initial_state, mask):
+        """The inference loop on the compiled op, or None to use TF ops."""
+        reasons = self.compiled_blockers(mask)
+        if reasons:
+            if self.kernel == "compiled":
+                raise ValueError(
+                    f"`{self.name}`: kernel='compiled' cannot run this layer: "
+                    f"{'; '.join(reasons)}. Use kernel='auto' or 'portable'."
+                )
+            return None
+        from keras_antman import ops
+
+        if self.kernel == "compiled":
+            ops.load()  # raises CompiledOpsUnavailableError with a fix
+        elif not ops.is_available():
+            _warn_portable_once(ops)
+            return None
+        cell = self.cell
+        arrays = {
+            name: [getattr(matrix, w) for w in matrix.weight_shapes(
+                matrix.input_dim, matrix.output_dim)]
+            for name, matrix in cell.products().items()
+        }
+        bias = cell.bias
+        if bias is None:
+            shape = (2, 3 * cell.units) if getattr(
+                cell, "reset_after", False) else (cell.gates * cell.units,)
+            bias = _zeros(shape)
+        recurrent = arrays["recurrent"] + arrays.get("candidate", [])
+        common = dict(
+            input_scheme=type(cell.input_matrix).__name__,
+            input_weights=arrays["input"],
+            recurrent_scheme=type(cell.recurrent_matrix).__name__,
+            recurrent_weights=recurrent,
+            go_backwards=self.go_backwards,
+            return_sequences=self.return_sequences,
+        )
+        if isinstance(cell, StructuredLSTMCell):
+            output, h, c = ops.structured_lstm(
+                sequences, initial_state[0], initial_state[1], bias, **common
+            )
+            states = [h, c]
+        else:
+            output, h = ops.structured_gru(
+                sequences, initial_state[0], bias,
+                reset_after=cell.reset_after, **common
+            )
+            states = [h]
+        last = output[:, -1] if self.return_sequences else output
+        return last, output, states
 
     def products(self):
         """``{product name: bound scheme}`` (built layers only)."""
