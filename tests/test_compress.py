@@ -3,9 +3,10 @@
 import keras
 import numpy as np
 import pytest
-from conftest import randomize_weights
 
 import keras_antman as am
+
+from conftest import randomize_weights
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 LGP = dict(input_scheme=am.LGPShuffle(2), recurrent_scheme=am.LGPShuffle(4))

@@ -12,8 +12,9 @@ import pytest
 import tensorflow as tf
 
 import keras_antman as am
-from conftest import randomize_weights
 from keras_antman import ops
+
+from conftest import randomize_weights
 
 SCHEMES = [am.Dense(), am.LowRank(2), am.LGPShuffle(4), am.LGPDense(4),
            am.LowRankLGP(2, 2, 2)]

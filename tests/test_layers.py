@@ -5,11 +5,12 @@ RNN option, serialization and training."""
 import keras
 import numpy as np
 import pytest
+
+import keras_antman as am
+
 import reference
 from conftest import randomize_weights
 from conftest import run_layer_test
-
-import keras_antman as am
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 SCHEMES = [
