@@ -1,0 +1,485 @@
+// The engine's kernels, written once with GCC vector extensions and
+// compiled once per instruction set: each rnn_engine_<isa>.cc includes this
+// file inside namespace keras_antman::<isa> after setting the target and
+// KA_VBYTES (the vector width in bytes). This file includes nothing and
+// everything in it has internal linkage except RunRnn and RunBlockDiag, so
+// no differently-compiled copy of a function can be picked by the linker
+// for another instruction set.
+//
+// Row-vector convention: y = x @ W with W [n, m] row-major.
+
+namespace {
+
+typedef float vf __attribute__((vector_size(KA_VBYTES)));
+typedef float vfu
+    __attribute__((vector_size(KA_VBYTES), aligned(4), may_alias));
+typedef int32_t vi __attribute__((vector_size(KA_VBYTES)));
+constexpr int V = KA_VBYTES / 4;
+
+inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t Max(int64_t a, int64_t b) { return a > b ? a : b; }
+
+inline vf Splat(float s) {
+  vf z = {};
+  return z + s;
+}
+inline vf LoadU(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void StoreU(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+
+// Partial vectors are padded with zeros so that every lane runs the same
+// code: a unit's result does not depend on where it falls in a vector.
+inline vf LoadN(const float* p, int64_t n) {
+  if (n == V) return LoadU(p);
+  float t[V] = {};
+  for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+  return LoadU(t);
+}
+inline void StoreN(float* p, vf v, int64_t n) {
+  if (n == V) {
+    StoreU(p, v);
+    return;
+  }
+  float t[V];
+  StoreU(t, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = t[i];
+}
+
+// exp with the Cephes expf polynomial (about 1 ulp on the clamped range);
+// the clamp keeps 2^n finite and is far beyond where sigmoid and tanh
+// saturate in float32.
+inline vf Exp(vf x) {
+  const vf hi = Splat(87.0f), lo = Splat(-87.0f);
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  vf fx = x * 1.44269504088896341f + 0.5f;
+  vi n = __builtin_convertvector(fx, vi);  // truncates toward zero
+  vf nf = __builtin_convertvector(n, vf);
+  n += (vi)(nf > fx);  // -1 where truncation rounded up: floor
+  nf = __builtin_convertvector(n, vf);
+  x = x - nf * 0.693359375f;
+  x = x - nf * -2.12194440e-4f;
+  vf z = x * x;
+  vf y = Splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  vi e = (n + 127) << 23;
+  return y * (vf)e;
+}
+inline vf Sigmoid(vf x) { return 1.0f / (1.0f + Exp(-x)); }
+inline vf Tanh(vf x) { return 2.0f / (1.0f + Exp(-2.0f * x)) - 1.0f; }
+
+inline void Barrier(int nt) {
+  if (nt > 1) {
+#pragma omp barrier
+  }
+}
+
+// Contiguous split of [0, n) over nt threads with boundaries on multiples
+// of `align` (so no two threads write the same cache line when it can be
+// avoided).
+inline void Split(int64_t n, int tid, int nt, int64_t align, int64_t* b,
+                  int64_t* e) {
+  int64_t per = (n + nt - 1) / nt;
+  per = (per + align - 1) / align * align;
+  *b = Min(n, tid * per);
+  *e = Min(n, *b + per);
+}
+
+// ---------------------------------------------------------------------------
+// Small GEMM: Y[R, N] = X[R, K] @ W[K, N] (all row-major with leading
+// dimensions), register-blocked MR rows x NV vectors.
+
+template <int MR, int NV>
+inline void Kern(const float* __restrict x, int64_t ldx,
+                 const float* __restrict w, int64_t ldw, int64_t k_len,
+                 float* __restrict y, int64_t ldy) {
+  vf acc[MR][NV];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = Splat(0.0f);
+  for (int64_t k = 0; k < k_len; ++k) {
+    const float* wk = w + k * ldw;
+    vf wv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) wv[j] = LoadU(wk + j * V);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const vf xb = Splat(x[i * ldx + k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] += xb * wv[j];
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) StoreU(y + i * ldy + j * V, acc[i][j]);
+}
+
+// The last nc < V columns.
+template <int MR>
+inline void KernTail(const float* __restrict x, int64_t ldx,
+                     const float* __restrict w, int64_t ldw, int64_t k_len,
+                     float* __restrict y, int64_t ldy, int64_t nc) {
+  float acc[MR][V] = {};
+  for (int64_t k = 0; k < k_len; ++k) {
+    const float* wk = w + k * ldw;
+    for (int i = 0; i < MR; ++i) {
+      const float xv = x[i * ldx + k];
+      for (int64_t c = 0; c < nc; ++c) acc[i][c] += xv * wk[c];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int64_t c = 0; c < nc; ++c) y[i * ldy + c] = acc[i][c];
+}
+
+template <int MR>
+void GemmRows(const float* x, int64_t ldx, const float* w, int64_t ldw,
+              int64_t k_len, int64_t n, float* y, int64_t ldy) {
+  // At most 12 accumulators: fits the 16 registers of SSE/AVX2.
+  constexpr int NV = MR <= 2 ? 4 : (MR == 3 ? 3 : 2);
+  int64_t c = 0;
+  for (; c + NV * V <= n; c += NV * V)
+    Kern<MR, NV>(x, ldx, w + c, ldw, k_len, y + c, ldy);
+  if (NV > 2)
+    for (; c + 2 * V <= n; c += 2 * V)
+      Kern<MR, 2>(x, ldx, w + c, ldw, k_len, y + c, ldy);
+  for (; c + V <= n; c += V) Kern<MR, 1>(x, ldx, w + c, ldw, k_len, y + c, ldy);
+  if (c < n) KernTail<MR>(x, ldx, w + c, ldw, k_len, y + c, ldy, n - c);
+}
+
+void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
+          int64_t ldw, int64_t k_len, int64_t n, float* y, int64_t ldy) {
+  if (rows <= 0 || n <= 0) return;
+  // With many rows, walk W in column blocks that stay in L2 (about 256 KiB)
+  // while every row tile passes over them.
+  int64_t nb = n;
+  if (rows > 4) {
+    nb = (65536 / Max(k_len, 1)) / (2 * V) * (2 * V);
+    nb = Max(nb, 2 * V);
+  }
+  for (int64_t c0 = 0; c0 < n; c0 += nb) {
+    const int64_t nc = Min(nb, n - c0);
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4)
+      GemmRows<4>(x + r * ldx, ldx, w + c0, ldw, k_len, nc, y + r * ldy + c0,
+                  ldy);
+    const float* xr = x + r * ldx;
+    float* yr = y + r * ldy + c0;
+    switch (rows - r) {
+      case 3:
+        GemmRows<3>(xr, ldx, w + c0, ldw, k_len, nc, yr, ldy);
+        break;
+      case 2:
+        GemmRows<2>(xr, ldx, w + c0, ldw, k_len, nc, yr, ldy);
+        break;
+      case 1:
+        GemmRows<1>(xr, ldx, w + c0, ldw, k_len, nc, yr, ldy);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+// Columns [c0, c1) of x @ blockdiag(stage) without the shuffle, written to
+// y[:, 0 : c1 - c0]. The range may span several groups.
+void StageColumns(const Stage& s, const float* x, int64_t ldx, int64_t rows,
+                  int64_t c0, int64_t c1, float* y, int64_t ldy) {
+  while (c0 < c1) {
+    const int64_t gi = c0 / s.b;
+    const int64_t cend = Min(c1, (gi + 1) * s.b);
+    Gemm(x + gi * s.a, ldx, rows, s.w + gi * s.a * s.b + (c0 - gi * s.b), s.b,
+         s.a, cend - c0, y, ldy);
+    y += cend - c0;
+    c0 = cend;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The whole-sequence RNN.
+
+struct Task {
+  int64_t u0;  // first unit
+  int64_t su;  // unit stride
+  int64_t len;  // units
+  int64_t s0;  // first slot (index into the internal z / c layout)
+};
+
+inline void Gather(const float* src, int64_t stride, int64_t n, float* dst) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i * stride];
+  }
+}
+inline void Scatter(const float* src, int64_t n, float* dst, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i * stride] = src[i];
+  }
+}
+
+// The input product for every (batch, step) row at once, then the gather
+// into the internal layout with the bias folded in.
+void InputPhase(const RnnPlan& p, int tid, int nt) {
+  const Chain& ch = p.input;
+  const int64_t rows = p.batch * p.steps, zw = p.z_width;
+  int64_t r0, r1;
+  Split(rows, tid, nt, 1, &r0, &r1);
+  float* sc = p.scratch + tid * p.scratch_stride;
+  float* st[2] = {sc + p.off_stage[0], sc + p.off_stage[1]};
+  float* row = sc + p.off_row;
+  for (int64_t r = r0; r < r1; r += kRowChunk) {
+    const int64_t rc = Min(kRowChunk, r1 - r);
+    const float* in = p.x + r * ch.n;
+    int64_t ldx = ch.n;
+    for (int s = 0; s < ch.num_stages; ++s) {
+      const Stage& stage = ch.stages[s];
+      const int64_t ms = stage.g * stage.b;
+      const bool last = s == ch.num_stages - 1;
+      float* out = last ? p.xz + r * zw : st[s & 1];
+      const int64_t ldy = last ? zw : ms;
+      StageColumns(stage, in, ldx, rc, 0, ms, out, ldy);
+      in = out;
+      ldx = ldy;
+    }
+    for (int64_t i = 0; i < rc; ++i) {
+      float* z = p.xz + (r + i) * zw;
+      for (int64_t k = 0; k < zw; ++k) row[k] = z[k];
+      for (int64_t k = 0; k < zw; ++k) z[k] = row[p.gather[k]] + p.bias_int[k];
+    }
+  }
+}
+
+// Intermediate stages of a recurrent product, columns split over threads,
+// a barrier after each. Returns the last stage's input and its stride.
+const float* Intermediate(const Product& pr, const float* in, int64_t batch,
+                          int tid, int nt, int64_t* ldx_out) {
+  int64_t ldx = pr.chain.n;
+  for (int s = 0; s + 1 < pr.chain.num_stages; ++s) {
+    const Stage& stage = pr.chain.stages[s];
+    const int64_t ms = stage.g * stage.b;
+    float* out = pr.stage_out[s & 1];
+    int64_t c0, c1;
+    Split(ms, tid, nt, 2 * V, &c0, &c1);
+    if (c0 < c1) StageColumns(stage, in, ldx, batch, c0, c1, out + c0, ms);
+    Barrier(nt);
+    in = out;
+    ldx = ms;
+  }
+  *ldx_out = ldx;
+  return in;
+}
+
+// The last stage of a recurrent product, split in tasks that each own all
+// gates of some units; `gate(task, v, ldv)` gets the product for those
+// units as v[b * ldv + q * task.len + l] (gate q, l-th unit of the task).
+// On odd steps (`rev`) the tasks run in reverse order ("zig-zag"), so the
+// weights used last are used first again while still in cache.
+template <class GateFn>
+void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
+               int64_t units, int tid, int nt, bool rev, float* vbuf,
+               GateFn&& gate) {
+  const Stage& s = pr.chain.stages[pr.chain.num_stages - 1];
+  const int64_t gates = pr.gates;
+  if (pr.mode == kGroupOwned) {
+    // Group i's block product, unshuffled, is gate-major over the units
+    // u = i + g * l: exactly the task layout, so it is written in place.
+    const int64_t g0 = s.g * tid / nt, g1 = s.g * (tid + 1) / nt;
+    const int64_t len = units / s.g;
+    for (int64_t j = 0; j < g1 - g0; ++j) {
+      const int64_t i = rev ? g1 - 1 - j : g0 + j;
+      Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b, vbuf,
+           s.b);
+      gate(Task{i, s.g, len, i * len}, vbuf, s.b);
+    }
+    return;
+  }
+  int64_t ub, ue;
+  Split(units, tid, nt, V, &ub, &ue);
+  const int64_t chunks = (ue - ub + kUnitChunk - 1) / kUnitChunk;
+  for (int64_t j = 0; j < chunks; ++j) {
+    const int64_t u0 = ub + (rev ? chunks - 1 - j : j) * kUnitChunk;
+    const int64_t len = Min(kUnitChunk, ue - u0);
+    const int64_t ldv = gates * len;
+    for (int64_t q = 0; q < gates; ++q)
+      StageColumns(s, in, ldx, batch, q * units + u0, q * units + u0 + len,
+                   vbuf + q * len, ldv);
+    gate(Task{u0, 1, len, u0}, vbuf, ldv);
+  }
+}
+
+void RnnBody(const RnnPlan& p, int tid, int nt) {
+  InputPhase(p, tid, nt);
+  Barrier(nt);
+
+  const int64_t batch = p.batch, steps = p.steps, units = p.units;
+  const int64_t zw = p.z_width;
+  float* sc = p.scratch + tid * p.scratch_stride;
+  float* vbuf = sc + p.off_vbuf;
+  const int64_t tl = Max(p.rec.max_task_units, p.rec2.max_task_units);
+  float* t_h = sc + p.off_tmp;  // new h of the task's units
+  float* t_hp = t_h + tl;       // previous h
+  float* t_a = t_hp + tl;
+  float* t_b = t_a + tl;
+
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = p.go_backwards ? steps - 1 - s : s;
+    const bool rev = (s & 1) != 0;
+    const float* hin = p.h[s & 1];
+    float* hout = p.h[(s + 1) & 1];
+    int64_t ldx;
+    const float* in = Intermediate(p.rec, hin, batch, tid, nt, &ldx);
+
+    // Writes the task's new h (in t_h) to the state and the sequence.
+    auto emit = [&](const Task& tk, int64_t b) {
+      Scatter(t_h, tk.len, hout + b * units + tk.u0, tk.su);
+      if (p.out != nullptr)
+        Scatter(t_h, tk.len, p.out + (b * steps + s) * units + tk.u0, tk.su);
+    };
+
+    if (p.cell == kLstm) {
+      auto gate = [&](const Task& tk, const float* v, int64_t ldv) {
+        const int64_t len = tk.len;
+        for (int64_t b = 0; b < batch; ++b) {
+          const float* vb = v + b * ldv;
+          const float* xz = p.xz + (b * steps + t) * zw + tk.s0;
+          float* c = p.c + b * units + tk.s0;
+          for (int64_t l = 0; l < len; l += V) {
+            const int64_t n = Min(V, len - l);
+            const vf zi = LoadN(vb + l, n) + LoadN(xz + l, n);
+            const vf zf = LoadN(vb + len + l, n) + LoadN(xz + units + l, n);
+            const vf zg =
+                LoadN(vb + 2 * len + l, n) + LoadN(xz + 2 * units + l, n);
+            const vf zo =
+                LoadN(vb + 3 * len + l, n) + LoadN(xz + 3 * units + l, n);
+            const vf cn = Sigmoid(zf) * LoadN(c + l, n) + Sigmoid(zi) * Tanh(zg);
+            StoreN(c + l, cn, n);
+            StoreN(t_h + l, Sigmoid(zo) * Tanh(cn), n);
+          }
+          emit(tk, b);
+        }
+      };
+      LastStage(p.rec, in, ldx, batch, units, tid, nt, rev, vbuf, gate);
+    } else if (p.reset_after) {
+      auto gate = [&](const Task& tk, const float* v, int64_t ldv) {
+        const int64_t len = tk.len;
+        const float* rb = p.rbias_int + tk.s0;
+        for (int64_t b = 0; b < batch; ++b) {
+          const float* vb = v + b * ldv;
+          const float* xz = p.xz + (b * steps + t) * zw + tk.s0;
+          Gather(hin + b * units + tk.u0, tk.su, len, t_hp);
+          for (int64_t l = 0; l < len; l += V) {
+            const int64_t n = Min(V, len - l);
+            const vf z = Sigmoid(LoadN(xz + l, n) + LoadN(vb + l, n) +
+                                 LoadN(rb + l, n));
+            const vf r = Sigmoid(LoadN(xz + units + l, n) +
+                                 LoadN(vb + len + l, n) +
+                                 LoadN(rb + units + l, n));
+            const vf hh = Tanh(LoadN(xz + 2 * units + l, n) +
+                               r * (LoadN(vb + 2 * len + l, n) +
+                                    LoadN(rb + 2 * units + l, n)));
+            const vf hp = LoadN(t_hp + l, n);
+            StoreN(t_h + l, z * hp + (1.0f - z) * hh, n);
+          }
+          emit(tk, b);
+        }
+      };
+      LastStage(p.rec, in, ldx, batch, units, tid, nt, rev, vbuf, gate);
+    } else {
+      // reset_after=False: z and r from product A, then the candidate from
+      // product B applied to r * h_prev, which needs every unit's r first.
+      auto gate_a = [&](const Task& tk, const float* v, int64_t ldv) {
+        const int64_t len = tk.len;
+        for (int64_t b = 0; b < batch; ++b) {
+          const float* vb = v + b * ldv;
+          const float* xz = p.xz + (b * steps + t) * zw + tk.s0;
+          Gather(hin + b * units + tk.u0, tk.su, len, t_hp);
+          for (int64_t l = 0; l < len; l += V) {
+            const int64_t n = Min(V, len - l);
+            const vf z = Sigmoid(LoadN(xz + l, n) + LoadN(vb + l, n));
+            const vf r =
+                Sigmoid(LoadN(xz + units + l, n) + LoadN(vb + len + l, n));
+            StoreN(t_a + l, z, n);
+            StoreN(t_b + l, r * LoadN(t_hp + l, n), n);
+          }
+          Scatter(t_a, len, p.gz + b * units + tk.u0, tk.su);
+          Scatter(t_b, len, p.rh + b * units + tk.u0, tk.su);
+        }
+      };
+      LastStage(p.rec, in, ldx, batch, units, tid, nt, rev, vbuf, gate_a);
+      Barrier(nt);
+      const float* in2 = Intermediate(p.rec2, p.rh, batch, tid, nt, &ldx);
+      auto gate_b = [&](const Task& tk, const float* v, int64_t ldv) {
+        const int64_t len = tk.len;
+        for (int64_t b = 0; b < batch; ++b) {
+          const float* vb = v + b * ldv;
+          const float* xz = p.xz + (b * steps + t) * zw + 2 * units + tk.s0;
+          Gather(hin + b * units + tk.u0, tk.su, len, t_hp);
+          Gather(p.gz + b * units + tk.u0, tk.su, len, t_a);
+          for (int64_t l = 0; l < len; l += V) {
+            const int64_t n = Min(V, len - l);
+            const vf hh = Tanh(LoadN(xz + l, n) + LoadN(vb + l, n));
+            const vf z = LoadN(t_a + l, n);
+            StoreN(t_h + l, z * LoadN(t_hp + l, n) + (1.0f - z) * hh, n);
+          }
+          emit(tk, b);
+        }
+      };
+      LastStage(p.rec2, in2, ldx, batch, units, tid, nt, rev, vbuf, gate_b);
+    }
+    Barrier(nt);
+  }
+}
+
+void BlockDiagBody(const BlockDiagPlan& p, int tid, int nt) {
+  const int64_t n = p.g * p.a, m = p.g * p.b;
+  const int64_t chunks = (p.rows + kRowChunk - 1) / kRowChunk;
+  const int64_t items = chunks * p.g;  // (row chunk, group), chunk-major
+  const int64_t i0 = items * tid / nt, i1 = items * (tid + 1) / nt;
+  float* tmp = p.scratch + tid * kRowChunk * p.b;
+  for (int64_t it = i0; it < i1; ++it) {
+    const int64_t r = (it / p.g) * kRowChunk, gi = it % p.g;
+    const int64_t rc = Min(kRowChunk, p.rows - r);
+    const float* x = p.x + r * n + gi * p.a;
+    const float* w = p.w + gi * p.a * p.b;
+    if (!p.shuffle) {
+      Gemm(x, n, rc, w, p.b, p.a, p.b, p.y + r * m + gi * p.b, m);
+      continue;
+    }
+    Gemm(x, n, rc, w, p.b, p.a, p.b, tmp, p.b);
+    for (int64_t i = 0; i < rc; ++i) {
+      float* y = p.y + (r + i) * m + gi;
+      const float* v = tmp + i * p.b;
+      for (int64_t j = 0; j < p.b; ++j) y[j * p.g] = v[j];
+    }
+  }
+}
+
+}  // namespace
+
+void RunRnn(const RnnPlan& plan) {
+  if (plan.num_threads <= 1) {
+    RnnBody(plan, 0, 1);
+    return;
+  }
+  // One parallel region for the whole sequence, a barrier per step: thread
+  // start-up per region costs more than a small step.
+#pragma omp parallel num_threads(plan.num_threads)
+  RnnBody(plan, omp_get_thread_num(), omp_get_num_threads());
+}
+
+void RunBlockDiag(const BlockDiagPlan& plan) {
+  if (plan.num_threads <= 1) {
+    BlockDiagBody(plan, 0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(plan.num_threads)
+  BlockDiagBody(plan, omp_get_thread_num(), omp_get_num_threads());
+}
