@@ -1,0 +1,267 @@
+"""The AntMan paper's Table 5 on this machine: actual vs theoretical speedup.
+
+Batch 1, 100 timesteps, input = hidden = d, float32 inference. Dense
+baselines: the stock ``keras.layers.LSTM`` in a ``tf.function``, a fused
+NumPy/OpenBLAS LSTM (one GEMM for the input product of all steps, then one
+GEMV per step) and our compiled op with `Dense` schemes. Structured: our
+compiled op with LGP-Shuffle (g = 2, 10) and LowRank-LGP (g = 2, r = 2 and
+g = 10, r = 2) on both products, and, for reference, the portable (stock TF
+ops) path of LGP-Shuffle g = 10. Every time is the median of ``--repeats``
+runs after a warm-up; every speedup is a ratio of two times measured in the
+same process.
+
+Usage:
+    python bench/speedup.py [--dims 100 400 800 1200 1600] [--repeats 20]
+
+Writes bench/results/speedup.md, speedup.json and speedup.png.
+"""
+
+import os
+
+# One thread for OpenBLAS and TensorFlow; set before numpy / TF load.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+
+import keras  # noqa: E402
+
+import keras_antman as am  # noqa: E402
+from keras_antman import ops  # noqa: E402
+
+STRUCTURED = [
+    ("LGP-Shuffle g=2", lambda: am.LGPShuffle(2)),
+    ("LGP-Shuffle g=10", lambda: am.LGPShuffle(10)),
+    ("LowRank-LGP g=2 r=2", lambda: am.LowRankLGP(2, 2, 2)),
+    ("LowRank-LGP g=10 r=2", lambda: am.LowRankLGP(10, 10, 2)),
+]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def median_ms(fn, repeats):
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def numpy_lstm(x, kernel, rec, bias):
+    """Fused dense LSTM: one GEMM for all inputs, one GEMV per step."""
+    z_all = x[0] @ kernel + bias
+    d = rec.shape[0]
+    h = np.zeros(d, np.float32)
+    c = np.zeros(d, np.float32)
+    for t in range(z_all.shape[0]):
+        z = z_all[t] + h @ rec
+        i, f, o = sigmoid(z[:d]), sigmoid(z[d:2 * d]), sigmoid(z[3 * d:])
+        c = f * c + i * np.tanh(z[2 * d:3 * d])
+        h = o * np.tanh(c)
+    return h
+
+
+def timed_layer(layer, x, repeats):
+    layer(x)
+    fn = tf.function(lambda v: layer(v))
+    return median_ms(lambda: fn(x), repeats)
+
+
+def structured_layer(d, scheme, kernel, seed=0):
+    layer = am.StructuredLSTM(d, input_scheme=scheme,
+                              recurrent_scheme=scheme, kernel=kernel)
+    layer.build((1, 100, d))
+    rng = np.random.default_rng(seed)
+    for w in layer.weights:
+        w.assign(rng.normal(scale=0.05, size=w.shape).astype("float32"))
+    return layer
+
+
+def bench_dim(d, repeats, threads2):
+    rng = np.random.default_rng(d)
+    x = rng.normal(size=(1, 100, d)).astype("float32")
+    row = {"d": d, "weights_mb": 2 * 4 * d * d * 4 / 1e6}
+
+    stock = keras.layers.LSTM(d)
+    stock.build((1, 100, d))
+    row["keras_lstm"] = timed_layer(stock, x, repeats)
+    kernel, rec, bias = (w.numpy() for w in stock.weights)
+    row["numpy_fused"] = median_ms(
+        lambda: numpy_lstm(x, kernel, rec, bias), repeats)
+
+    ops.set_num_threads(1)
+    row["op_dense"] = timed_layer(
+        structured_layer(d, am.Dense(), "compiled"), x, repeats)
+    for name, make in STRUCTURED:
+        layer = structured_layer(d, make(), "compiled")
+        ops.set_num_threads(1)
+        row[name] = timed_layer(layer, x, repeats)
+        if threads2:
+            ops.set_num_threads(2)
+            row[name + " (2 threads)"] = timed_layer(layer, x, repeats)
+            ops.set_num_threads(1)
+        row["theory " + name] = 8 * d * d / sum(
+            m.macs() for m in layer.products().values())
+    if threads2:
+        ops.set_num_threads(2)
+        row["op_dense (2 threads)"] = timed_layer(
+            structured_layer(d, am.Dense(), "compiled"), x, repeats)
+        ops.set_num_threads(1)
+    row["portable LGP-Shuffle g=10"] = timed_layer(
+        structured_layer(d, am.LGPShuffle(10), "portable"), x, repeats)
+    row["fastest_dense"] = min(
+        row["keras_lstm"], row["numpy_fused"], row["op_dense"])
+    return row
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cache = subprocess.run(["lscpu"], capture_output=True, text=True)
+        l2l3 = [ln.split(":", 1)[1].strip() for ln in cache.stdout.splitlines()
+                if ln.startswith(("L2 cache", "L3 cache"))]
+    except OSError:
+        l2l3 = []
+    return (f"{cpu}, {os.cpu_count()} cores, L2 {l2l3[0] if l2l3 else '?'}, "
+            f"L3 {l2l3[1] if len(l2l3) > 1 else '?'}; kernel ISA "
+            f"{ops.instruction_set()}; TF {tf.__version__}, NumPy "
+            f"{np.__version__}")
+
+
+def _md(head, body):
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def table(rows, threads2):
+    names = [n for n, _ in STRUCTURED]
+    times = _md(
+        ["d", "weights (MB)", "Keras LSTM", "NumPy fused", "op Dense"]
+        + names + ["LGP-Shuffle g=10, portable TF ops"],
+        [[str(r["d"]), f"{r['weights_mb']:.2f}", f"{r['keras_lstm']:.2f}",
+          f"{r['numpy_fused']:.2f}", f"{r['op_dense']:.2f}"]
+         + [f"{r[n]:.3f}" for n in names]
+         + [f"{r['portable LGP-Shuffle g=10']:.2f}"] for r in rows])
+    speed = _md(
+        ["d", "fastest dense"] + [f"{n} (theory)" for n in names],
+        [[str(r["d"]), _fastest_name(r)]
+         + [f"**{r['fastest_dense'] / r[n]:.2f}x** ({r['theory ' + n]:.2f}x)"
+            f", {r['keras_lstm'] / r[n]:.2f}x vs Keras" for n in names]
+         for r in rows])
+    text = ("### Times, 1 thread (ms)\n\n" + times
+            + "\n\n### Actual speedup over the fastest dense LSTM "
+            "(theoretical in parentheses), and over stock Keras\n\n" + speed)
+    if threads2:
+        two = _md(
+            ["d", "op Dense"] + names,
+            [[str(r["d"]), _two(r, "op_dense")]
+             + [_two(r, n) for n in names] for r in rows])
+        text += ("\n\n### 2 threads: ms (speedup over 1 thread)\n\n"
+                 + two)
+    return text
+
+
+def _two(r, name):
+    t2 = r[name + " (2 threads)"]
+    return f"{t2:.3f} ({r[name] / t2:.2f}x)"
+
+
+def _fastest_name(r):
+    best = min(("Keras LSTM", r["keras_lstm"]),
+               ("NumPy fused", r["numpy_fused"]),
+               ("op Dense", r["op_dense"]), key=lambda kv: kv[1])
+    return f"{best[0]} {best[1]:.2f} ms"
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = [r["d"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, _ in STRUCTURED:
+        actual = [r["fastest_dense"] / r[name] for r in rows]
+        line, = ax.plot(dims, actual, marker="o", label=f"{name} actual")
+        ax.plot(dims, [r["theory " + name] for r in rows], ls="--",
+                color=line.get_color(), label=f"{name} theoretical")
+    ax.set_xlabel("input = hidden = d (batch 1, 100 steps)")
+    ax.set_ylabel("speedup over the fastest dense LSTM")
+    ax.set_yscale("log")
+    ax.set_title("Actual vs theoretical speedup, 1 thread")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, nargs="+",
+                        default=[100, 400, 800, 1200, 1600])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-threads2", action="store_true",
+                        help="skip the 2-thread columns")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args()
+    if not ops.is_available():
+        raise SystemExit("The compiled op is not built: " + ops.HOW_TO_BUILD)
+    threads2 = not args.no_threads2
+    rows = []
+    for d in args.dims:
+        t0 = time.time()
+        rows.append(bench_dim(d, args.repeats, threads2))
+        print(f"d={d} done in {time.time() - t0:.0f} s", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    header = (
+        "# Table 5 on this machine: actual vs theoretical speedup\n\n"
+        f"Machine: {machine()}.\n"
+        "Batch 1, 100 timesteps, input = hidden = d, float32, inference; "
+        "one thread unless a column says 2 (TF intra/inter-op threads 1, "
+        "OPENBLAS_NUM_THREADS=1; the op's OpenMP team via "
+        "`keras_antman.ops.set_num_threads`). Median of "
+        f"{args.repeats} runs. Structured times are our compiled op. "
+        "\"actual vs fastest dense\" divides the fastest of the three dense "
+        "columns by the structured time; bold is the paper's Table 5 "
+        "quantity.\n\n"
+        f"Command: `python bench/speedup.py --dims "
+        f"{' '.join(map(str, args.dims))} --repeats {args.repeats}"
+        f"{' --no-threads2' if not threads2 else ''}`\n\n")
+    text = header + table(rows, threads2) + "\n"
+    with open(os.path.join(args.out, "speedup.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, "speedup.json"), "w") as f:
+        json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+    plot(rows, os.path.join(args.out, "speedup.png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
