@@ -85,7 +85,7 @@ std::atomic<int>& ThreadSetting() {
 // cost more than the work saved. Measured on a 2-core AMD EPYC (see
 // bench/); conservative on bigger machines.
 // Tests lower both to 0 to run the parallel paths on small shapes.
-std::atomic<int64_t> min_parallel_macs_per_step{48 * 1024};
+std::atomic<int64_t> min_parallel_macs_per_step{128 * 1024};
 // The same for one block-diagonal product (a region per call, no barrier).
 std::atomic<int64_t> min_parallel_macs_block_diag{512 * 1024};
 
