@@ -8,14 +8,17 @@ paper's coefficient method (`calibrate_coefficients`) and a small
 coefficient grid like its Table 3 follow.
 
 Every stage is resumable: results go to ``RUN_DIR/results.json`` as they
-are produced, the teacher trains with ``BackupAndRestore``, and a stage
-whose result exists is skipped, so an interrupted run loses at most the
-model in progress. ``--stages report`` writes the tables and the plot.
+are produced, a model whose result exists is skipped, and every model in
+training (teacher, students, grid) trains in chunks of ``--chunk-steps``
+steps with ``BackupAndRestore`` (weights and optimizer state) and resumes at
+the start of the chunk it was in, on the same batches. Calibration (three
+short runs) restarts if interrupted. ``--stages report`` writes the tables
+and the plot from ``results.json``.
 
 Usage:
     python examples/ptb_word_lm.py --data ../shared/data/ptb \\
-        --run-dir runs/ptb --teacher-epochs 3 --student-steps 800 \\
-        --grid-steps 300 --calib-steps 150
+        --run-dir runs/ptb --teacher-epochs 3 --student-steps 400 \\
+        --grid-steps 150 --calib-steps 100
 
 The data is never copied: ``--data`` points at a directory holding
 ``ptb.{train,valid,test}.txt``. Batches are stateless truncated BPTT
@@ -28,12 +31,12 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 import keras_antman as am  # noqa: E402
 from keras_antman import datasets  # noqa: E402
@@ -42,36 +45,54 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("teacher", "students", "calibrate", "grid", "report")
 
 
-def language_model(vocab, hidden, embed, name):
-    """Embedding -> 2 x LSTM(hidden) -> Dense(vocab) logits."""
+def language_model(vocab, hidden, embed, name, dropout=0.0):
+    """Embedding -> dropout -> 2 x LSTM(hidden) -> dropout -> Dense logits."""
     inputs = keras.Input((None,), dtype="int32")
     h = keras.layers.Embedding(vocab, embed, name="embedding")(inputs)
+    h = keras.layers.Dropout(dropout, name="dropout_in")(h)
     for i in range(2):
         h = keras.layers.LSTM(hidden, return_sequences=True,
                               name=f"lstm_{i}")(h)
+    h = keras.layers.Dropout(dropout, name="dropout_out")(h)
     logits = keras.layers.Dense(vocab, name="logits")(h)
     return keras.Model(inputs, logits, name=name)
 
 
-def student_specs(hidden):
-    """``name -> (kind, arg)``: the students of Tables 2 and 6.
+def small_hidden(hidden, reduction=10.0):
+    """Units of the dense "direct design" student with ``reduction`` x fewer
+    LSTM MACs than the teacher, its embedding staying ``hidden`` wide.
 
-    For input = hidden = 200 (products 200 -> 800): LGPShuffle(g) is g x;
-    LowRankLGP(10, 20, 2) is 10x; LowRank(10) (SVD, rank 20) is 8x, the
-    closest SVD gets to 10x from below; a dense LSTM of 47 units is 10x
-    (its MACs 4 H h + 12 h^2 against the teacher's 16 H^2).
+    Teacher: 2 layers x 4 x (H H + H H) = 16 H^2 MACs per token; student
+    with h units: 4 (H h + h h) + 4 (h h + h h) = 4 H h + 12 h^2.
     """
     h = hidden
-    small = max(2, round((-4 * h + math.sqrt(16 * h * h + 76.8 * h * h)) / 24))
-    return {
-        "LGP-Shuffle g=10": ("compress", (am.LGPShuffle(10),) * 2),
-        "LowRank-LGP (10, 20, r=2)": (
-            "compress", (am.LowRankLGP(10, 20, 2),) * 2),
-        "SVD r=10": ("compress", (am.LowRank(10),) * 2),
-        f"Small dense LSTM h={small}": ("small", small),
-        "LGP-Shuffle g=50": ("compress", (am.LGPShuffle(50),) * 2),
-        "LGP-Shuffle g=100": ("compress", (am.LGPShuffle(100),) * 2),
+    root = math.sqrt(16 * h * h + 48 * 16 * h * h / reduction)
+    return max(2, round((-4 * h + root) / 24))
+
+
+def student_specs(args):
+    """``name -> (kind, arg)``: the students of Tables 2 and 6.
+
+    With the defaults and H = 200 (every product is 200 -> 800):
+    LGPShuffle(10) is 10x, LowRankLGP(10, 20, 2) exactly 10x, LowRank(10)
+    (SVD, rank 20) 8x -- ``LowRank`` needs r | 200, and r = 8, 10, 20 give
+    6.4x, 8x, 16x -- a dense LSTM of 47 units 9.98x, and LGPShuffle(g) g x
+    for the extra groups. The exact reductions are measured with
+    `keras_antman.report` and stored with each result.
+    """
+    g = args.groups
+    gi, go, r = args.lowrank_lgp
+    h = args.small_hidden or small_hidden(args.hidden)
+    specs = {
+        f"LGP-Shuffle g={g}": ("compress", am.LGPShuffle(g)),
+        f"LowRank-LGP g_in={gi} g_out={go} r={r}": (
+            "compress", am.LowRankLGP(gi, go, r)),
+        f"SVD (LowRank) r={args.svd_r}": ("compress", am.LowRank(args.svd_r)),
+        f"Small dense LSTM h={h} (direct design)": ("small", h),
     }
+    for e in args.extra_groups:
+        specs[f"LGP-Shuffle g={e}"] = ("compress", am.LGPShuffle(e))
+    return specs
 
 
 def lstm_cost(model):
@@ -94,9 +115,11 @@ class Run:
         train = ptb.train
         if args.max_train_tokens:
             train = train[: args.max_train_tokens]
+        self.train_tokens = len(train)
         self.vocab = ptb.vocab_size
         b, s = args.batch_size, args.num_steps
         self.train = datasets.bptt_dataset(train, b, s)
+        self.epoch_steps = len(self.train)
         self.valid = datasets.bptt_dataset(ptb.valid, b, s)
         self.test = datasets.bptt_dataset(ptb.test, b, s)
         if args.eval_batches:
@@ -120,8 +143,68 @@ class Run:
             (self.valid, self.test))
 
 
-def optimizer(args):
-    return keras.optimizers.Adam(args.lr, clipnorm=args.clipnorm)
+def optimizer(lr, args):
+    """Adam (default) or plain SGD, clipping the global gradient norm at
+    ``--clipnorm`` (Zaremba et al. clip at 5)."""
+    if args.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, global_clipnorm=args.clipnorm)
+    return keras.optimizers.Adam(lr, global_clipnorm=args.clipnorm)
+
+
+def _slug(name):
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+class _Clock(keras.callbacks.Callback):
+    """Adds each chunk's wall time to ``results["elapsed"][key]`` (so the
+    training time survives a resume) after `BackupAndRestore` has saved."""
+
+    def __init__(self, run, key):
+        super().__init__()
+        self.run, self.key = run, key
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0 = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = self.run.results.setdefault("elapsed", {})
+        elapsed[self.key] = elapsed.get(self.key, 0.0) + time.time() - self.t0
+        self.run.save()
+
+
+def train_chunked(run, model, key, steps):
+    """``model.fit`` for ``steps`` steps, resumable chunk by chunk.
+
+    Keras epochs are chunks of ``--chunk-steps`` steps of the repeated
+    training data; `BackupAndRestore` saves weights and optimizer state at
+    each chunk's end, and a resumed run skips the batches already seen, so
+    it continues on the same data as an uninterrupted one. Returns
+    ``(steps actually run, seconds spent over all sessions)``.
+    """
+    chunk = min(run.args.chunk_steps, steps)
+    chunks = max(1, round(steps / chunk))
+    backup = run.file(f"backup_{_slug(key)}")
+    done = 0
+    meta = os.path.join(backup, "training_metadata.json")
+    if os.path.exists(meta):
+        with open(meta) as f:
+            done = json.load(f).get("epoch", 0)
+    else:  # a fresh start: forget time from a run that left no backup
+        run.results.get("elapsed", {}).pop(key, None)
+    data = run.train.repeat().skip(done * chunk)
+    model.fit(data, epochs=chunks, steps_per_epoch=chunk, shuffle=False,
+              verbose=run.args.verbose,
+              callbacks=[keras.callbacks.BackupAndRestore(
+                  backup, delete_checkpoint=False), _Clock(run, key)])
+    seconds = run.results.get("elapsed", {}).get(key, 0.0)
+    return chunks * chunk, seconds
+
+
+def finish(run, key):
+    """After ``key``'s result is saved: drop its backup and clock."""
+    shutil.rmtree(run.file(f"backup_{_slug(key)}"), ignore_errors=True)
+    run.results.get("elapsed", {}).pop(key, None)
+    run.save()
 
 
 def stage_teacher(run):
@@ -130,71 +213,74 @@ def stage_teacher(run):
     if "teacher" in run.results and os.path.exists(path):
         return keras.models.load_model(path)
     keras.utils.set_random_seed(args.seed)
-    teacher = language_model(run.vocab, args.hidden, args.hidden, "teacher")
+    teacher = language_model(run.vocab, args.hidden, args.hidden, "teacher",
+                             args.dropout)
     teacher.compile(
-        optimizer=optimizer(args),
+        optimizer=optimizer(args.lr, args),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    t0 = time.time()
-    teacher.fit(
-        run.train, validation_data=run.valid, epochs=args.teacher_epochs,
-        shuffle=False, verbose=args.verbose,
-        callbacks=[keras.callbacks.BackupAndRestore(
-            run.file("teacher_backup"))])
-    elapsed = time.time() - t0
+    steps = max(1, round(args.teacher_epochs * run.epoch_steps))
+    steps, seconds = train_chunked(run, teacher, "teacher", steps)
     teacher.save(path)
     val, test = run.perplexities(teacher)
     params, macs = lstm_cost(teacher)
     run.results["teacher"] = dict(
         lstm_params=params, lstm_macs=macs, mac_reduction=1.0,
-        val_ppl=val, test_ppl=test, train_seconds=elapsed,
-        steps=args.teacher_epochs * len(run.train))
+        val_ppl=val, test_ppl=test, train_seconds=seconds, steps=steps,
+        epochs=steps / run.epoch_steps, init="random")
     run.save()
+    finish(run, "teacher")
     print(f"teacher: val {val:.2f} test {test:.2f}", flush=True)
     return teacher
 
 
 def make_student(run, teacher, kind, arg):
     if kind == "compress":
-        return am.compress(teacher, input_scheme=arg[0],
-                           recurrent_scheme=arg[1])
-    return language_model(run.vocab, arg, run.args.hidden, "small")
+        return am.compress(teacher, input_scheme=arg, recurrent_scheme=arg)
+    return language_model(run.vocab, arg, run.args.hidden, "small",
+                          run.args.dropout)
 
 
-def distill(run, teacher, student, coefficients, steps):
+def distill(run, teacher, student, coefficients, steps, key):
     d = am.Distiller(student=student, teacher=teacher)
-    d.compile(optimizer=optimizer(run.args), **coefficients)
-    t0 = time.time()
-    d.fit(run.train.repeat().take(steps), epochs=1,
-          verbose=run.args.verbose)
-    return time.time() - t0
+    d.compile(optimizer=optimizer(run.args.student_lr, run.args),
+              **coefficients)
+    return train_chunked(run, d, key, steps)
 
 
 def coefficients(run):
     calib = run.results.get("calibration")
-    if calib is None:
+    if calib is None:  # the paper's values, if calibration was not run
         return {"c_target": 1.0, "c_mse": 30.0, "c_kl": 1000.0}
     return {k: calib[k] for k in ("c_target", "c_mse", "c_kl")}
 
 
+def lgp10(run, teacher):
+    g = am.LGPShuffle(run.args.groups)
+    return am.compress(teacher, input_scheme=g, recurrent_scheme=g)
+
+
 def stage_students(run, teacher):
     teacher_macs = run.results["teacher"]["lstm_macs"]
-    for name, (kind, arg) in student_specs(run.args.hidden).items():
+    for name, (kind, arg) in student_specs(run.args).items():
         if name in run.results.get("students", {}):
             continue
         keras.utils.set_random_seed(run.args.seed)
         student = make_student(run, teacher, kind, arg)
         coeffs = coefficients(run)
-        seconds = distill(run, teacher, student, coeffs,
-                          run.args.student_steps)
+        steps, seconds = distill(run, teacher, student, coeffs,
+                                 run.args.student_steps, "student " + name)
         val, test = run.perplexities(student)
         params, macs = lstm_cost(student)
         run.results.setdefault("students", {})[name] = dict(
             lstm_params=params, lstm_macs=macs,
             mac_reduction=teacher_macs / macs, val_ppl=val, test_ppl=test,
-            train_seconds=seconds, steps=run.args.student_steps,
-            init="teacher weights (from_dense)" if kind == "compress"
-            else "random", coefficients=coeffs)
+            train_seconds=seconds, steps=steps,
+            epochs=steps / run.epoch_steps,
+            scheme=arg.describe() if kind == "compress" else f"dense h={arg}",
+            init="teacher (from_dense)" if kind == "compress" else "random",
+            coefficients=coeffs)
         run.save()
+        finish(run, "student " + name)
         print(f"{name}: val {val:.2f} test {test:.2f}", flush=True)
 
 
@@ -202,18 +288,20 @@ def stage_calibrate(run, teacher):
     if "calibration" in run.results:
         return
     keras.utils.set_random_seed(run.args.seed)
-    student = am.compress(teacher, input_scheme=am.LGPShuffle(10),
-                          recurrent_scheme=am.LGPShuffle(10))
+    student = lgp10(run, teacher)
     t0 = time.time()
     c = am.calibrate_coefficients(
-        student, teacher, run.train, validation_data=run.valid,
-        steps=run.args.calib_steps, validation_steps=20,
-        optimizer=optimizer(run.args), reinitialize=True)
+        student, teacher, run.train.repeat(), validation_data=run.valid,
+        steps=run.args.calib_steps, validation_steps=run.args.calib_eval,
+        optimizer=optimizer(run.args.student_lr, run.args),
+        reinitialize=True)
     run.results["calibration"] = dict(
         c_target=c.c_target, c_mse=c.c_mse, c_kl=c.c_kl,
         target_loss=c.target_loss, mse_loss=c.mse_loss, kl_loss=c.kl_loss,
-        steps=run.args.calib_steps, seconds=time.time() - t0,
-        student="LGP-Shuffle g=10, re-initialised (reinitialize=True)")
+        steps=run.args.calib_steps, validation_batches=run.args.calib_eval,
+        seconds=time.time() - t0,
+        student=f"LGP-Shuffle g={run.args.groups}, re-initialised "
+                "(reinitialize=True, as the paper's students)")
     run.save()
     print(f"calibration: {run.results['calibration']}", flush=True)
 
@@ -226,91 +314,154 @@ def stage_grid(run, teacher):
             if key in run.results.get("grid", {}):
                 continue
             keras.utils.set_random_seed(run.args.seed)
-            student = am.compress(teacher, input_scheme=am.LGPShuffle(10),
-                                  recurrent_scheme=am.LGPShuffle(10))
+            student = lgp10(run, teacher)
             coeffs = {"c_target": 1.0, "c_mse": c_mse, "c_kl": c_kl}
-            seconds = distill(run, teacher, student, coeffs,
-                              run.args.grid_steps)
+            steps, seconds = distill(run, teacher, student, coeffs,
+                                     run.args.grid_steps, "grid " + key)
             val, test = run.perplexities(student)
             run.results.setdefault("grid", {})[key] = dict(
-                c_mse=c_mse, c_kl=c_kl, val_ppl=val, test_ppl=test,
-                train_seconds=seconds, steps=run.args.grid_steps)
+                c_target=1.0, c_mse=c_mse, c_kl=c_kl, val_ppl=val,
+                test_ppl=test, train_seconds=seconds, steps=steps)
             run.save()
-            print(f"grid {key}: test {test:.2f}", flush=True)
+            finish(run, "grid " + key)
+            print(f"grid {key}: val {val:.2f} test {test:.2f}", flush=True)
 
 
-def _setup_text(run):
-    a = run.args
+def machine():
+    """CPU model, cores, AVX-512 or not, and TensorFlow's thread settings."""
+    import tensorflow as tf
+
+    model, flags, named = platform.machine(), "", False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not named:
+                    model, named = line.split(":", 1)[1].strip(), True
+                if line.startswith("flags") and not flags:
+                    flags = line
+    except OSError:
+        pass
+    avx = "AVX-512" if "avx512f" in flags else (
+        "AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
+    intra = tf.config.threading.get_intra_op_parallelism_threads()
+    inter = tf.config.threading.get_inter_op_parallelism_threads()
+    threads = (f"TF intra-op threads {intra or 'default (all cores)'}, "
+               f"inter-op {inter or 'default'}")
+    return f"{model}, {os.cpu_count()} cores ({avx}), {threads}"
+
+
+def _setup_text(res):
+    c = res.get("config", {})
+    a = argparse.Namespace(**c.get("args", {}))
+    if not vars(a):
+        return "(no training configuration recorded)\n"
+    tokens = c.get("train_tokens")
+    epoch_steps = c.get("epoch_steps")
+    commands = "\n".join(f"    {x}" for x in c.get("commands", []))
     return (
-        f"Machine: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores (TF default threading). Data: PTB from "
-        f"`{a.data}` ({'first ' + str(a.max_train_tokens) if a.max_train_tokens else 'all'} "
-        f"training tokens), batch {a.batch_size}, {a.num_steps} steps, "
-        f"stateless truncated BPTT; evaluation on "
-        f"{'the first ' + str(a.eval_batches) + ' batches of' if a.eval_batches else 'all of'} "
-        f"valid/test. Teacher: 2 x LSTM({a.hidden}), {a.teacher_epochs} "
-        f"epoch(s), Adam lr {a.lr}, clipnorm {a.clipnorm}, no dropout. "
-        f"Students: {a.student_steps} distillation steps each; grid: "
-        f"{a.grid_steps} steps; calibration: {a.calib_steps} steps per "
-        f"loss. Seed {a.seed}. The paper's scale is 2 x LSTM(1500) over "
-        "39 epochs: these numbers show the method's ordering at a scale "
-        "this 2-core machine trains in under an hour, not its final "
-        "perplexities.\n\n"
-        f"Command: `python examples/ptb_word_lm.py {' '.join(a.argv)}`\n")
+        f"**Scale.** Teacher 2 x LSTM({a.hidden}) trained "
+        f"{a.teacher_epochs} epoch(s) ({epoch_steps} steps per epoch, "
+        f"{tokens:,} training tokens); each student {a.student_steps} "
+        f"distillation steps ({a.student_steps / epoch_steps:.2f} epoch); "
+        f"grid {a.grid_steps} steps per cell; calibration {a.calib_steps} "
+        f"steps per loss. The paper trains 2 x LSTM(1500) for 39 epochs "
+        "(and its students to convergence); this run is far smaller (sized "
+        "to finish in about an hour on the machine below), so its "
+        "perplexities are not comparable with the paper's and the "
+        "students are not trained to convergence.\n\n"
+        f"**Setup.** Batch {a.batch_size}, {a.num_steps} steps, stateless "
+        "truncated BPTT (every window starts from a zero state; Zaremba "
+        "carries the state across windows), embedding width = hidden, "
+        f"dropout {a.dropout} after the embedding and after the LSTMs. "
+        f"{getattr(a, 'optimizer', 'adam').upper()}, teacher lr {a.lr}, "
+        f"students lr {a.student_lr}, global gradient norm clipped at "
+        f"{a.clipnorm}. Distillation: `keras_antman.Distiller` with the "
+        "coefficients of the calibration below (C_target, C_mse, C_kl), "
+        "temperature 1. Compressed students start from the teacher's "
+        "weights (`compress`, `from_dense`); the dense direct-design "
+        "student from a random init. LSTM params / MACs count both LSTM "
+        "layers (`keras_antman.report`), MAC reduction = teacher's LSTM "
+        "MACs / student's. Evaluation: "
+        + (f"first {a.eval_batches} batches of " if a.eval_batches
+           else "all of ") +
+        "the valid / test splits, perplexity = exp(mean cross-entropy). "
+        f"Seed {a.seed} (`keras.utils.set_random_seed` before each "
+        "model).\n\n"
+        f"**Machine.** {c.get('machine', '?')}; Keras "
+        f"{c.get('keras', '?')}, TensorFlow {c.get('tensorflow', '?')}. "
+        "Training times are wall-clock on this shared 2-core VM.\n\n"
+        f"**Command(s)** (from the repository root):\n\n{commands}\n")
 
 
 def stage_report(run, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     res = run.results
-    rows = [("Teacher (Zaremba small)", res["teacher"])]
+    rows = [("Teacher", res["teacher"])] if "teacher" in res else []
     rows += list(res.get("students", {}).items())
+    t_ppl = res.get("teacher", {}).get("test_ppl")
     lines = [
-        "# PTB word LM: teacher and distilled students\n",
-        _setup_text(run),
-        "| model | LSTM params | LSTM MAC reduction | init | val ppl | "
-        "test ppl | train time (s) | steps |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "# PTB word LM: teacher and distilled students (paper Tables 2, 6)"
+        "\n", _setup_text(res),
+        "| model | scheme | LSTM params | LSTM MAC reduction | init | "
+        "val ppl | test ppl | test ppl vs teacher | train time (s) | "
+        "steps (epochs) |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in rows:
+        delta = (f"{100 * (r['test_ppl'] / t_ppl - 1):+.1f}%"
+                 if t_ppl else "-")
         lines.append(
-            f"| {name} | {r['lstm_params']:,} | {r['mac_reduction']:.1f}x | "
-            f"{r.get('init', '-')} | {r['val_ppl']:.2f} | "
-            f"{r['test_ppl']:.2f} | {r['train_seconds']:.0f} | "
-            f"{r['steps']} |")
+            f"| {name} | {r.get('scheme', 'dense')} | {r['lstm_params']:,} "
+            f"| {r['mac_reduction']:.2f}x | {r.get('init', '-')} | "
+            f"{r['val_ppl']:.2f} | {r['test_ppl']:.2f} | {delta} | "
+            f"{r['train_seconds']:.0f} | {r['steps']} "
+            f"({r.get('epochs', 0):.2f}) |")
     with open(os.path.join(out_dir, "ptb_results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
     calib = res.get("calibration")
     grid = res.get("grid", {})
     lines = ["# Loss coefficients (paper section 4, Table 3) at small "
-             "scale\n", _setup_text(run)]
+             "scale\n", _setup_text(res)]
     if calib:
         lines += [
             "## The paper's method: each loss alone, then equal terms\n",
-            f"Converged validation losses of the LGP-Shuffle g=10 student "
-            f"trained {calib['steps']} steps with each loss alone "
-            f"(re-initialised, as the paper's students): target "
-            f"{calib['target_loss']:.4f}, MSE {calib['mse_loss']:.4f}, KL "
-            f"{calib['kl_loss']:.4f} -> C_target = {calib['c_target']:g}, "
-            f"C_mse = {calib['c_mse']:g}, C_kl = {calib['c_kl']:g} "
-            f"(the paper: 4.110, 0.133, 0.004 -> 1, 30, 1000).\n"]
+            f"`calibrate_coefficients` trained the student "
+            f"({calib['student']}) {calib['steps']} steps with each loss "
+            f"alone and measured that loss on {calib['validation_batches']}"
+            f" validation batches: target {calib['target_loss']:.4f}, MSE "
+            f"{calib['mse_loss']:.4f}, KL {calib['kl_loss']:.4f} -> "
+            f"C_target = {calib['c_target']:g}, C_mse = {calib['c_mse']:g}"
+            f", C_kl = {calib['c_kl']:g} (ratios rounded to one "
+            "significant digit; the paper measured 4.110, 0.133, 0.004 -> "
+            f"1, 30, 1000). Took {calib['seconds']:.0f} s. These "
+            "coefficients are used for every student above and the grid "
+            "below.\n"]
     if grid:
         mses = sorted({g["c_mse"] for g in grid.values()})
         kls = sorted({g["c_kl"] for g in grid.values()})
-        lines += ["## Test perplexity, LGP-Shuffle g=10, C_target = 1\n",
+        steps = sorted({g["steps"] for g in grid.values()})
+        lines += [f"## Validation / test perplexity, LGP-Shuffle student, "
+                  f"C_target = 1, {', '.join(map(str, steps))} steps each "
+                  "from the teacher's weights\n",
                   "| C_mse \\ C_kl | " + " | ".join(f"{k:g}" for k in kls)
-                  + " |", "|" + " --- |" * (len(kls) + 1)]
+                  + " |", "| --- |" + " ---: |" * len(kls)]
         for m in mses:
             cells = []
             for k in kls:
                 g = grid.get(f"mse={m:g},kl={k:g}")
-                cells.append(f"{g['test_ppl']:.2f}" if g else "-")
+                cells.append(f"{g['val_ppl']:.2f} / {g['test_ppl']:.2f}"
+                             if g else "-")
             lines.append(f"| {m:g} | " + " | ".join(cells) + " |")
+        lines.append("\n(0, 0) is the label loss alone.")
     with open(os.path.join(out_dir, "ptb_coefficients.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "ptb_results.json"), "w") as f:
         json.dump(res, f, indent=1)
-    _plot(rows, os.path.join(out_dir, "ptb_ppl_vs_params.png"))
+    if rows:
+        _plot(rows, os.path.join(out_dir, "ptb_ppl_vs_params.png"))
+    print(f"wrote {out_dir}/ptb_results.md, ptb_coefficients.md, "
+          "ptb_results.json, ptb_ppl_vs_params.png", flush=True)
 
 
 def _plot(rows, path):
@@ -319,58 +470,123 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in rows:
-        ax.scatter(r["lstm_params"], r["test_ppl"])
-        ax.annotate(name, (r["lstm_params"], r["test_ppl"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lgp = sorted((r["lstm_params"], r["test_ppl"]) for n, r in rows
+                 if n.startswith("LGP-Shuffle"))
+    if len(lgp) > 1:
+        ax.plot(*zip(*lgp), color="tab:blue", alpha=0.4, zorder=1)
+    for i, (name, r) in enumerate(rows):
+        color = ("black" if name == "Teacher" else "tab:blue"
+                 if name.startswith("LGP-Shuffle") else "tab:red")
+        ax.scatter(r["lstm_params"], r["test_ppl"], color=color, zorder=2)
+        ax.annotate(f"{name} ({r['mac_reduction']:.1f}x)",
+                    (r["lstm_params"], r["test_ppl"]), fontsize=7,
+                    xytext=(4, 4 if i % 2 else -10),
+                    textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("LSTM parameters")
+    ax.set_xlabel("LSTM parameters (both layers)")
     ax.set_ylabel("test perplexity")
-    ax.set_title("PTB: perplexity vs LSTM size (distilled students)")
+    ax.set_title("PTB: test perplexity vs LSTM parameters "
+                 "(students distilled from the teacher)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True,
                    help="directory with ptb.{train,valid,test}.txt")
-    p.add_argument("--run-dir", default="runs/ptb")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--run-dir", default="runs/ptb",
+                   help="checkpoints and results.json (resumable)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"),
+                   help="where the report stage writes its files")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--hidden", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--num-steps", type=int, default=35)
-    p.add_argument("--teacher-epochs", type=int, default=3)
-    p.add_argument("--student-steps", type=int, default=800)
-    p.add_argument("--grid-steps", type=int, default=300)
-    p.add_argument("--calib-steps", type=int, default=150)
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="0 as Zaremba's small config")
+    p.add_argument("--teacher-epochs", type=float, default=3.0)
+    p.add_argument("--student-steps", type=int, default=400)
+    p.add_argument("--grid-steps", type=int, default=150)
+    p.add_argument("--calib-steps", type=int, default=100)
+    p.add_argument("--calib-eval", type=int, default=20,
+                   help="validation batches measuring each calibration loss")
+    p.add_argument("--chunk-steps", type=int, default=200,
+                   help="checkpoint every this many training steps")
     p.add_argument("--max-train-tokens", type=int, default=0)
     p.add_argument("--eval-batches", type=int, default=0,
                    help="evaluate on the first N batches only (0: all)")
+    p.add_argument("--groups", type=int, default=10,
+                   help="LGP-Shuffle groups of the ~10x student (calibration"
+                        " and grid use it too)")
+    p.add_argument("--lowrank-lgp", type=_ints, default=[10, 20, 2],
+                   help="g_in,g_out,r of the LowRank-LGP student")
+    p.add_argument("--svd-r", type=int, default=10,
+                   help="rank reduction of the SVD (LowRank) student")
+    p.add_argument("--small-hidden", type=int, default=0,
+                   help="units of the dense student (0: ~10x fewer MACs)")
+    p.add_argument("--extra-groups", type=_ints, default=[25, 50],
+                   help="LGP-Shuffle students at larger reductions")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                   help="for the teacher and the students")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--student-lr", type=float, default=1e-3)
     p.add_argument("--clipnorm", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", type=int, default=2)
+    p.add_argument("--eager", action="store_true",
+                   help="run tf.functions eagerly: skips tracing, for tiny "
+                        "smoke tests only (much slower at real scale)")
     return p
 
 
 def main(argv=None):
     import sys
 
+    import tensorflow as tf
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv
     stages = args.stages.split(",")
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise SystemExit(f"unknown stages {sorted(unknown)}; use {STAGES}")
+    if len(args.lowrank_lgp) != 3:
+        raise SystemExit("--lowrank-lgp takes three ints: g_in,g_out,r")
+    eager = tf.config.functions_run_eagerly()
+    tf.config.run_functions_eagerly(args.eager or eager)
+    try:
+        return _main(args, argv, stages)
+    finally:
+        tf.config.run_functions_eagerly(eager)
+
+
+def _main(args, argv, stages):
+    import shlex
+
+    import tensorflow as tf
+
     run = Run(args)
-    teacher = None
-    if set(stages) & {"teacher", "students", "calibrate", "grid"}:
+    training = set(stages) & {"teacher", "students", "calibrate", "grid"}
+    if training:
+        config = run.results.setdefault("config", {})
+        command = "python examples/ptb_word_lm.py " + shlex.join(argv)
+        config.setdefault("commands", [])
+        if command not in config["commands"]:
+            config["commands"].append(command)
+        config.update(
+            args=vars(args), machine=machine(), keras=keras.__version__,
+            tensorflow=tf.__version__, train_tokens=run.train_tokens,
+            epoch_steps=run.epoch_steps, vocab=run.vocab)
+        run.save()
         teacher = stage_teacher(run)
     if "calibrate" in stages:
         stage_calibrate(run, teacher)
