@@ -17,8 +17,8 @@ and the plot from ``results.json``.
 
 Usage:
     python examples/ptb_word_lm.py --data ../shared/data/ptb \\
-        --run-dir runs/ptb --teacher-epochs 3 --student-steps 400 \\
-        --grid-steps 150 --calib-steps 100
+        --run-dir runs/ptb --teacher-epochs 2.5 --student-steps 300 \\
+        --grid-steps 100 --calib-steps 80
 
 The data is never copied: ``--data`` points at a directory holding
 ``ptb.{train,valid,test}.txt``. Batches are stateless truncated BPTT
@@ -175,14 +175,15 @@ class _Clock(keras.callbacks.Callback):
 def train_chunked(run, model, key, steps):
     """``model.fit`` for ``steps`` steps, resumable chunk by chunk.
 
-    Keras epochs are chunks of ``--chunk-steps`` steps of the repeated
+    Keras epochs are equal chunks of at most ``--chunk-steps`` steps (the
+    total rounded up to a multiple of the chunk count) of the repeated
     training data; `BackupAndRestore` saves weights and optimizer state at
     each chunk's end, and a resumed run skips the batches already seen, so
     it continues on the same data as an uninterrupted one. Returns
     ``(steps actually run, seconds spent over all sessions)``.
     """
-    chunk = min(run.args.chunk_steps, steps)
-    chunks = max(1, round(steps / chunk))
+    chunks = max(1, math.ceil(steps / run.args.chunk_steps))
+    chunk = math.ceil(steps / chunks)  # chunks * chunk: steps, rounded up
     backup = run.file(f"backup_{_slug(key)}")
     done = 0
     meta = os.path.join(backup, "training_metadata.json")
@@ -513,10 +514,10 @@ def build_parser():
     p.add_argument("--num-steps", type=int, default=35)
     p.add_argument("--dropout", type=float, default=0.0,
                    help="0 as Zaremba's small config")
-    p.add_argument("--teacher-epochs", type=float, default=3.0)
-    p.add_argument("--student-steps", type=int, default=400)
-    p.add_argument("--grid-steps", type=int, default=150)
-    p.add_argument("--calib-steps", type=int, default=100)
+    p.add_argument("--teacher-epochs", type=float, default=2.5)
+    p.add_argument("--student-steps", type=int, default=300)
+    p.add_argument("--grid-steps", type=int, default=100)
+    p.add_argument("--calib-steps", type=int, default=80)
     p.add_argument("--calib-eval", type=int, default=20,
                    help="validation batches measuring each calibration loss")
     p.add_argument("--chunk-steps", type=int, default=200,
