@@ -409,6 +409,20 @@ def test_gru_every_scheme_pair(in_kind, rec_kind, reset_after, isa):
                 in_params=dict(g=3),
             ),
         ),
+        # Batch 1, 2 steps: the input product (128 -> 2048, 2 rows) takes
+        # the streaming GEMV for large W.
+        (
+            "stream_gemv_input_product",
+            dict(
+                in_kind="dense",
+                rec_kind="lgp_shuffle",
+                batch=1,
+                steps=2,
+                units=512,
+                features=128,
+                rec_params=dict(g=8),
+            ),
+        ),
     ],
 )
 def test_lstm_shapes(name, kw, threads):
@@ -553,6 +567,10 @@ def test_block_diag_matmul(shuffle, threads):
         ((3,), 4, 5, 7),
         ((2, 70), 4, 64, 16),
         ((1,), 10, 160, 160),
+        # One or two rows against a >= 2^18 block: the streaming GEMV,
+        # with a column tail (520, 516 not multiples of the vector width).
+        ((1,), 1, 512, 520),
+        ((2,), 2, 512, 516),
     ]:
         x = rng.standard_normal(lead + (g * a,)).astype("f")
         blocks = rng.standard_normal((g, a, b)).astype("f")
