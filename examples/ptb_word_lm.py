@@ -241,9 +241,10 @@ def make_student(run, teacher, kind, arg):
                           run.args.dropout)
 
 
-def distill(run, teacher, student, coefficients, steps, key):
+def distill(run, teacher, student, coefficients, steps, key, lr=None):
     d = am.Distiller(student=student, teacher=teacher)
-    d.compile(optimizer=optimizer(run.args.student_lr, run.args),
+    lr = run.args.student_lr if lr is None else lr
+    d.compile(optimizer=optimizer(lr, run.args),
               **coefficients)
     return train_chunked(run, d, key, steps)
 
@@ -268,8 +269,15 @@ def stage_students(run, teacher):
         keras.utils.set_random_seed(run.args.seed)
         student = make_student(run, teacher, kind, arg)
         coeffs = coefficients(run)
+        # A student trained from scratch gets the teacher's learning rate
+        # unless --scratch-lr says otherwise; one initialised from the
+        # teacher (compress) fine-tunes at --student-lr.
+        lr = run.args.student_lr
+        if kind != "compress":
+            lr = run.args.scratch_lr or run.args.lr
         steps, seconds = distill(run, teacher, student, coeffs,
-                                 run.args.student_steps, "student " + name)
+                                 run.args.student_steps, "student " + name,
+                                 lr=lr)
         val, test = run.perplexities(student)
         params, macs = lstm_cost(student)
         run.results.setdefault("students", {})[name] = dict(
@@ -279,7 +287,7 @@ def stage_students(run, teacher):
             epochs=steps / run.epoch_steps,
             scheme=arg.describe() if kind == "compress" else f"dense h={arg}",
             init="teacher (from_dense)" if kind == "compress" else "random",
-            coefficients=coeffs)
+            coefficients=coeffs, lr=lr)
         run.save()
         finish(run, "student " + name)
         print(f"{name}: val {val:.2f} test {test:.2f}", flush=True)
@@ -351,9 +359,37 @@ def machine():
     return f"{model}, {os.cpu_count()} cores ({avx}), {threads}"
 
 
+def reuse_run(run, source):
+    """Starts ``run`` from the teacher and calibration of the run dir
+    ``source`` (copied once; nothing is retrained), and keeps ``source``'s
+    students and grid as extra rows tagged with their step counts."""
+    if "teacher" in run.results:
+        return
+    with open(os.path.join(source, "results.json")) as f:
+        old = json.load(f)
+    shutil.copyfile(os.path.join(source, "teacher.keras"),
+                    run.file("teacher.keras"))
+    res = run.results
+    res["teacher"] = old["teacher"]
+    res["reused_from"] = source
+    if "calibration" in old:
+        res["calibration"] = old["calibration"]
+    config = dict(old.get("config", {}))
+    config["reused_args"] = config.pop("args", {})
+    res["config"] = config
+    old_lr = old.get("config", {}).get("args", {}).get("student_lr")
+    for name, r in old.get("students", {}).items():
+        r.setdefault("lr", old_lr)
+        res.setdefault("students", {})[f"{name} [{r['steps']} steps]"] = r
+    if old.get("grid"):
+        steps = sorted({g["steps"] for g in old["grid"].values()})
+        res[f"grid [{', '.join(map(str, steps))} steps]"] = old["grid"]
+    run.save()
+
+
 def _setup_text(res):
     c = res.get("config", {})
-    a = argparse.Namespace(**c.get("args", {}))
+    a = argparse.Namespace(**(c.get("args") or c.get("reused_args") or {}))
     if not vars(a):
         return "(no training configuration recorded)\n"
     tokens = c.get("train_tokens")
@@ -365,7 +401,13 @@ def _setup_text(res):
         f"{tokens:,} training tokens); each student {a.student_steps} "
         f"distillation steps ({a.student_steps / epoch_steps:.2f} epoch); "
         f"grid {a.grid_steps} steps per cell; calibration {a.calib_steps} "
-        f"steps per loss. The paper trains 2 x LSTM(1500) for 39 epochs "
+        f"steps per loss. "
+        + (f"Teacher, calibration and the rows tagged '[N steps]' come "
+           f"from the earlier run `{res['reused_from']}` (first command "
+           "below), the other rows from the last command; the steps "
+           "column gives each row's count. "
+           if res.get("reused_from") else "")
+        + "The paper trains 2 x LSTM(1500) for 39 epochs "
         "(and its students to convergence); this run is far smaller (sized "
         "to finish in about an hour on the machine below), so its "
         "perplexities are not comparable with the paper's and the "
@@ -375,14 +417,19 @@ def _setup_text(res):
         "carries the state across windows), embedding width = hidden, "
         f"dropout {a.dropout} after the embedding and after the LSTMs. "
         f"{getattr(a, 'optimizer', 'adam').upper()}, teacher lr {a.lr}, "
-        f"students lr {a.student_lr}, global gradient norm clipped at "
+        f"students initialised from the teacher lr {a.student_lr}, the "
+        "randomly initialised dense student lr "
+        f"{getattr(a, 'scratch_lr', 0) or a.lr} (each row's lr is in the "
+        "table), global gradient norm clipped at "
         f"{a.clipnorm}. Distillation: `keras_antman.Distiller` with the "
         "coefficients of the calibration below (C_target, C_mse, C_kl), "
         "temperature 1. Compressed students start from the teacher's "
         "weights (`compress`, `from_dense`); the dense direct-design "
         "student from a random init. LSTM params / MACs count both LSTM "
         "layers (`keras_antman.report`), MAC reduction = teacher's LSTM "
-        "MACs / student's. Evaluation: "
+        "MACs / student's. Loss is the mean over tokens, so SGD lr 35 and "
+        "clip 0.143 are Zaremba's lr 1 and clip 5 on the per-window sum. "
+        "Evaluation: "
         + (f"first {a.eval_batches} batches of " if a.eval_batches
            else "all of ") +
         "the valid / test splits, perplexity = exp(mean cross-entropy). "
@@ -400,13 +447,16 @@ def stage_report(run, out_dir):
     rows = [("Teacher", res["teacher"])] if "teacher" in res else []
     rows += list(res.get("students", {}).items())
     t_ppl = res.get("teacher", {}).get("test_ppl")
+    cfg = res.get("config", {})
+    lr0 = (cfg.get("args") or cfg.get("reused_args") or {}).get("lr", "-")
     lines = [
         "# PTB word LM: teacher and distilled students (paper Tables 2, 6)"
         "\n", _setup_text(res),
         "| model | scheme | LSTM params | LSTM MAC reduction | init | "
-        "val ppl | test ppl | test ppl vs teacher | train time (s) | "
+        "lr | val ppl | test ppl | test ppl vs teacher | train time (s) | "
         "steps (epochs) |",
-        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     for name, r in rows:
         delta = (f"{100 * (r['test_ppl'] / t_ppl - 1):+.1f}%"
@@ -414,6 +464,7 @@ def stage_report(run, out_dir):
         lines.append(
             f"| {name} | {r.get('scheme', 'dense')} | {r['lstm_params']:,} "
             f"| {r['mac_reduction']:.2f}x | {r.get('init', '-')} | "
+            f"{r.get('lr', '-') if name != 'Teacher' else lr0} | "
             f"{r['val_ppl']:.2f} | {r['test_ppl']:.2f} | {delta} | "
             f"{r['train_seconds']:.0f} | {r['steps']} "
             f"({r.get('epochs', 0):.2f}) |")
@@ -421,7 +472,6 @@ def stage_report(run, out_dir):
         f.write("\n".join(lines) + "\n")
 
     calib = res.get("calibration")
-    grid = res.get("grid", {})
     lines = ["# Loss coefficients (paper section 4, Table 3) at small "
              "scale\n", _setup_text(res)]
     if calib:
@@ -438,13 +488,16 @@ def stage_report(run, out_dir):
             f"1, 30, 1000). Took {calib['seconds']:.0f} s. These "
             "coefficients are used for every student above and the grid "
             "below.\n"]
-    if grid:
+    grids = [(k, v) for k, v in res.items()
+             if k.startswith("grid") and isinstance(v, dict) and v]
+    for gkey, grid in sorted(grids, key=lambda kv: kv[0] != "grid"):
         mses = sorted({g["c_mse"] for g in grid.values()})
         kls = sorted({g["c_kl"] for g in grid.values()})
         steps = sorted({g["steps"] for g in grid.values()})
         lines += [f"## Validation / test perplexity, LGP-Shuffle student, "
                   f"C_target = 1, {', '.join(map(str, steps))} steps each "
-                  "from the teacher's weights\n",
+                  "from the teacher's weights"
+                  + ("" if gkey == "grid" else " (earlier run)") + "\n",
                   "| C_mse \\ C_kl | " + " | ".join(f"{k:g}" for k in kls)
                   + " |", "| --- |" + " ---: |" * len(kls)]
         for m in mses:
@@ -454,7 +507,7 @@ def stage_report(run, out_dir):
                 cells.append(f"{g['val_ppl']:.2f} / {g['test_ppl']:.2f}"
                              if g else "-")
             lines.append(f"| {m:g} | " + " | ".join(cells) + " |")
-        lines.append("\n(0, 0) is the label loss alone.")
+        lines.append("\n(0, 0) is the label loss alone.\n")
     with open(os.path.join(out_dir, "ptb_coefficients.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "ptb_results.json"), "w") as f:
@@ -472,14 +525,18 @@ def _plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    lgp = sorted((r["lstm_params"], r["test_ppl"]) for n, r in rows
-                 if n.startswith("LGP-Shuffle"))
-    if len(lgp) > 1:
-        ax.plot(*zip(*lgp), color="tab:blue", alpha=0.4, zorder=1)
+    for steps in sorted({r["steps"] for n, r in rows}):
+        lgp = sorted((r["lstm_params"], r["test_ppl"]) for n, r in rows
+                     if n.startswith("LGP-Shuffle") and r["steps"] == steps)
+        if len(lgp) > 1:
+            ax.plot(*zip(*lgp), color="tab:blue", alpha=0.4, zorder=1,
+                    linestyle="-" if steps == max(
+                        r["steps"] for _, r in rows) else ":")
     for i, (name, r) in enumerate(rows):
         color = ("black" if name == "Teacher" else "tab:blue"
                  if name.startswith("LGP-Shuffle") else "tab:red")
-        ax.scatter(r["lstm_params"], r["test_ppl"], color=color, zorder=2)
+        ax.scatter(r["lstm_params"], r["test_ppl"], color=color, zorder=2,
+                   facecolors=color if "steps]" not in name else "none")
         ax.annotate(f"{name} ({r['mac_reduction']:.1f}x)",
                     (r["lstm_params"], r["test_ppl"]), fontsize=7,
                     xytext=(4, 4 if i % 2 else -10),
@@ -540,7 +597,14 @@ def build_parser():
                    help="for the teacher and the students")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--student-lr", type=float, default=1e-3)
+    p.add_argument("--scratch-lr", type=float, default=0.0,
+                   help="learning rate of the randomly initialised dense "
+                        "student (0: the teacher's --lr)")
     p.add_argument("--clipnorm", type=float, default=5.0)
+    p.add_argument("--reuse", default="",
+                   help="an earlier run dir: take its teacher (teacher.keras"
+                        " and result) and calibration, and keep its students"
+                        " and grid as extra rows named '... [N steps]'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", type=int, default=2)
     p.add_argument("--eager", action="store_true",
@@ -576,6 +640,8 @@ def _main(args, argv, stages):
     import tensorflow as tf
 
     run = Run(args)
+    if args.reuse:
+        reuse_run(run, args.reuse)
     training = set(stages) & {"teacher", "students", "calibrate", "grid"}
     if training:
         config = run.results.setdefault("config", {})

@@ -134,3 +134,38 @@ def test_every_stage_runs_reports_and_resumes(example, tmp_path,
     assert again["students"] == before["students"]
     assert again["grid"] == before["grid"]
     assert again["teacher"] == before["teacher"]
+
+
+def test_reuse_takes_teacher_and_keeps_earlier_rows(example, tmp_path):
+    """--reuse starts a run from an earlier run's teacher and calibration
+    (nothing retrained) and reports the earlier students and grid as
+    tagged extra rows."""
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    common = ["--data", str(data), "--hidden", "20", "--groups", "10",
+              "--lowrank-lgp", "5,5,2", "--svd-r", "10", "--batch-size", "4",
+              "--num-steps", "5", "--chunk-steps", "2", "--calib-steps", "2",
+              "--calib-eval", "2", "--eval-batches", "2", "--verbose", "0",
+              "--eager", "--out", str(tmp_path / "out")]
+    first = example.main(common + [
+        "--run-dir", str(tmp_path / "a"), "--teacher-epochs", "0.2",
+        "--student-steps", "2", "--grid-steps", "2", "--extra-groups", "",
+        "--stages", "teacher,calibrate,students,grid"])
+    second = example.main(common + [
+        "--run-dir", str(tmp_path / "b"), "--reuse", str(tmp_path / "a"),
+        "--teacher-epochs", "0.2", "--student-steps", "4", "--grid-steps",
+        "2", "--extra-groups", ""])
+    assert second["teacher"] == first["teacher"]
+    assert second["calibration"] == first["calibration"]
+    for name, r in first["students"].items():
+        assert second["students"][f"{name} [2 steps]"]["test_ppl"] == r[
+            "test_ppl"]
+        assert second["students"][name]["steps"] == 4
+    assert second["grid [2 steps]"] == first["grid"]
+    assert second["students"]["Small dense LSTM h=5 (direct design)"][
+        "lr"] == 2e-3  # the teacher's lr: trained from scratch
+    table = (tmp_path / "out" / "ptb_results.md").read_text()
+    assert "[2 steps]" in table and "--reuse" in table
+    grid = (tmp_path / "out" / "ptb_coefficients.md").read_text()
+    assert grid.count("(0, 0) is the label loss alone.") == 2
