@@ -524,22 +524,24 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Rows reused from an earlier run ("... [N steps]") stay in the table
+    # only: they were trained for fewer steps and would not compare.
+    rows = [(n, r) for n, r in rows if not n.endswith("steps]")]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for steps in sorted({r["steps"] for n, r in rows}):
-        lgp = sorted((r["lstm_params"], r["test_ppl"]) for n, r in rows
-                     if n.startswith("LGP-Shuffle") and r["steps"] == steps)
-        if len(lgp) > 1:
-            ax.plot(*zip(*lgp), color="tab:blue", alpha=0.4, zorder=1,
-                    linestyle="-" if steps == max(
-                        r["steps"] for _, r in rows) else ":")
-    for i, (name, r) in enumerate(rows):
+    lgp = sorted((r["lstm_params"], r["test_ppl"]) for n, r in rows
+                 if n.startswith("LGP-Shuffle"))
+    if len(lgp) > 1:
+        ax.plot(*zip(*lgp), color="tab:blue", alpha=0.4, zorder=1)
+    for i, (name, r) in enumerate(sorted(rows,
+                                         key=lambda nr: nr[1]["test_ppl"])):
         color = ("black" if name == "Teacher" else "tab:blue"
                  if name.startswith("LGP-Shuffle") else "tab:red")
-        ax.scatter(r["lstm_params"], r["test_ppl"], color=color, zorder=2,
-                   facecolors=color if "steps]" not in name else "none")
-        ax.annotate(f"{name} ({r['mac_reduction']:.1f}x)",
+        ax.scatter(r["lstm_params"], r["test_ppl"], color=color, zorder=2)
+        label = name.replace(" (direct design)", "")
+        ax.annotate(f"{label} ({r['mac_reduction']:.1f}x, "
+                    f"{r['test_ppl']:.0f})",
                     (r["lstm_params"], r["test_ppl"]), fontsize=7,
-                    xytext=(4, 4 if i % 2 else -10),
+                    xytext=(6, -3 + 9 * (i % 3 - 1)),
                     textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("LSTM parameters (both layers)")
