@@ -320,6 +320,20 @@ def test_gru_every_scheme_pair(in_kind, rec_kind, reset_after, isa):
 
 
 @needs_op
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_gru_streamed_gate_columns(batch, reset_after):
+    """Batch 1-2 against a large dense recurrent block: every gate's
+    columns in one pass over W (380 units: 380 x 3 x 380 with reset_after,
+    380 x 2 x 380 for z, r without), with a column tail."""
+    ops._set_min_parallel_work(0, 0)
+    case = gru_case("dense", "dense", 31, reset_after, batch=batch, steps=3,
+                    units=380)
+    one = check_gru(case, True, True, num_threads=1)
+    two = check_gru(case, False, True, num_threads=2)
+
+
+@needs_op
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "name,kw",
@@ -421,6 +435,34 @@ def test_gru_every_scheme_pair(in_kind, rec_kind, reset_after, isa):
                 units=512,
                 features=128,
                 rec_params=dict(g=8),
+            ),
+        ),
+        # 90 rows (a 64-row chunk and a 26-row tail) against a 300 -> 400
+        # input product: column blocks of 208 and 192 copied into the
+        # contiguous pack buffer.
+        (
+            "packed_input_blocks",
+            dict(
+                in_kind="dense",
+                rec_kind="lgp_shuffle",
+                batch=3,
+                steps=30,
+                units=100,
+                features=300,
+                rec_params=dict(g=4),
+            ),
+        ),
+        # A recurrent W of 1025 x 4100 (>= 2^22 entries): batch 1 streams
+        # whole rows, with a column tail.
+        (
+            "stream_gemv_whole_rows",
+            dict(
+                in_kind="dense",
+                rec_kind="dense",
+                batch=1,
+                steps=2,
+                units=1025,
+                features=8,
             ),
         ),
     ],

@@ -237,9 +237,10 @@ void PlanProduct(Product* pr, int gates, int64_t units) {
   pr->gates = gates;
   // BuildChain checked that g divides the input size, which is `units`.
   pr->mode = last.shuffle ? kGroupOwned : kUnitColumns;
-  pr->max_task_units = pr->mode == kGroupOwned
-                           ? units / last.g
-                           : std::min<int64_t>(units, kUnitChunk);
+  // kUnitColumns: a task is kUnitChunk units, or a thread's whole unit
+  // range when a large single block is streamed (LastStage), so room for
+  // all units.
+  pr->max_task_units = pr->mode == kGroupOwned ? units / last.g : units;
 }
 
 int64_t UnitOfSlot(const Product& pr, int64_t units, int64_t k) {
@@ -494,7 +495,7 @@ class StructuredRnnOp : public OpKernel {
     };
     total += product_floats(p.rec) + product_floats(p.rec2);
     const int64_t in_mid = RoundUp16(kRowChunk * MaxIntermediateWidth(p.input));
-    const int64_t in_need = 2 * in_mid + RoundUp16(width);
+    const int64_t in_need = 2 * in_mid + RoundUp16(width) + kBlockFloats;
     const int64_t task_units =
         std::max(p.rec.max_task_units, p.rec2.max_task_units);
     const int64_t vbuf = RoundUp16(batch * rec_gates * task_units);
@@ -530,6 +531,7 @@ class StructuredRnnOp : public OpKernel {
     p.off_stage[0] = 0;
     p.off_stage[1] = in_mid;
     p.off_row = 2 * in_mid;
+    p.off_pack = 2 * in_mid + RoundUp16(width);
     p.off_vbuf = 0;
     p.off_tmp = vbuf;
     p.out = return_sequences_ ? out->flat<float>().data() : nullptr;

@@ -46,6 +46,10 @@ enum LastStageMode {
 // kernels.
 constexpr int64_t kUnitChunk = 128;  // units per task in kUnitColumns mode
 constexpr int64_t kRowChunk = 64;    // rows per block of the input product
+// Floats of one column block of W that many rows pass over (256 KiB, in
+// L2); the input phase copies a strided block into a contiguous buffer of
+// this size per thread.
+constexpr int64_t kBlockFloats = 65536;
 
 struct Product {
   Chain chain;
@@ -86,6 +90,7 @@ struct RnnPlan {
   int64_t scratch_stride;
   int64_t off_stage[2];  // input phase: chunk stage outputs [kRowChunk, m]
   int64_t off_row;       // input phase: one row of z_width
+  int64_t off_pack;      // input phase: kBlockFloats, a packed W block
   int64_t off_vbuf;      // recurrent phase: [batch, G * max_task_units]
   int64_t off_tmp;       // recurrent phase: 4 arrays of max_task_units
 };

@@ -159,7 +159,12 @@ void GemmRows(const float* x, int64_t ldx, const float* w, int64_t ldw,
 template <int MR>
 void GemvStream(const float* x, int64_t ldx, const float* w, int64_t ldw,
                 int64_t k_len, int64_t n, float* y, int64_t ldy) {
-  constexpr int64_t kCols = 2048;  // 8 KiB of y per row
+  // Segments of 2048 columns (8 KiB of y per row) while W may stay in the
+  // last-level cache; whole rows once it cannot (W >= 16 MiB), where one
+  // long stream per row is what the prefetcher follows best. Measured on a
+  // 2-core EPYC (8 MiB L3), batch 1: d = 1600 (41 MB) 14 -> 17.5 GB/s,
+  // d = 800 (10 MB) 2048 columns 20 GB/s against 17 for whole rows.
+  const int64_t kCols = k_len * n >= (int64_t{1} << 22) ? n : 2048;
   for (int64_t c0 = 0; c0 < n; c0 += kCols) {
     const int64_t nc = Min(kCols, n - c0);
     for (int i = 0; i < MR; ++i)
@@ -196,8 +201,58 @@ void GemvStream(const float* x, int64_t ldx, const float* w, int64_t ldw,
   }
 }
 
+// With many rows W is walked in column blocks; `pack` (kBlockFloats, or
+// null) receives a copy of each strided block so that the rows read it
+// contiguously: at d = 1600 a block of 32 columns spans 1600 pages of W, and
+// the copy took the all-steps input product from 7.5 to ~25 GFLOPS.
+// One or two rows against the gate columns [q * units + u0, + len) of a
+// large single-block W, for every gate q in one pass over the rows of W:
+// y[i * ldy + q * len + c]. With one thread the segments of a row are the
+// whole row, one contiguous stream; 128-unit column tasks (LastStage) would
+// instead touch every row of W per task, a page per row at large d.
+template <int MR>
+void GemvGates(const float* x, int64_t ldx, const float* w, int64_t ldw,
+               int64_t k_len, int64_t units, int gates, int64_t u0,
+               int64_t len, float* y, int64_t ldy) {
+  for (int i = 0; i < MR; ++i)
+    for (int64_t c = 0; c < gates * len; ++c) y[i * ldy + c] = 0.0f;
+  int64_t k = 0;
+  for (; k + 4 <= k_len; k += 4) {
+    for (int i = 0; i < MR; ++i) {
+      const float* xi = x + i * ldx + k;
+      const vf a0 = Splat(xi[0]), a1 = Splat(xi[1]);
+      const vf a2 = Splat(xi[2]), a3 = Splat(xi[3]);
+      for (int q = 0; q < gates; ++q) {
+        const float* w0 = w + k * ldw + q * units + u0;
+        const float* w1 = w0 + ldw;
+        const float* w2 = w1 + ldw;
+        const float* w3 = w2 + ldw;
+        float* yq = y + i * ldy + q * len;
+        int64_t c = 0;
+        for (; c + V <= len; c += V)
+          StoreU(yq + c, LoadU(yq + c) + a0 * LoadU(w0 + c) +
+                             a1 * LoadU(w1 + c) + a2 * LoadU(w2 + c) +
+                             a3 * LoadU(w3 + c));
+        for (; c < len; ++c)
+          yq[c] += xi[0] * w0[c] + xi[1] * w1[c] + xi[2] * w2[c] +
+                   xi[3] * w3[c];
+      }
+    }
+  }
+  for (; k < k_len; ++k)
+    for (int i = 0; i < MR; ++i) {
+      const float a = x[i * ldx + k];
+      for (int q = 0; q < gates; ++q) {
+        const float* wk = w + k * ldw + q * units + u0;
+        float* yq = y + i * ldy + q * len;
+        for (int64_t c = 0; c < len; ++c) yq[c] += a * wk[c];
+      }
+    }
+}
+
 void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
-          int64_t ldw, int64_t k_len, int64_t n, float* y, int64_t ldy) {
+          int64_t ldw, int64_t k_len, int64_t n, float* y, int64_t ldy,
+          float* pack = nullptr) {
   if (rows <= 0 || n <= 0) return;
   // Large matrices only: small blocks stay in cache and Kern's register
   // accumulators win there.
@@ -212,26 +267,35 @@ void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
   // while every row tile passes over them.
   int64_t nb = n;
   if (rows > 4) {
-    nb = (65536 / Max(k_len, 1)) / (2 * V) * (2 * V);
+    nb = (kBlockFloats / Max(k_len, 1)) / (2 * V) * (2 * V);
     nb = Max(nb, 2 * V);
   }
   for (int64_t c0 = 0; c0 < n; c0 += nb) {
     const int64_t nc = Min(nb, n - c0);
+    const float* wb = w + c0;
+    int64_t ldb = ldw;
+    if (pack != nullptr && rows > 4 && nc < ldw &&
+        k_len * nc <= kBlockFloats) {
+      for (int64_t k = 0; k < k_len; ++k)
+        for (int64_t c = 0; c < nc; ++c) pack[k * nc + c] = wb[k * ldw + c];
+      wb = pack;
+      ldb = nc;
+    }
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4)
-      GemmRows<4>(x + r * ldx, ldx, w + c0, ldw, k_len, nc, y + r * ldy + c0,
+      GemmRows<4>(x + r * ldx, ldx, wb, ldb, k_len, nc, y + r * ldy + c0,
                   ldy);
     const float* xr = x + r * ldx;
     float* yr = y + r * ldy + c0;
     switch (rows - r) {
       case 3:
-        GemmRows<3>(xr, ldx, w + c0, ldw, k_len, nc, yr, ldy);
+        GemmRows<3>(xr, ldx, wb, ldb, k_len, nc, yr, ldy);
         break;
       case 2:
-        GemmRows<2>(xr, ldx, w + c0, ldw, k_len, nc, yr, ldy);
+        GemmRows<2>(xr, ldx, wb, ldb, k_len, nc, yr, ldy);
         break;
       case 1:
-        GemmRows<1>(xr, ldx, w + c0, ldw, k_len, nc, yr, ldy);
+        GemmRows<1>(xr, ldx, wb, ldb, k_len, nc, yr, ldy);
         break;
       default:
         break;
@@ -242,12 +306,13 @@ void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
 // Columns [c0, c1) of x @ blockdiag(stage) without the shuffle, written to
 // y[:, 0 : c1 - c0]. The range may span several groups.
 void StageColumns(const Stage& s, const float* x, int64_t ldx, int64_t rows,
-                  int64_t c0, int64_t c1, float* y, int64_t ldy) {
+                  int64_t c0, int64_t c1, float* y, int64_t ldy,
+                  float* pack = nullptr) {
   while (c0 < c1) {
     const int64_t gi = c0 / s.b;
     const int64_t cend = Min(c1, (gi + 1) * s.b);
     Gemm(x + gi * s.a, ldx, rows, s.w + gi * s.a * s.b + (c0 - gi * s.b), s.b,
-         s.a, cend - c0, y, ldy);
+         s.a, cend - c0, y, ldy, pack);
     y += cend - c0;
     c0 = cend;
   }
@@ -288,6 +353,7 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
   float* sc = p.scratch + tid * p.scratch_stride;
   float* st[2] = {sc + p.off_stage[0], sc + p.off_stage[1]};
   float* row = sc + p.off_row;
+  float* pack = sc + p.off_pack;
   for (int64_t r = r0; r < r1; r += kRowChunk) {
     const int64_t rc = Min(kRowChunk, r1 - r);
     const float* in = p.x + r * ch.n;
@@ -298,7 +364,7 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
       const bool last = s == ch.num_stages - 1;
       float* out = last ? p.xz + r * zw : st[s & 1];
       const int64_t ldy = last ? zw : ms;
-      StageColumns(stage, in, ldx, rc, 0, ms, out, ldy);
+      StageColumns(stage, in, ldx, rc, 0, ms, out, ldy, pack);
       in = out;
       ldx = ldy;
     }
@@ -356,6 +422,16 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
   }
   int64_t ub, ue;
   Split(units, tid, nt, V, &ub, &ue);
+  if (batch <= 2 && s.g == 1 && s.a * gates * (ue - ub) >= (int64_t{1} << 18)) {
+    const int64_t len = ue - ub, ldv = gates * len;
+    if (len <= 0) return;
+    if (batch == 1)
+      GemvGates<1>(in, ldx, s.w, s.b, s.a, units, gates, ub, len, vbuf, ldv);
+    else
+      GemvGates<2>(in, ldx, s.w, s.b, s.a, units, gates, ub, len, vbuf, ldv);
+    gate(Task{ub, 1, len, ub}, vbuf, ldv);
+    return;
+  }
   const int64_t chunks = (ue - ub + kUnitChunk - 1) / kUnitChunk;
   for (int64_t j = 0; j < chunks; ++j) {
     const int64_t u0 = ub + (rev ? chunks - 1 - j : j) * kUnitChunk;
