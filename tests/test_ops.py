@@ -329,8 +329,8 @@ def test_gru_streamed_gate_columns(batch, reset_after):
     ops._set_min_parallel_work(0, 0)
     case = gru_case("dense", "dense", 31, reset_after, batch=batch, steps=3,
                     units=380)
-    one = check_gru(case, True, True, num_threads=1)
-    two = check_gru(case, False, True, num_threads=2)
+    check_gru(case, True, True, num_threads=1)
+    check_gru(case, False, True, num_threads=2)
 
 
 @needs_op

@@ -152,59 +152,6 @@ void GemmRows(const float* x, int64_t ldx, const float* w, int64_t ldw,
   if (c < n) KernTail<MR>(x, ldx, w + c, ldw, k_len, y + c, ldy, n - c);
 }
 
-// One or two rows against a large W (batch-1 inference): the product is
-// bound by reading W, so walk W row by row in contiguous segments that the
-// prefetcher follows, keeping a segment of y in L1. Column strips (Kern)
-// would touch every row of W per strip: at d = 1600 that was 2x slower.
-template <int MR>
-void GemvStream(const float* x, int64_t ldx, const float* w, int64_t ldw,
-                int64_t k_len, int64_t n, float* y, int64_t ldy) {
-  // Segments of 2048 columns (8 KiB of y per row) while W may stay in the
-  // last-level cache; whole rows once it cannot (W >= 16 MiB), where one
-  // long stream per row is what the prefetcher follows best. Measured on a
-  // 2-core EPYC (8 MiB L3), batch 1: d = 1600 (41 MB) 14 -> 17.5 GB/s,
-  // d = 800 (10 MB) 2048 columns 20 GB/s against 17 for whole rows.
-  const int64_t kCols = k_len * n >= (int64_t{1} << 22) ? n : 2048;
-  for (int64_t c0 = 0; c0 < n; c0 += kCols) {
-    const int64_t nc = Min(kCols, n - c0);
-    for (int i = 0; i < MR; ++i)
-      for (int64_t c = 0; c < nc; ++c) y[i * ldy + c0 + c] = 0.0f;
-    int64_t k = 0;
-    for (; k + 4 <= k_len; k += 4) {
-      const float* w0 = w + k * ldw + c0;
-      const float* w1 = w0 + ldw;
-      const float* w2 = w1 + ldw;
-      const float* w3 = w2 + ldw;
-      for (int i = 0; i < MR; ++i) {
-        const float* xi = x + i * ldx + k;
-        const vf a0 = Splat(xi[0]), a1 = Splat(xi[1]);
-        const vf a2 = Splat(xi[2]), a3 = Splat(xi[3]);
-        float* yi = y + i * ldy + c0;
-        int64_t c = 0;
-        for (; c + V <= nc; c += V)
-          StoreU(yi + c, LoadU(yi + c) + a0 * LoadU(w0 + c) +
-                             a1 * LoadU(w1 + c) + a2 * LoadU(w2 + c) +
-                             a3 * LoadU(w3 + c));
-        for (; c < nc; ++c)
-          yi[c] += xi[0] * w0[c] + xi[1] * w1[c] + xi[2] * w2[c] +
-                   xi[3] * w3[c];
-      }
-    }
-    for (; k < k_len; ++k) {
-      const float* wk = w + k * ldw + c0;
-      for (int i = 0; i < MR; ++i) {
-        const float a = x[i * ldx + k];
-        float* yi = y + i * ldy + c0;
-        for (int64_t c = 0; c < nc; ++c) yi[c] += a * wk[c];
-      }
-    }
-  }
-}
-
-// With many rows W is walked in column blocks; `pack` (kBlockFloats, or
-// null) receives a copy of each strided block so that the rows read it
-// contiguously: at d = 1600 a block of 32 columns spans 1600 pages of W, and
-// the copy took the all-steps input product from 7.5 to ~25 GFLOPS.
 // One or two rows against the gate columns [q * units + u0, + len) of a
 // large single-block W, for every gate q in one pass over the rows of W:
 // y[i * ldy + q * len + c]. With one thread the segments of a row are the
@@ -250,6 +197,28 @@ void GemvGates(const float* x, int64_t ldx, const float* w, int64_t ldw,
     }
 }
 
+// One or two rows against a large W (batch-1 inference): the product is
+// bound by reading W, so walk W row by row in contiguous segments that the
+// prefetcher follows, keeping a segment of y in L1. Column strips (Kern)
+// would touch every row of W per strip: at d = 1600 that was 2x slower.
+template <int MR>
+void GemvStream(const float* x, int64_t ldx, const float* w, int64_t ldw,
+                int64_t k_len, int64_t n, float* y, int64_t ldy) {
+  // Segments of 2048 columns (8 KiB of y per row) while W may stay in the
+  // last-level cache; whole rows once it cannot (W >= 16 MiB), where one
+  // long stream per row is what the prefetcher follows best. Measured on a
+  // 2-core EPYC (8 MiB L3), batch 1: d = 1600 (41 MB) 14 -> 17.5 GB/s,
+  // d = 800 (10 MB) 2048 columns 20 GB/s against 17 for whole rows.
+  const int64_t kCols = k_len * n >= (int64_t{1} << 22) ? n : 2048;
+  for (int64_t c0 = 0; c0 < n; c0 += kCols)
+    GemvGates<MR>(x, ldx, w, ldw, k_len, 0, 1, c0, Min(kCols, n - c0), y + c0,
+                  ldy);
+}
+
+// With many rows W is walked in column blocks; `pack` (kBlockFloats, or
+// null) receives a copy of each strided block so that the rows read it
+// contiguously: at d = 1600 a block of 32 columns spans 1600 pages of W, and
+// the copy took the all-steps input product from 7.5 to ~25 GFLOPS.
 void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
           int64_t ldw, int64_t k_len, int64_t n, float* y, int64_t ldy,
           float* pack = nullptr) {
