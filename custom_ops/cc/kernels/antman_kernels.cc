@@ -232,15 +232,17 @@ std::vector<ArrayRef> Arrays(const OpInputList& list, const char* list_name,
 // ---------------------------------------------------------------------------
 // Layout of a recurrent product's output: which unit each slot holds.
 
-void PlanProduct(Product* pr, int gates, int64_t units) {
+void PlanProduct(Product* pr, int gates, int64_t units, int64_t batch) {
   const Stage& last = pr->chain.stages[pr->chain.num_stages - 1];
   pr->gates = gates;
   // BuildChain checked that g divides the input size, which is `units`.
   pr->mode = last.shuffle ? kGroupOwned : kUnitColumns;
-  // kUnitColumns: a task is kUnitChunk units, or a thread's whole unit
-  // range when a large single block is streamed (LastStage), so room for
-  // all units.
-  pr->max_task_units = pr->mode == kGroupOwned ? units / last.g : units;
+  // kUnitColumns: a task is kUnitChunk units, or at small batch a thread's
+  // whole unit range when a large single block is streamed (LastStage).
+  pr->max_task_units =
+      pr->mode == kGroupOwned ? units / last.g
+      : batch <= kStreamRows  ? units
+                              : std::min<int64_t>(units, kUnitChunk);
 }
 
 int64_t UnitOfSlot(const Product& pr, int64_t units, int64_t k) {
@@ -415,7 +417,7 @@ class StructuredRnnOp : public OpKernel {
                                                     : "recurrent product, ") +
                             dims(units, rec_gates * units),
                         &p.rec.chain));
-    PlanProduct(&p.rec, rec_gates, units);
+    PlanProduct(&p.rec, rec_gates, units, batch);
     if (rec_copies == 2) {
       OP_REQUIRES_OK(
           ctx, BuildChain(recurrent_kind_,
@@ -425,7 +427,7 @@ class StructuredRnnOp : public OpKernel {
                           units, units,
                           "recurrent product B, " + dims(units, units),
                           &p.rec2.chain));
-      PlanProduct(&p.rec2, 1, units);
+      PlanProduct(&p.rec2, 1, units, batch);
     }
 
     // Outputs.

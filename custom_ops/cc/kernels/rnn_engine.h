@@ -50,6 +50,9 @@ constexpr int64_t kRowChunk = 64;    // rows per block of the input product
 // L2); the input phase copies a strided block into a contiguous buffer of
 // this size per thread.
 constexpr int64_t kBlockFloats = 65536;
+// Batch sizes up to which a large W is streamed row by row (GemvStream,
+// GemvGates) instead of walked in column tasks.
+constexpr int64_t kStreamRows = 2;
 
 struct Product {
   Chain chain;

@@ -225,7 +225,7 @@ void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
   if (rows <= 0 || n <= 0) return;
   // Large matrices only: small blocks stay in cache and Kern's register
   // accumulators win there.
-  if (rows <= 2 && k_len * n >= (int64_t{1} << 18)) {
+  if (rows <= kStreamRows && k_len * n >= (int64_t{1} << 18)) {
     if (rows == 1)
       GemvStream<1>(x, ldx, w, ldw, k_len, n, y, ldy);
     else
@@ -391,7 +391,8 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
   }
   int64_t ub, ue;
   Split(units, tid, nt, V, &ub, &ue);
-  if (batch <= 2 && s.g == 1 && s.a * gates * (ue - ub) >= (int64_t{1} << 18)) {
+  if (batch <= kStreamRows && s.g == 1 &&
+      s.a * gates * (ue - ub) >= (int64_t{1} << 18)) {
     const int64_t len = ue - ub, ldv = gates * len;
     if (len <= 0) return;
     if (batch == 1)
