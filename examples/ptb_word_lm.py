@@ -75,23 +75,36 @@ def student_specs(args):
 
     With the defaults and H = 200 (every product is 200 -> 800):
     LGPShuffle(10) is 10x, LowRankLGP(10, 20, 2) exactly 10x, LowRank(10)
-    (SVD, rank 20) 8x -- ``LowRank`` needs r | 200, and r = 8, 10, 20 give
-    6.4x, 8x, 16x -- a dense LSTM of 47 units 9.98x, and LGPShuffle(g) g x
-    for the extra groups. The exact reductions are measured with
+    (SVD, rank 20) 8x -- with r | 200, r = 8, 10, 20 give 6.4x, 8x, 16x;
+    ``--svd-rank 16`` (``LowRank(rank=16)``) is exactly 10x -- a dense LSTM
+    of 47 units 9.98x, and LGPShuffle(g) g x for the extra groups.
+    ``--students`` keeps a subset (kinds lgp, lowrank_lgp, svd, dense,
+    lgp<G> for each extra G). The exact reductions are measured with
     `keras_antman.report` and stored with each result.
     """
     g = args.groups
     gi, go, r = args.lowrank_lgp
     h = args.small_hidden or small_hidden(args.hidden)
+    if args.svd_rank:
+        svd_name = f"SVD (LowRank) rank={args.svd_rank}"
+        svd = am.LowRank(rank=args.svd_rank)
+    else:
+        svd_name = f"SVD (LowRank) r={args.svd_r}"
+        svd = am.LowRank(args.svd_r)
     specs = {
         f"LGP-Shuffle g={g}": ("compress", am.LGPShuffle(g)),
         f"LowRank-LGP g_in={gi} g_out={go} r={r}": (
             "compress", am.LowRankLGP(gi, go, r)),
-        f"SVD (LowRank) r={args.svd_r}": ("compress", am.LowRank(args.svd_r)),
+        svd_name: ("compress", svd),
         f"Small dense LSTM h={h} (direct design)": ("small", h),
     }
     for e in args.extra_groups:
         specs[f"LGP-Shuffle g={e}"] = ("compress", am.LGPShuffle(e))
+    if args.students:
+        kinds = ["lgp", "lowrank_lgp", "svd", "dense"] + [
+            f"lgp{e}" for e in args.extra_groups]
+        specs = {name: spec for kind, (name, spec) in
+                 zip(kinds, specs.items()) if kind in args.students}
     return specs
 
 
@@ -143,9 +156,12 @@ class Run:
             (self.valid, self.test))
 
 
-def optimizer(lr, args):
+def optimizer(lr, args, decay_steps=0):
     """Adam (default) or plain SGD, clipping the global gradient norm at
-    ``--clipnorm`` (Zaremba et al. clip at 5)."""
+    ``--clipnorm`` (Zaremba et al. clip at 5); with ``decay_steps`` the
+    rate follows a cosine from ``lr`` to 0 over that many steps."""
+    if decay_steps:
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps)
     if args.optimizer == "sgd":
         return keras.optimizers.SGD(lr, global_clipnorm=args.clipnorm)
     return keras.optimizers.Adam(lr, global_clipnorm=args.clipnorm)
@@ -244,8 +260,8 @@ def make_student(run, teacher, kind, arg):
 def distill(run, teacher, student, coefficients, steps, key, lr=None):
     d = am.Distiller(student=student, teacher=teacher)
     lr = run.args.student_lr if lr is None else lr
-    d.compile(optimizer=optimizer(lr, run.args),
-              **coefficients)
+    decay = steps if run.args.student_schedule == "cosine" else 0
+    d.compile(optimizer=optimizer(lr, run.args, decay), **coefficients)
     return train_chunked(run, d, key, steps)
 
 
@@ -287,7 +303,8 @@ def stage_students(run, teacher):
             epochs=steps / run.epoch_steps,
             scheme=arg.describe() if kind == "compress" else f"dense h={arg}",
             init="teacher (from_dense)" if kind == "compress" else "random",
-            coefficients=coeffs, lr=lr)
+            coefficients=coeffs, lr=lr,
+            schedule=run.args.student_schedule)
         run.save()
         finish(run, "student " + name)
         print(f"{name}: val {val:.2f} test {test:.2f}", flush=True)
@@ -380,7 +397,12 @@ def reuse_run(run, source):
     old_lr = old.get("config", {}).get("args", {}).get("student_lr")
     for name, r in old.get("students", {}).items():
         r.setdefault("lr", old_lr)
-        res.setdefault("students", {})[f"{name} [{r['steps']} steps]"] = r
+        if not name.endswith(" steps]"):  # not already from an earlier run
+            name = f"{name} [{r['steps']} steps]"
+        res.setdefault("students", {})[name] = r
+    for key, grid in old.items():
+        if key.startswith("grid ["):
+            res[key] = grid
     if old.get("grid"):
         steps = sorted({g["steps"] for g in old["grid"].values()})
         res[f"grid [{', '.join(map(str, steps))} steps]"] = old["grid"]
@@ -461,10 +483,13 @@ def stage_report(run, out_dir):
     for name, r in rows:
         delta = (f"{100 * (r['test_ppl'] / t_ppl - 1):+.1f}%"
                  if t_ppl else "-")
+        lr = r.get("lr", "-") if name != "Teacher" else lr0
+        if r.get("schedule", "constant") != "constant":
+            lr = f"{lr} ({r['schedule']})"
         lines.append(
             f"| {name} | {r.get('scheme', 'dense')} | {r['lstm_params']:,} "
             f"| {r['mac_reduction']:.2f}x | {r.get('init', '-')} | "
-            f"{r.get('lr', '-') if name != 'Teacher' else lr0} | "
+            f"{lr} | "
             f"{r['val_ppl']:.2f} | {r['test_ppl']:.2f} | {delta} | "
             f"{r['train_seconds']:.0f} | {r['steps']} "
             f"({r.get('epochs', 0):.2f}) |")
@@ -591,6 +616,16 @@ def build_parser():
                    help="g_in,g_out,r of the LowRank-LGP student")
     p.add_argument("--svd-r", type=int, default=10,
                    help="rank reduction of the SVD (LowRank) student")
+    p.add_argument("--svd-rank", type=int, default=0,
+                   help="rank of the SVD student instead of --svd-r (16 is "
+                        "exactly 10x at hidden 200)")
+    p.add_argument("--students", type=lambda t: t.split(","), default=[],
+                   help="comma-separated subset of the students: lgp, "
+                        "lowrank_lgp, svd, dense, lgp<G> (default: all)")
+    p.add_argument("--student-schedule", choices=("constant", "cosine"),
+                   default="constant",
+                   help="students' learning rate: constant, or a cosine "
+                        "decay to 0 over --student-steps")
     p.add_argument("--small-hidden", type=int, default=0,
                    help="units of the dense student (0: ~10x fewer MACs)")
     p.add_argument("--extra-groups", type=_ints, default=[25, 50],

@@ -357,24 +357,49 @@ class LowRank(Scheme):
     Args:
         rank_reduction: ``r``; the rank is ``n / r`` and ``r`` must divide
             ``n``.
+        rank: the rank ``k`` itself (``k <= min(n, m)``), instead of
+            ``rank_reduction``; for a cost between those of the divisors of
+            ``n`` (e.g. exactly 10x fewer MACs on a 200 -> 800 product:
+            ``rank=16``). Give exactly one of the two.
     """
 
-    def __init__(self, rank_reduction, **kwargs):
+    def __init__(self, rank_reduction=None, rank=None, **kwargs):
         super().__init__(**kwargs)
-        self.rank_reduction = _positive_int(
-            "rank_reduction", rank_reduction, "LowRank"
-        )
+        if (rank_reduction is None) == (rank is None):
+            raise ValueError(
+                "LowRank: give exactly one of `rank_reduction` (rank n/r) "
+                "and `rank` (the rank itself). Received: "
+                f"rank_reduction={rank_reduction!r}, rank={rank!r}"
+            )
+        self.rank_reduction = self.fixed_rank = None
+        if rank is None:
+            self.rank_reduction = _positive_int(
+                "rank_reduction", rank_reduction, "LowRank"
+            )
+        else:
+            self.fixed_rank = _positive_int("rank", rank, "LowRank")
 
     def describe(self):
+        if self.fixed_rank:
+            return f"LowRank(rank={self.fixed_rank})"
         return f"LowRank(rank_reduction={self.rank_reduction})"
 
     def hyperparameters(self):
+        if self.fixed_rank:
+            return {"rank": self.fixed_rank}
         return {"rank_reduction": self.rank_reduction}
 
     def rank(self, n):
-        return n // self.rank_reduction
+        return self.fixed_rank or n // self.rank_reduction
 
     def check(self, n, m):
+        if self.fixed_rank:
+            if self.fixed_rank > min(n, m):
+                self._fail(
+                    n, m, f"rank <= min(n, m) = {min(n, m)}",
+                    f"rank in 1..{min(n, m)}",
+                )
+            return
         valid = [r for r in _divisors(n) if n // r <= m]
         if n % self.rank_reduction or self.rank(n) > m:
             self._fail(

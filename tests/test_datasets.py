@@ -58,6 +58,14 @@ def test_vocabulary_ids_and_eos(tiny):
     assert data.directory == os.fspath(tiny)
 
 
+def test_keras_style_module_reads_the_same_data(tiny):
+    from keras_antman.datasets import ptb
+
+    data = ptb.load_data(tiny)
+    np.testing.assert_array_equal(data.train, load_ptb(tiny).train)
+    assert datasets.ptb is ptb and ptb.bptt_dataset is bptt_dataset
+
+
 def test_unknown_word_without_unk_entry(tmp_path):
     directory = write_ptb(tmp_path / "ptb")
     with pytest.raises(ValueError, match="'zzz'.*not in the vocabulary"):

@@ -169,3 +169,32 @@ def test_reuse_takes_teacher_and_keeps_earlier_rows(example, tmp_path):
     assert "[2 steps]" in table and "--reuse" in table
     grid = (tmp_path / "out" / "ptb_coefficients.md").read_text()
     assert grid.count("(0, 0) is the label loss alone.") == 2
+    # A third run on the second: only the chosen students train (SVD by
+    # rank, cosine schedule); both earlier runs' rows keep one tag each.
+    third = example.main(common + [
+        "--run-dir", str(tmp_path / "c"), "--reuse", str(tmp_path / "b"),
+        "--student-steps", "4", "--extra-groups", "", "--students",
+        "lgp,svd", "--svd-rank", "3", "--student-schedule", "cosine",
+        "--stages", "students,report"])
+    new = {k for k in third["students"] if not k.endswith("steps]")}
+    assert new == {"LGP-Shuffle g=10", "SVD (LowRank) rank=3"}
+    assert third["students"]["SVD (LowRank) rank=3"]["scheme"] == (
+        "LowRank(rank=3)")
+    assert third["students"]["LGP-Shuffle g=10"]["schedule"] == "cosine"
+    assert set(third["students"]) - new == {
+        *(f"{n} [2 steps]" for n in first["students"]),
+        *(f"{n} [4 steps]" for n in second["students"]
+          if not n.endswith("steps]"))}
+    assert third["grid [2 steps]"] == second["grid"]  # the newer one
+    assert "(cosine)" in (tmp_path / "out" / "ptb_results.md").read_text()
+
+
+def test_cosine_schedule_decays_to_zero(example):
+    args = example.build_parser().parse_args(
+        ["--data", "unused", "--optimizer", "sgd"])
+    assert float(example.optimizer(2.0, args).learning_rate) == 2.0
+    opt = example.optimizer(2.0, args, decay_steps=10)
+    lr = opt._learning_rate
+    assert float(lr(0)) == pytest.approx(2.0)
+    assert float(lr(5)) == pytest.approx(1.0)
+    assert float(lr(10)) == pytest.approx(0.0)

@@ -15,7 +15,7 @@ from conftest import run_layer_test
 TOL = dict(rtol=1e-5, atol=1e-5)
 SCHEMES = [
     am.Dense(), am.LowRank(2), am.LGPShuffle(4), am.LGPDense(4),
-    am.LowRankLGP(2, 4, 2),
+    am.LowRankLGP(2, 4, 2), am.LowRank(rank=3),
 ]
 
 

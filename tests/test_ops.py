@@ -43,7 +43,7 @@ def _restore_settings():
     yield
     if ops.is_available():
         ops.set_instruction_set(None)
-        ops._set_min_parallel_work(48 * 1024, 512 * 1024)
+        ops._set_min_parallel_work(128 * 1024, 512 * 1024)  # the defaults
         ops.set_num_threads(1)
 
 
@@ -449,6 +449,23 @@ def test_gru_streamed_gate_columns(batch, reset_after):
                 steps=30,
                 units=100,
                 features=300,
+                rec_params=dict(g=4),
+            ),
+        ),
+        # LGP-Shuffle with the same g on both products: the input
+        # product's columns reach the gate slots as 16 runs of 11 (moved a
+        # vector at a time, with a tail); short runs take the
+        # column-by-column gather (the cases above).
+        (
+            "gather_runs",
+            dict(
+                in_kind="lgp_shuffle",
+                rec_kind="lgp_shuffle",
+                batch=2,
+                steps=9,
+                units=44,
+                features=44,
+                in_params=dict(g=4),
                 rec_params=dict(g=4),
             ),
         ),
@@ -877,6 +894,16 @@ def test_wrapper_rejects_unknown_scheme():
     case["input_scheme"] = "kronecker"
     with pytest.raises(ValueError, match="`input_scheme` must be one of"):
         ops.structured_lstm(**case)
+
+
+@needs_op
+def test_threads_used_follows_the_per_step_threshold():
+    ops.set_num_threads(2)
+    assert ops.threads_used(128 * 1024 - 1) == 1  # the default threshold
+    assert ops.threads_used(128 * 1024) == 2
+    assert ops.threads_used(10**6, num_threads=3) == 3
+    ops._set_min_parallel_work(per_step=1000)
+    assert ops.threads_used(999) == 1 and ops.threads_used(1000) == 2
 
 
 def test_set_num_threads_validates():

@@ -12,6 +12,7 @@ from keras_antman import schemes
 ALL = [
     ("dense", lambda: am.Dense(), 24, 40),
     ("lowrank", lambda: am.LowRank(4), 24, 40),
+    ("lowrank_fixed_rank", lambda: am.LowRank(rank=5), 24, 40),
     ("lgp_shuffle", lambda: am.LGPShuffle(4), 24, 40),
     ("lgp_dense_mix_first", lambda: am.LGPDense(4), 24, 40),
     ("lgp_dense_mix_after", lambda: am.LGPDense(4), 40, 24),
@@ -144,6 +145,19 @@ def test_lowrank_from_dense_is_truncated_svd(rng):
     np.testing.assert_allclose(s.to_dense(), best, rtol=1e-4, atol=1e-4)
 
 
+def test_lowrank_fixed_rank_cost_and_svd(rng):
+    # rank 16 on a 200 -> 800 product: exactly 10x fewer weights and MACs,
+    # between the divisors' 8x (r = 10) and 16x (r = 20).
+    assert am.LowRank(rank=16).cost(200, 800) == (16_000, 16_000)
+    w = rng.normal(size=(12, 20))
+    s = am.LowRank(rank=5).from_dense(w)
+    u, sv, vt = np.linalg.svd(w, full_matrices=False)
+    np.testing.assert_allclose(s.to_dense(), (u[:, :5] * sv[:5]) @ vt[:5],
+                               rtol=1e-4, atol=1e-4)
+    again = am.LowRank.from_config(s.get_config())
+    assert (again.fixed_rank, again.rank_reduction) == (5, None)
+
+
 def test_lowrank_lgp_from_dense_beats_identity_mix(rng):
     w = rng.normal(size=(16, 32))
     s = am.LowRankLGP(2, 2, 2).from_dense(w)
@@ -176,6 +190,9 @@ def test_from_dense_rejects_wrong_shape(rng):
          r"groups_out = 4 to divide the rank k = 6 and m = 48.*"
          r"groups_out in \[1, 2, 3, 6\]"),
         (lambda: am.LowRank(1), 40, 10, r"rank <= m|n/r <= m"),
+        (lambda: am.LowRank(rank=11), 40, 10,
+         r"LowRank\(rank=11\) cannot .* rank <= min\(n, m\) = 10.*"
+         r"rank in 1\.\.10"),
     ],
 )
 def test_invalid_dims_raise_with_valid_choices(make, n, m, pattern):
@@ -191,6 +208,10 @@ def test_invalid_dims_raise_with_valid_choices(make, n, m, pattern):
         (lambda: am.LGPShuffle(0), "`groups` must be a positive integer"),
         (lambda: am.LGPDense(2.5), "`groups` must be a positive integer"),
         (lambda: am.LowRank(-1), "`rank_reduction` must be a positive"),
+        (lambda: am.LowRank(0), "`rank_reduction` must be a positive"),
+        (lambda: am.LowRank(rank=0), "`rank` must be a positive"),
+        (lambda: am.LowRank(), "exactly one of `rank_reduction`"),
+        (lambda: am.LowRank(2, rank=3), "exactly one of `rank_reduction`"),
         (lambda: am.LowRankLGP(2, "4", 2), "`groups_out` must be a positive"),
         (lambda: am.Dense(output_dim=0), "`output_dim` must be a positive"),
     ],

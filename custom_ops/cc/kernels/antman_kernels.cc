@@ -252,6 +252,24 @@ int64_t UnitOfSlot(const Product& pr, int64_t units, int64_t k) {
   return (k % len) * g + k / len;
 }
 
+// `gather` as runs (source, slot, length) of consecutive source columns,
+// or nothing when a run is shorter than 8 (then the engine gathers column
+// by column). The identity is one run; LGP-Shuffle with g groups on both
+// products is 4 g runs of units / g.
+std::vector<int64_t> GatherRuns(const std::vector<int64_t>& gather) {
+  constexpr int64_t kMinRun = 8;
+  std::vector<int64_t> runs;
+  const int64_t n = static_cast<int64_t>(gather.size());
+  for (int64_t k = 0; k < n;) {
+    int64_t e = k + 1;
+    while (e < n && gather[e] == gather[e - 1] + 1) ++e;
+    if (e - k < kMinRun) return {};
+    runs.insert(runs.end(), {gather[k], k, e - k});
+    k = e;
+  }
+  return runs;
+}
+
 int64_t MaxIntermediateWidth(const Chain& ch) {
   int64_t w = 0;
   for (int s = 0; s + 1 < ch.num_stages; ++s)
@@ -476,6 +494,13 @@ class StructuredRnnOp : public OpKernel {
       }
     }
     p.gather = gather.data();
+    p.runs = nullptr;
+    p.num_runs = 0;
+    std::vector<int64_t> runs = GatherRuns(gather);
+    if (!runs.empty()) {
+      p.runs = runs.data();
+      p.num_runs = static_cast<int64_t>(runs.size() / 3);
+    }
     p.bias_int = bias_int.data();
     p.rbias_int = rbias_int.empty() ? nullptr : rbias_int.data();
 
@@ -691,6 +716,11 @@ __attribute__((visibility("default"))) void keras_antman_set_min_parallel_work(
   if (per_step >= 0) keras_antman::min_parallel_macs_per_step.store(per_step);
   if (block_diag >= 0)
     keras_antman::min_parallel_macs_block_diag.store(block_diag);
+}
+
+__attribute__((visibility("default"))) long long
+keras_antman_min_parallel_macs_per_step() {
+  return keras_antman::min_parallel_macs_per_step.load();
 }
 
 __attribute__((visibility("default"))) const char* keras_antman_best_isa() {

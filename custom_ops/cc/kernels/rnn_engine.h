@@ -76,6 +76,11 @@ struct RnnPlan {
   // For internal position k of a z row: source column of the input
   // product's last stage output and the bias folded into it.
   const int64_t* gather;  // [z_width]
+  // The same map as runs of consecutive columns, (source, slot, length)
+  // each, moved a vector at a time; num_runs = 0: use `gather` instead
+  // (runs too short). One run (0, 0, z_width) is the identity.
+  const int64_t* runs;
+  int64_t num_runs;
   const float* bias_int;  // [z_width]
   const float* rbias_int;  // GRU reset_after: recurrent bias, internal
 

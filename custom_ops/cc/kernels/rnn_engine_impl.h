@@ -72,6 +72,13 @@ inline vf Exp(vf x) {
 inline vf Sigmoid(vf x) { return 1.0f / (1.0f + Exp(-x)); }
 inline vf Tanh(vf x) { return 2.0f / (1.0f + Exp(-2.0f * x)) - 1.0f; }
 
+// y[0, n) = a[0, n) + b[0, n); y may be a.
+inline void AddRow(const float* a, const float* b, int64_t n, float* y) {
+  int64_t k = 0;
+  for (; k + V <= n; k += V) StoreU(y + k, LoadU(a + k) + LoadU(b + k));
+  if (k < n) StoreN(y + k, LoadN(a + k, n - k) + LoadN(b + k, n - k), n - k);
+}
+
 inline void Barrier(int nt) {
   if (nt > 1) {
 #pragma omp barrier
@@ -339,8 +346,22 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
     }
     for (int64_t i = 0; i < rc; ++i) {
       float* z = p.xz + (r + i) * zw;
-      for (int64_t k = 0; k < zw; ++k) row[k] = z[k];
-      for (int64_t k = 0; k < zw; ++k) z[k] = row[p.gather[k]] + p.bias_int[k];
+      if (p.num_runs == 0) {  // short runs: one column at a time
+        for (int64_t k = 0; k < zw; ++k) row[k] = z[k];
+        for (int64_t k = 0; k < zw; ++k)
+          z[k] = row[p.gather[k]] + p.bias_int[k];
+        continue;
+      }
+      const float* src = z;
+      if (p.num_runs > 1) {  // a permutation of runs: move them from a copy
+        for (int64_t k = 0; k < zw; k += V)
+          StoreN(row + k, LoadN(z + k, Min(V, zw - k)), Min(V, zw - k));
+        src = row;
+      }
+      for (int64_t j = 0; j < p.num_runs; ++j) {
+        const int64_t* run = p.runs + 3 * j;  // source, slot, length
+        AddRow(src + run[0], p.bias_int + run[1], run[2], z + run[1]);
+      }
     }
   }
 }

@@ -1,6 +1,6 @@
 """Penn Treebank (PTB) language-modelling data and truncated-BPTT batches.
 
-`load_ptb` reads the standard `ptb.{train,valid,test}.txt` of Mikolov's
+`load_ptb` (or `load_data`, the ``keras.datasets`` name) reads the standard `ptb.{train,valid,test}.txt` of Mikolov's
 "simple-examples" (10,000 words; 929,589 / 73,760 / 82,430 tokens counting
 `<eos>`) from a directory, or downloads and caches them; `bptt_dataset`
 cuts a token stream into Zaremba-style batches for truncated
@@ -380,3 +380,7 @@ def bptt_dataset(ids, batch_size, num_steps):
     return tf.data.Dataset.from_tensor_slices(
         (x.astype(np.int32), y.astype(np.int32))
     )
+
+
+# The name ``keras.datasets`` modules use: ``datasets.ptb.load_data()``.
+load_data = load_ptb
