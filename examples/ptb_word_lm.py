@@ -422,8 +422,8 @@ def _setup_text(res):
         f"{a.teacher_epochs} epoch(s) ({epoch_steps} steps per epoch, "
         f"{tokens:,} training tokens); each student {a.student_steps} "
         f"distillation steps ({a.student_steps / epoch_steps:.2f} epoch); "
-        f"grid {a.grid_steps} steps per cell; calibration {a.calib_steps} "
-        f"steps per loss. "
+        + (f"grid {a.grid_steps} steps per cell; " if res.get("grid") else "")
+        + f"calibration {a.calib_steps} steps per loss. "
         + (f"Teacher, calibration and the rows tagged '[N steps]' come "
            f"from the earlier run `{res['reused_from']}` (first command "
            "below), the other rows from the last command; the steps "
@@ -439,7 +439,10 @@ def _setup_text(res):
         "carries the state across windows), embedding width = hidden, "
         f"dropout {a.dropout} after the embedding and after the LSTMs. "
         f"{getattr(a, 'optimizer', 'adam').upper()}, teacher lr {a.lr}, "
-        f"students initialised from the teacher lr {a.student_lr}, the "
+        f"students initialised from the teacher lr {a.student_lr}"
+        + (" (cosine decay to 0 over the student's steps)"
+           if getattr(a, "student_schedule", "constant") == "cosine" else "")
+        + ", the "
         "randomly initialised dense student lr "
         f"{getattr(a, 'scratch_lr', 0) or a.lr} (each row's lr is in the "
         "table), global gradient norm clipped at "
