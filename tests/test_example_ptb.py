@@ -50,7 +50,11 @@ def test_default_students_reduce_lstm_macs_as_documented(example):
     args = example.build_parser().parse_args(["--data", "unused"])
     teacher = macs(example.language_model(31, 200, 200, "teacher"))
     got = {}
-    for name, (kind, arg) in example.student_specs(args).items():
+    specs = example.student_specs(args)
+    svd16 = example.student_specs(example.build_parser().parse_args(
+        ["--data", "unused", "--svd-rank", "16", "--students", "svd"]))
+    assert list(svd16) == ["SVD (LowRank) rank=16"]
+    for name, (kind, arg) in {**specs, **svd16}.items():
         if kind == "compress":
             student = lm(lambda n, s=arg: am.StructuredLSTM(
                 200, input_scheme=s, recurrent_scheme=s,
@@ -62,6 +66,7 @@ def test_default_students_reduce_lstm_macs_as_documented(example):
         "LGP-Shuffle g=10": 10.0,
         "LowRank-LGP g_in=10 g_out=20 r=2": 10.0,
         "SVD (LowRank) r=10": 8.0,
+        "SVD (LowRank) rank=16": 10.0,
         "Small dense LSTM h=47 (direct design)": 640000 / 64108,
         "LGP-Shuffle g=25": 25.0,
         "LGP-Shuffle g=50": 50.0,
