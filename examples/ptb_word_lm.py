@@ -552,19 +552,30 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # Rows reused from an earlier run ("... [N steps]") stay in the table
-    # only: they were trained for fewer steps and would not compare.
-    rows = [(n, r) for n, r in rows if not n.endswith("steps]")]
+    # This run's rows (filled), and for a student it did not train the
+    # longest-trained row reused from an earlier run ("... [N steps]",
+    # hollow, labelled with its steps): fewer steps, not a like-for-like
+    # comparison, so no line joins it to this run's points.
+    current = {n for n, _ in rows if not n.endswith("steps]")}
+    earlier = {}
+    for n, r in rows:
+        base = n.split(" [")[0]
+        if n.endswith("steps]") and base not in current and (
+                base not in earlier or r["steps"] > earlier[base][1]["steps"]):
+            earlier[base] = (n, r)
+    rows = [(n, r) for n, r in rows if n in current] + list(earlier.values())
     fig, ax = plt.subplots(figsize=(8, 5))
     lgp = sorted((r["lstm_params"], r["test_ppl"]) for n, r in rows
-                 if n.startswith("LGP-Shuffle"))
+                 if n.startswith("LGP-Shuffle") and n in current)
     if len(lgp) > 1:
         ax.plot(*zip(*lgp), color="tab:blue", alpha=0.4, zorder=1)
     for i, (name, r) in enumerate(sorted(rows,
                                          key=lambda nr: nr[1]["test_ppl"])):
         color = ("black" if name == "Teacher" else "tab:blue"
                  if name.startswith("LGP-Shuffle") else "tab:red")
-        ax.scatter(r["lstm_params"], r["test_ppl"], color=color, zorder=2)
+        ax.scatter(r["lstm_params"], r["test_ppl"], zorder=2,
+                   color=color if name in current else "none",
+                   edgecolors=color)
         label = name.replace(" (direct design)", "")
         ax.annotate(f"{label} ({r['mac_reduction']:.1f}x, "
                     f"{r['test_ppl']:.0f})",
@@ -574,8 +585,8 @@ def _plot(rows, path):
     ax.set_xscale("log")
     ax.set_xlabel("LSTM parameters (both layers)")
     ax.set_ylabel("test perplexity")
-    ax.set_title("PTB: test perplexity vs LSTM parameters "
-                 "(students distilled from the teacher)")
+    ax.set_title("PTB: test perplexity vs LSTM parameters\n(students "
+                 "distilled; hollow: from an earlier run, fewer steps)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
