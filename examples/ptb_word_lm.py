@@ -45,14 +45,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("teacher", "students", "calibrate", "grid", "report")
 
 
-def language_model(vocab, hidden, embed, name, dropout=0.0):
-    """Embedding -> dropout -> 2 x LSTM(hidden) -> dropout -> Dense logits."""
+def language_model(vocab, hidden, embed, name, dropout=0.0, scheme=None):
+    """Embedding -> dropout -> 2 x LSTM(hidden) -> dropout -> Dense logits.
+
+    With ``scheme``, the LSTMs are `StructuredLSTM` layers with that scheme
+    on both products, randomly initialised."""
     inputs = keras.Input((None,), dtype="int32")
     h = keras.layers.Embedding(vocab, embed, name="embedding")(inputs)
     h = keras.layers.Dropout(dropout, name="dropout_in")(h)
     for i in range(2):
-        h = keras.layers.LSTM(hidden, return_sequences=True,
-                              name=f"lstm_{i}")(h)
+        if scheme is None:
+            lstm = keras.layers.LSTM(hidden, return_sequences=True,
+                                     name=f"lstm_{i}")
+        else:
+            lstm = am.StructuredLSTM(hidden, input_scheme=scheme,
+                                     recurrent_scheme=scheme,
+                                     return_sequences=True, name=f"lstm_{i}")
+        h = lstm(h)
     h = keras.layers.Dropout(dropout, name="dropout_out")(h)
     logits = keras.layers.Dense(vocab, name="logits")(h)
     return keras.Model(inputs, logits, name=name)
@@ -105,6 +114,10 @@ def student_specs(args):
             f"lgp{e}" for e in args.extra_groups]
         specs = {name: spec for kind, (name, spec) in
                  zip(kinds, specs.items()) if kind in args.students}
+    if args.student_init == "random":  # structured students from scratch
+        specs = {(f"{name} (random init)" if kind == "compress" else name):
+                 ("structured" if kind == "compress" else kind, arg)
+                 for name, (kind, arg) in specs.items()}
     return specs
 
 
@@ -253,6 +266,9 @@ def stage_teacher(run):
 def make_student(run, teacher, kind, arg):
     if kind == "compress":
         return am.compress(teacher, input_scheme=arg, recurrent_scheme=arg)
+    if kind == "structured":
+        return language_model(run.vocab, run.args.hidden, run.args.hidden,
+                              "student", run.args.dropout, scheme=arg)
     return language_model(run.vocab, arg, run.args.hidden, "small",
                           run.args.dropout)
 
@@ -301,7 +317,7 @@ def stage_students(run, teacher):
             mac_reduction=teacher_macs / macs, val_ppl=val, test_ppl=test,
             train_seconds=seconds, steps=steps,
             epochs=steps / run.epoch_steps,
-            scheme=arg.describe() if kind == "compress" else f"dense h={arg}",
+            scheme=f"dense h={arg}" if kind == "small" else arg.describe(),
             init="teacher (from_dense)" if kind == "compress" else "random",
             coefficients=coeffs, lr=lr,
             schedule=run.args.student_schedule)
@@ -449,8 +465,9 @@ def _setup_text(res):
         f"{a.clipnorm}. Distillation: `keras_antman.Distiller` with the "
         "coefficients of the calibration below (C_target, C_mse, C_kl), "
         "temperature 1. Compressed students start from the teacher's "
-        "weights (`compress`, `from_dense`); the dense direct-design "
-        "student from a random init. LSTM params / MACs count both LSTM "
+        "weights (`compress`, `from_dense`) unless their init column says "
+        "random; the dense direct-design student from a random init. "
+        "LSTM params / MACs count both LSTM "
         "layers (`keras_antman.report`), MAC reduction = teacher's LSTM "
         "MACs / student's. Loss is the mean over tokens, so SGD lr 35 and "
         "clip 0.143 are Zaremba's lr 1 and clip 5 on the per-window sum. "
@@ -636,6 +653,13 @@ def build_parser():
     p.add_argument("--students", type=lambda t: t.split(","), default=[],
                    help="comma-separated subset of the students: lgp, "
                         "lowrank_lgp, svd, dense, lgp<G> (default: all)")
+    p.add_argument("--student-init", choices=("teacher", "random"),
+                   default="teacher",
+                   help="structured students start from the teacher's "
+                        "weights (compress + from_dense) or from a random "
+                        "init (then at the --scratch-lr / --lr rate, as the"
+                        " dense student); random-init rows are named '... "
+                        "(random init)'")
     p.add_argument("--student-schedule", choices=("constant", "cosine"),
                    default="constant",
                    help="students' learning rate: constant, or a cosine "

@@ -180,12 +180,15 @@ def test_reuse_takes_teacher_and_keeps_earlier_rows(example, tmp_path):
         "--run-dir", str(tmp_path / "c"), "--reuse", str(tmp_path / "b"),
         "--student-steps", "4", "--extra-groups", "", "--students",
         "lgp,svd", "--svd-rank", "3", "--student-schedule", "cosine",
-        "--stages", "students,report"])
+        "--student-init", "random", "--stages", "students,report"])
     new = {k for k in third["students"] if not k.endswith("steps]")}
-    assert new == {"LGP-Shuffle g=10", "SVD (LowRank) rank=3"}
-    assert third["students"]["SVD (LowRank) rank=3"]["scheme"] == (
-        "LowRank(rank=3)")
-    assert third["students"]["LGP-Shuffle g=10"]["schedule"] == "cosine"
+    lgp = "LGP-Shuffle g=10 (random init)"
+    svd = "SVD (LowRank) rank=3 (random init)"
+    assert new == {lgp, svd}
+    assert third["students"][svd]["scheme"] == "LowRank(rank=3)"
+    assert third["students"][lgp]["schedule"] == "cosine"
+    assert third["students"][lgp]["init"] == "random"
+    assert third["students"][lgp]["lr"] == 2e-3  # the from-scratch lr
     assert set(third["students"]) - new == {
         *(f"{n} [2 steps]" for n in first["students"]),
         *(f"{n} [4 steps]" for n in second["students"]
