@@ -440,10 +440,12 @@ def _setup_text(res):
         f"distillation steps ({a.student_steps / epoch_steps:.2f} epoch); "
         + (f"grid {a.grid_steps} steps per cell; " if res.get("grid") else "")
         + f"calibration {a.calib_steps} steps per loss. "
-        + (f"Teacher, calibration and the rows tagged '[N steps]' come "
-           f"from the earlier run `{res['reused_from']}` (first command "
-           "below), the other rows from the last command; the steps "
-           "column gives each row's count. "
+        + (f"Teacher and calibration come from the earlier run "
+           f"`{res['reused_from']}` (reused with `--reuse`; the teacher was "
+           "trained by the first command below), the rows tagged '[N "
+           "steps]' from the earlier runs, the other rows from the commands "
+           "on this run's directory; the steps column gives each row's "
+           "count. "
            if res.get("reused_from") else "")
         + "The paper trains 2 x LSTM(1500) for 39 epochs "
         "(and its students to convergence); this run is far smaller (sized "
