@@ -585,7 +585,8 @@ def _plot(rows, path):
     rows = [(n, r) for n, r in rows if n in current] + list(earlier.values())
     fig, ax = plt.subplots(figsize=(8, 5))
     lgp = sorted((r["lstm_params"], r["test_ppl"]) for n, r in rows
-                 if n.startswith("LGP-Shuffle") and n in current)
+                 if n.startswith("LGP-Shuffle") and n in current
+                 and r.get("init") != "random")
     if len(lgp) > 1:
         ax.plot(*zip(*lgp), color="tab:blue", alpha=0.4, zorder=1)
     for i, (name, r) in enumerate(sorted(rows,
@@ -599,7 +600,8 @@ def _plot(rows, path):
         ax.annotate(f"{label} ({r['mac_reduction']:.1f}x, "
                     f"{r['test_ppl']:.0f})",
                     (r["lstm_params"], r["test_ppl"]), fontsize=7,
-                    xytext=(6, -3 + 9 * (i % 3 - 1)),
+                    xytext=(6 if i % 2 else -6, -3),
+                    ha="left" if i % 2 else "right",
                     textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("LSTM parameters (both layers)")
