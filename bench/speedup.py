@@ -274,8 +274,12 @@ def table(rows, threads2, bandwidth):
             "threads_used`), so both times are the same code and their "
             "ratio is run-to-run noise. \"DRAM\": the recurrent weights "
             f"exceed the {l3:.1f} MB last-level cache, so every step "
-            "streams them from memory, and 2 threads can gain at most the "
-            f"memory read bandwidth ratio measured here, {bound}.\n\n"
+            "streams them from memory: where one thread already reads at "
+            "the full one-thread rate (the Dense op streams whole rows), 2 "
+            "threads can gain at most the memory read bandwidth ratio "
+            f"measured here, {bound}; a cell whose one-thread walk over W "
+            "reads slower than that (g=2 blocks, read in column segments) "
+            "can gain more.\n\n"
             + two)
     return text
 
