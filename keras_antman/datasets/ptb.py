@@ -1,8 +1,9 @@
 """Penn Treebank (PTB) language-modelling data and truncated-BPTT batches.
 
-`load_ptb` (or `load_data`, the ``keras.datasets`` name) reads the standard `ptb.{train,valid,test}.txt` of Mikolov's
-"simple-examples" (10,000 words; 929,589 / 73,760 / 82,430 tokens counting
-`<eos>`) from a directory, or downloads and caches them; `bptt_dataset`
+`load_ptb` (or `load_data`, the ``keras.datasets`` name) reads the
+standard `ptb.{train,valid,test}.txt` of Mikolov's "simple-examples"
+(10,000 words; 929,589 / 73,760 / 82,430 tokens counting `<eos>`) from a
+directory, or downloads and caches them; `bptt_dataset`
 cuts a token stream into Zaremba-style batches for truncated
 backpropagation through time.
 """
