@@ -96,10 +96,8 @@ def timed_layer(layer, x, repeats):
 def timed_op(layer, x, repeats, num_threads):
     """The compiled op alone, called with the layer's weights as tensors."""
     cell = layer.cell
-    weights = {
-        name: [tf.constant(getattr(m, w)) for w in m.weight_shapes(
-            m.input_dim, m.output_dim)]
-        for name, m in cell.products().items()}
+    weights = {name: {k: tf.constant(v) for k, v in m.weight_arrays().items()}
+               for name, m in cell.products().items()}
     x = tf.constant(x)
     zeros = tf.zeros((x.shape[0], cell.units))
     args = (x, zeros, zeros, tf.constant(cell.bias),
@@ -107,10 +105,6 @@ def timed_op(layer, x, repeats, num_threads):
             type(cell.recurrent_matrix).__name__, weights["recurrent"])
     return median_ms(
         lambda: ops.structured_lstm(*args, num_threads=num_threads), repeats)
-
-
-def recurrent_mb(layer):
-    return 4 * layer.products()["recurrent"].params() / 1e6
 
 
 def structured_layer(d, scheme, kernel, seed=0):
@@ -143,7 +137,7 @@ def bench_dim(d, repeats, threads2):
         row[name] = timed_layer(layer, x, repeats)
         row["kernel " + name] = timed_op(layer, x, repeats, 1)
         rec = layer.products()["recurrent"]
-        row["recurrent MB " + name] = recurrent_mb(layer)
+        row["recurrent MB " + name] = 4 * rec.params() / 1e6
         row["threads used " + name] = ops.threads_used(rec.macs(), 2)
         if threads2:
             row["kernel " + name + " (2 threads)"] = timed_op(
@@ -259,11 +253,11 @@ def table(rows, threads2, bandwidth):
         "in a tf.function (fastest of Keras, NumPy fused and op Dense), and "
         "over stock Keras.\n\n" + speed)
     if threads2:
-        cols = ["op_dense"] + names
-        two = _md(
-            ["d"] + ["op Dense"] + names,
-            [[str(r["d"])] + [_two(r, n) for n in cols] for r in rows])
         l3 = l3_bytes() / 1e6
+        two = _md(
+            ["d", "op Dense"] + names,
+            [[str(r["d"])] + [_two(r, n, l3) for n in ["op_dense"] + names]
+             for r in rows])
         bound = (f"{bandwidth[2] / bandwidth[1]:.2f}x ({bandwidth[1]:.1f} -> "
                  f"{bandwidth[2]:.1f} GB/s)" if len(bandwidth) == 2 else "?")
         text += (
@@ -284,12 +278,12 @@ def table(rows, threads2, bandwidth):
     return text
 
 
-def _two(r, name):
+def _two(r, name, l3_mb):
     t2 = r["kernel " + name + " (2 threads)"]
     note = ""
     if r["threads used " + name] == 1:
         note = ", 1 thread used"
-    elif r["recurrent MB " + name] * 1e6 > l3_bytes():
+    elif r["recurrent MB " + name] > l3_mb:
         note = ", DRAM"
     return f"{t2:.3f} ({r['kernel ' + name] / t2:.2f}x{note})"
 
@@ -300,7 +294,7 @@ def _fastest_name(r):
                ("op Dense", r["op_dense"]), key=lambda kv: kv[1])
     kern = min(("NumPy fused", r["numpy_fused"]),
                ("op Dense", r["kernel op_dense"]), key=lambda kv: kv[1])
-    return (f"{kern[0]} {kern[1]:.2f} ms / {best[0]} {best[1]:.2f} ms")
+    return f"{kern[0]} {kern[1]:.2f} ms / {best[0]} {best[1]:.2f} ms"
 
 
 def plot(rows, path):

@@ -346,17 +346,15 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
     }
     for (int64_t i = 0; i < rc; ++i) {
       float* z = p.xz + (r + i) * zw;
-      if (p.num_runs == 0) {  // short runs: one column at a time
+      const float* src = z;  // one run is the identity: in place
+      if (p.num_runs != 1) {  // a permutation: read it from a copy
         for (int64_t k = 0; k < zw; ++k) row[k] = z[k];
-        for (int64_t k = 0; k < zw; ++k)
-          z[k] = row[p.gather[k]] + p.bias_int[k];
-        continue;
-      }
-      const float* src = z;
-      if (p.num_runs > 1) {  // a permutation of runs: move them from a copy
-        for (int64_t k = 0; k < zw; k += V)
-          StoreN(row + k, LoadN(z + k, Min(V, zw - k)), Min(V, zw - k));
         src = row;
+      }
+      if (p.num_runs == 0) {  // short runs: one column at a time
+        for (int64_t k = 0; k < zw; ++k)
+          z[k] = src[p.gather[k]] + p.bias_int[k];
+        continue;
       }
       for (int64_t j = 0; j < p.num_runs; ++j) {
         const int64_t* run = p.runs + 3 * j;  // source, slot, length
