@@ -1,10 +1,11 @@
 """keras-antman: structured (AntMan) compression of Keras recurrent models.
 
 Importing the package registers its layers and schemes with Keras
-serialization and, when the compiled CPU op library was built for this
-TensorFlow, registers its ops with TensorFlow, so that SavedModels exported
-with ``kernel="compiled"`` load after ``import keras_antman``. Nothing else
-global changes (no environment variables, no Keras settings).
+serialization and nothing else: no environment variable, no Keras setting,
+and the compiled op library is not loaded until a layer first runs on it.
+A process that loads a SavedModel exported with ``kernel="compiled"``
+calls `keras_antman.ops.load` first, which registers the ops with
+TensorFlow.
 """
 
 from keras_antman import datasets
@@ -29,12 +30,9 @@ from keras_antman.schemes import LGPShuffle
 from keras_antman.schemes import LowRank
 from keras_antman.schemes import LowRankLGP
 from keras_antman.schemes import Scheme
+from keras_antman.schemes import StructuredMatrix
 
 __version__ = "0.1.0"
-
-from keras_antman import ops as _ops  # noqa: E402
-
-_ops.is_available()  # registers the ops; warns once if the build is stale
 
 __all__ = [
     "Dense",
@@ -53,6 +51,7 @@ __all__ = [
     "StructuredGRUCell",
     "StructuredLSTM",
     "StructuredLSTMCell",
+    "StructuredMatrix",
     "calibrate_coefficients",
     "coefficients_from_losses",
     "compress",

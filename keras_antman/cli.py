@@ -14,49 +14,20 @@ import sys
 import time
 
 SCHEME_HELP = (
-    "dense | lowrank:R | lgp_shuffle:G | lgp_dense:G | "
-    "lowrank_lgp:G_IN,G_OUT,R"
+    "dense | low_rank:R | low_rank:rank=K | lgp_shuffle:G | lgp_dense:G | "
+    "low_rank_lgp:G_IN,G_OUT,R (underscores optional: lowrank_lgp:10,10,2)"
 )
 
 
 def parse_scheme(text):
-    """A scheme from ``name:args`` text, e.g. ``lgp_shuffle:8``.
-
-    Args:
-        text: one of ``dense``, ``lowrank:R``, ``lgp_shuffle:G``,
-            ``lgp_dense:G``, ``lowrank_lgp:G_IN,G_OUT,R``.
-
-    Returns:
-        A `keras_antman.Scheme`.
+    """A scheme from ``name:args`` text (`keras_antman.schemes.from_spec`).
 
     Raises:
         ValueError: for an unknown name or malformed arguments.
     """
-    import keras_antman as am
+    from keras_antman import schemes
 
-    table = {
-        "dense": (am.Dense, 0),
-        "lowrank": (am.LowRank, 1),
-        "lgp_shuffle": (am.LGPShuffle, 1),
-        "lgp_dense": (am.LGPDense, 1),
-        "lowrank_lgp": (am.LowRankLGP, 3),
-    }
-    name, _, args = text.strip().partition(":")
-    if name not in table:
-        raise ValueError(
-            f"Unknown scheme {name!r}; expected one of: {SCHEME_HELP}"
-        )
-    cls, arity = table[name]
-    try:
-        values = [int(a) for a in args.split(",")] if args else []
-    except ValueError:
-        values = None
-    if values is None or len(values) != arity:
-        raise ValueError(
-            f"Scheme {name!r} takes {arity} integer argument(s) "
-            f"({SCHEME_HELP}); received {text!r}"
-        )
-    return cls(*values)
+    return schemes.from_spec(text)
 
 
 def synthetic_corpus(vocab=64, tokens=120_000, seed=0):

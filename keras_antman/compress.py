@@ -11,8 +11,8 @@ scheme's ``from_dense``. The input model is left untouched.
 import keras
 import numpy as np
 from keras import ops
-from keras.src.models.functional import Functional
 
+from keras_antman import _keras
 from keras_antman import schemes as schemes_lib
 from keras_antman.layers import StructuredGRU
 from keras_antman.layers import StructuredGRUCell
@@ -84,7 +84,7 @@ def compress(model, input_scheme=None, recurrent_scheme=None, layers=None):
     policy = _Policy(input_scheme, recurrent_scheme, layers)
     if _recurrent_twin(model) is not None:
         return _compress_layer(model, policy)
-    if not isinstance(model, (keras.Sequential, Functional)):
+    if not _keras.is_graph_model(model):
         raise ValueError(
             "`compress` can only compress a Sequential or Functional model or "
             "a single LSTM/GRU layer. Received an object of type "
@@ -196,7 +196,7 @@ def _rnn_cells(layer):
 def _recurrent_names(model):
     names = []
     for layer in model.layers:
-        if isinstance(layer, (keras.Sequential, Functional)):
+        if _keras.is_graph_model(layer):
             names += _recurrent_names(layer)
         elif isinstance(layer, keras.layers.Bidirectional):
             if _recurrent_twin(layer.forward_layer) is not None:
@@ -266,10 +266,10 @@ def _structured_twin(layer, schemes):
     return twin(**_structured_config(layer.get_config(), schemes))
 
 
-def _dense_weights(cell):
+def _stock_weights(cell):
     """``(kernel, recurrent_kernel, bias)`` of a stock or structured cell."""
-    if hasattr(cell, "dense_weights"):
-        return cell.dense_weights()
+    if hasattr(cell, "stock_weights"):
+        return cell.stock_weights()
     bias = None if cell.bias is None else ops.convert_to_numpy(cell.bias)
     return (
         ops.convert_to_numpy(cell.kernel),
@@ -279,26 +279,24 @@ def _dense_weights(cell):
 
 
 def _copy_weights(old, new):
-    if isinstance(new, (keras.Sequential, Functional)) or not isinstance(
-        new, keras.layers.Layer
-    ):
+    if _keras.is_graph_model(new) or not isinstance(new, keras.layers.Layer):
         return  # nested models are copied layer by layer; ops have no weights
     if isinstance(new, keras.layers.Bidirectional) and isinstance(
         new.forward_layer, (StructuredLSTM, StructuredGRU)
     ):
         for o, n in ((old.forward_layer, new.forward_layer),
                      (old.backward_layer, new.backward_layer)):
-            n.cell.load_dense(*_dense_weights(o.cell))
+            n.cell.set_stock_weights(*_stock_weights(o.cell))
         return
     if isinstance(new, (StructuredLSTM, StructuredGRU)):
-        new.cell.load_dense(*_dense_weights(old.cell))
+        new.cell.set_stock_weights(*_stock_weights(old.cell))
         return
     if isinstance(new, keras.layers.RNN) and _cells_of(new) and any(
         isinstance(c, (StructuredLSTMCell, StructuredGRUCell))
         for c in _cells_of(new)
     ):
         for o, n in zip(_cells_of(old), _cells_of(new)):
-            n.load_dense(*_dense_weights(o))
+            n.set_stock_weights(*_stock_weights(o))
         return
     new.set_weights(old.get_weights())
 
@@ -317,7 +315,7 @@ def _compress_layer(layer, policy):
         return _plain_clone(layer)
     new = _structured_twin(layer, schemes)
     if layer.built:
-        kernel, recurrent_kernel, bias = _dense_weights(layer.cell)
+        kernel, recurrent_kernel, bias = _stock_weights(layer.cell)
         new.build((None, None, np.shape(kernel)[0]))
-        new.cell.load_dense(kernel, recurrent_kernel, bias)
+        new.cell.set_stock_weights(kernel, recurrent_kernel, bias)
     return new

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 
+from keras_antman import _keras
 from keras_antman import layers as layers_lib
 
 EXPORT_KERNELS = ("compiled", "portable")
@@ -24,7 +25,7 @@ def _structured_layers(model):
     def walk(layer):
         if isinstance(layer, layers_lib._StructuredRNN):
             found.append(layer)
-        for sub in getattr(layer, "_layers", []):
+        for sub in _keras.sublayers(layer):
             walk(sub)
 
     walk(model)

@@ -21,10 +21,10 @@ from keras import constraints
 from keras import initializers
 from keras import ops
 from keras import regularizers
-from keras.src import backend as _backend  # backend.rnn: Keras's time loop
-from keras.src import tree
-from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
+from keras import tree
 
+from keras_antman import _keras
+from keras_antman import ops as compiled_ops
 from keras_antman import schemes as schemes_lib
 
 _PACKAGE = "keras_antman"
@@ -43,13 +43,13 @@ _CELL_ARGS = (
 _warned = []
 
 
-def _warn_portable_once(ops_module):
+def _warn_portable_once():
     if not _warned:
         _warned.append(True)
         warnings.warn(
             "keras-antman: the compiled CPU op is not available, so "
             "structured layers run on stock TF ops (slower inference). "
-            + ops_module.HOW_TO_BUILD,
+            + compiled_ops.HOW_TO_BUILD,
             RuntimeWarning,
             stacklevel=3,
         )
@@ -67,7 +67,7 @@ def _check_rate(name, value):
     return float(value)
 
 
-class _StructuredCell(keras.layers.Layer, DropoutRNNCell):
+class _StructuredCell(keras.layers.Layer, _keras.DropoutRNNCell):
     """What the LSTM and GRU cells share: schemes, bias, dropout, config.
 
     Subclasses set ``gates`` (4 or 3), build their products in `build` and
@@ -128,15 +128,9 @@ class _StructuredCell(keras.layers.Layer, DropoutRNNCell):
         # Name of the owning layer, for error messages; not in the config.
         self.owner = None
 
-    def __setattr__(self, name, value):
-        # The templates are plain config holders: keep Keras from tracking
-        # them as sub-layers (the bound copies are the real products).
-        if name in ("input_scheme", "recurrent_scheme"):
-            object.__setattr__(self, name, value)
-            return
-        super().__setattr__(name, value)
-
     def _bind(self, scheme, m, name, product, kind):
+        """The `StructuredMatrix` of one product, with the cell's
+        initializer, regularizer and constraint of that ``kind``."""
         where = self.owner or self.name
         return scheme.bind(
             m,
@@ -145,6 +139,7 @@ class _StructuredCell(keras.layers.Layer, DropoutRNNCell):
             initializer=getattr(self, f"{kind}_initializer"),
             regularizer=getattr(self, f"{kind}_regularizer"),
             constraint=getattr(self, f"{kind}_constraint"),
+            dtype=self.dtype_policy,
         )
 
     def _build_input(self, input_shape):
@@ -191,7 +186,7 @@ class _StructuredCell(keras.layers.Layer, DropoutRNNCell):
         return h_tm1
 
     def products(self):
-        """``{product name: bound scheme}`` of the built cell."""
+        """``{product name: StructuredMatrix}`` of the built cell."""
         raise NotImplementedError
 
     def get_initial_state(self, batch_size=None):
@@ -313,7 +308,7 @@ class StructuredLSTMCell(_StructuredCell):
         h = o * self.activation(c)
         return h, [h, c]
 
-    def dense_weights(self):
+    def stock_weights(self):
         """``(kernel, recurrent_kernel, bias)`` as stock-LSTM numpy arrays."""
         bias = None if self.bias is None else ops.convert_to_numpy(self.bias)
         return (
@@ -322,7 +317,7 @@ class StructuredLSTMCell(_StructuredCell):
             bias,
         )
 
-    def load_dense(self, kernel, recurrent_kernel, bias=None):
+    def set_stock_weights(self, kernel, recurrent_kernel, bias=None):
         """Initialise every product from stock-LSTM weights (`from_dense`)."""
         self.input_matrix.from_dense(kernel)
         self.recurrent_matrix.from_dense(recurrent_kernel)
@@ -418,7 +413,7 @@ class StructuredGRUCell(_StructuredCell):
         h = z * h_tm1 + (1 - z) * hh
         return h, ([h] if tree.is_nested(states) else h)
 
-    def dense_weights(self):
+    def stock_weights(self):
         """``(kernel, recurrent_kernel, bias)`` as stock-GRU numpy arrays."""
         rec = self.recurrent_matrix.to_dense()
         if self.candidate_matrix is not None:
@@ -426,7 +421,7 @@ class StructuredGRUCell(_StructuredCell):
         bias = None if self.bias is None else ops.convert_to_numpy(self.bias)
         return self.input_matrix.to_dense(), rec, bias
 
-    def load_dense(self, kernel, recurrent_kernel, bias=None):
+    def set_stock_weights(self, kernel, recurrent_kernel, bias=None):
         """Initialise every product from stock-GRU weights (`from_dense`)."""
         self.input_matrix.from_dense(kernel)
         recurrent_kernel = np.asarray(recurrent_kernel)
@@ -447,7 +442,7 @@ class _StructuredRNN(keras.layers.RNN):
     """The time loop shared by `StructuredLSTM` and `StructuredGRU`.
 
     The input product runs once over the whole sequence, then
-    ``keras.src.backend.rnn`` (Keras's own loop: masks, ``go_backwards``,
+    Keras's own time loop (``_keras.rnn``: masks: masks, ``go_backwards``,
     ``unroll``) runs the recurrent step. With ``kernel="auto"`` or
     ``"compiled"`` inference goes through the compiled op when it applies.
     """
@@ -514,7 +509,7 @@ class _StructuredRNN(keras.layers.RNN):
 
         if not tree.is_nested(initial_state):
             initial_state = [initial_state]
-        return _backend.rnn(
+        return _keras.rnn(
             step,
             projected,
             initial_state,
@@ -543,13 +538,11 @@ class _StructuredRNN(keras.layers.RNN):
             reasons.append("recurrent_activation is not sigmoid")
         if self.compute_dtype != "float32":
             reasons.append(f"dtype is {self.compute_dtype}, not float32")
-        from keras_antman import ops
-
         for name, matrix in cell.products().items():
-            if type(matrix).__name__ not in ops.SUPPORTED_SCHEMES:
-                reasons.append(
-                    f"the {name} scheme {matrix.describe()} has no kernel"
-                )
+            try:
+                matrix.kernel_stages()
+            except NotImplementedError as e:
+                reasons.append(f"the {name} product: {e}")
         return reasons
 
     def _compiled_loop(self, sequences, initial_state, mask):
@@ -562,41 +555,35 @@ class _StructuredRNN(keras.layers.RNN):
                     f"{'; '.join(reasons)}. Use kernel='auto' or 'portable'."
                 )
             return None
-        from keras_antman import ops
-
         if self.kernel == "compiled":
-            ops.load()  # raises CompiledOpsUnavailableError with a fix
-        elif not ops.is_available():
-            _warn_portable_once(ops)
+            compiled_ops.load()  # raises CompiledOpsUnavailableError
+        elif not compiled_ops.is_available():
+            if not compiled_ops.portable_forced():
+                _warn_portable_once()
             return None
         cell = self.cell
-        arrays = {
-            name: [getattr(matrix, w) for w in matrix.weight_shapes(
-                matrix.input_dim, matrix.output_dim)]
-            for name, matrix in cell.products().items()
-        }
+        stages = {name: matrix.kernel_stages()
+                  for name, matrix in cell.products().items()}
         bias = cell.bias
         if bias is None:
             shape = (2, 3 * cell.units) if getattr(
                 cell, "reset_after", False) else (cell.gates * cell.units,)
             bias = _zeros(shape)
-        recurrent = arrays["recurrent"] + arrays.get("candidate", [])
         common = dict(
-            input_scheme=type(cell.input_matrix).__name__,
-            input_weights=arrays["input"],
-            recurrent_scheme=type(cell.recurrent_matrix).__name__,
-            recurrent_weights=recurrent,
+            input_stages=stages["input"],
+            recurrent_stages=stages["recurrent"],
             go_backwards=self.go_backwards,
             return_sequences=self.return_sequences,
         )
         if isinstance(cell, StructuredLSTMCell):
-            output, h, c = ops.structured_lstm(
+            output, h, c = compiled_ops.structured_lstm(
                 sequences, initial_state[0], initial_state[1], bias, **common
             )
             states = [h, c]
         else:
-            output, h = ops.structured_gru(
+            output, h = compiled_ops.structured_gru(
                 sequences, initial_state[0], bias,
+                candidate_stages=stages.get("candidate"),
                 reset_after=cell.reset_after, **common
             )
             states = [h]
@@ -604,16 +591,16 @@ class _StructuredRNN(keras.layers.RNN):
         return last, output, states
 
     def products(self):
-        """``{product name: bound scheme}`` (built layers only)."""
+        """``{product name: StructuredMatrix}`` (built layers only)."""
         return self.cell.products()
 
-    def dense_weights(self):
+    def stock_weights(self):
         """The stock layer's ``(kernel, recurrent_kernel, bias)``."""
-        return self.cell.dense_weights()
+        return self.cell.stock_weights()
 
-    def load_dense(self, kernel, recurrent_kernel, bias=None):
+    def set_stock_weights(self, kernel, recurrent_kernel, bias=None):
         """Initialise every product from the stock layer's weights."""
-        self.cell.load_dense(kernel, recurrent_kernel, bias)
+        self.cell.set_stock_weights(kernel, recurrent_kernel, bias)
 
     def get_config(self):
         config = super().get_config()

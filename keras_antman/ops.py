@@ -38,6 +38,7 @@ in the environment of a serving process), or per call with ``num_threads``.
 Problems too small to gain from threads run on one thread whatever is asked.
 """
 
+import collections
 import ctypes
 import json
 import os
@@ -177,6 +178,8 @@ def is_available():
     Returns:
         True if `load` succeeds.
     """
+    if portable_forced():
+        return False
     try:
         load()
         return True
@@ -510,3 +513,11 @@ def block_diag_matmul(x, blocks, shuffle=False, num_threads=None):
         shuffle=bool(shuffle),
         num_threads=0 if num_threads is None else num_threads,
     )
+
+
+Stage = collections.namedtuple("Stage", ["blocks", "shuffle"])
+
+
+def portable_forced():
+    """Whether ``KERAS_ANTMAN_PORTABLE=1`` forces stock TF ops everywhere."""
+    return os.environ.get("KERAS_ANTMAN_PORTABLE", "") not in ("", "0")

@@ -11,8 +11,8 @@ import dataclasses
 import math
 
 import keras
-from keras.src.models.functional import Functional
 
+from keras_antman import _keras
 from keras_antman.layers import StructuredGRUCell
 from keras_antman.layers import StructuredLSTMCell
 
@@ -204,12 +204,12 @@ def _row(b, a):
 
 
 def _costs(obj, prefix=""):
-    if isinstance(obj, (keras.Sequential, Functional)):
+    if _keras.is_graph_model(obj):
         out = []
         for layer in obj.layers:
             if isinstance(layer, keras.layers.InputLayer):
                 continue
-            nested = isinstance(layer, (keras.Sequential, Functional))
+            nested = _keras.is_graph_model(layer)
             out += _costs(layer, f"{prefix}{layer.name}/" if nested else prefix)
         return out
     return _layer_costs(obj, prefix + obj.name)
@@ -254,7 +254,7 @@ def _cell_costs(cell, name, prefix):
     out = []
     if isinstance(cell, _STRUCTURED_CELLS):
         for part, matrix in cell.products().items():
-            p, m = matrix.cost(matrix.input_dim, matrix.output_dim)
+            p, m = matrix.params(), matrix.macs()
             out.append(Cost(name, prefix + part, matrix.describe(), p, m, True))
     else:
         n, m = cell.kernel.shape

@@ -1,24 +1,28 @@
 """Structured matrices ("schemes") that replace a dense product ``x @ W``.
 
-Every compression method of the package is one `Scheme`: a Keras layer that,
-once built for an input size ``n`` and an output size ``m``, *is* a
-structured ``n x m`` matrix. It knows its weights, a differentiable forward
-pass in plain TF ops, its exact cost (the AntMan paper's Table 1), how to
-materialise the equivalent dense matrix (`to_dense`) and how to initialise
-itself from a trained dense one (`from_dense`). Cells and layers never ask
-which scheme they hold, so new schemes (Kronecker, doped, ...) plug in by
-subclassing `Scheme` alone.
+Every compression method of the package is one `Scheme` subclass: a
+template of hyper-parameters (``LGPShuffle(10)``) that knows the method's
+weights, a differentiable forward product in plain TF ops, its exact cost
+(the AntMan paper's Table 1), the dense matrix of given weights, the
+weights nearest a trained dense matrix, and its lowering to the compiled
+op's stages. `Scheme.bind` makes a `StructuredMatrix`: the Keras layer that
+holds the weights of one ``n -> m`` product (``to_dense``, ``from_dense``,
+``params``, ``macs``). Cells and layers hold matrices and never ask which
+scheme is inside, so new methods plug in by subclassing `Scheme` alone.
 
 Convention: row vectors, ``y = x @ W`` with ``W`` of shape ``[n, m]``. The
 paper writes ``A x`` with ``A = W^T`` of shape ``m x n``; its Table 1
 formulas are quoted below in its own ``m`` (output) and ``n`` (input).
 """
 
+import inspect
 import math
 
 import keras
 import numpy as np
 from keras import ops
+
+from keras_antman import ops as compiled_ops
 
 _PACKAGE = "keras_antman"
 
@@ -80,93 +84,78 @@ def block_diag_matmul(x, blocks, shuffle=False):
     return ops.reshape(yg, (*lead, g * b))
 
 
-class Scheme(keras.layers.Layer):
-    """Base class of structured matrices.
+class Scheme:
+    """A compression method for one dense product ``x @ W``: the template.
 
-    A scheme is created with its hyper-parameters only (``LGPShuffle(10)``)
-    and can be given to many layers: each layer calls `bind` to get its own
-    copy for its product, which creates weights when built with the input
-    size. Built standalone (``LGPShuffle(10, output_dim=1000)``) it is a
-    bias-free Keras layer computing ``x @ W``.
+    A scheme holds hyper-parameters only (``LGPShuffle(10)``) and the
+    method's mathematics over weight arrays: which weights an ``n -> m``
+    product needs, its forward product, its exact cost (Table 1), the dense
+    matrix of given weights, the weights nearest a dense matrix, and how it
+    lowers to the compiled op's stages. One template serves any number of
+    products: `bind` makes the `StructuredMatrix` layer that holds the
+    weights of one of them. Cells and layers never ask which scheme they
+    hold, so a new method is one subclass.
 
-    Subclasses implement `weight_shapes`, `product`, `cost`, `dense_of`
-    and `weights_from_dense`, and may override `check` to reject
-    impossible dimensions.
-
-    Args:
-        output_dim: ``m``, the output size; set by `bind` when used inside
-            a cell.
-        initializer: initializer of every weight (default glorot uniform).
-        regularizer: regularizer of every weight.
-        constraint: constraint of every weight.
-        context: text naming where the product lives (layer and product),
-            used in error messages.
+    Subclasses pass their hyper-parameters to ``super().__init__`` (they
+    become attributes, the config, and the `describe` text) and implement
+    `weight_shapes`, `product`, `cost`, `dense_from_arrays` and
+    `arrays_from_dense`; they may override `check` (reject impossible
+    dims) and `kernel_stages` (run on the compiled op). A class attribute
+    ``spec_name`` registers the scheme under that name for `get` and the
+    command line (``"lgp_shuffle:10"``).
     """
 
-    def __init__(
-        self,
-        output_dim=None,
-        initializer="glorot_uniform",
-        regularizer=None,
-        constraint=None,
-        context=None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        if output_dim is not None and (
-            not isinstance(output_dim, int) or output_dim < 1
-        ):
-            raise ValueError(
-                f"`output_dim` must be a positive integer. "
-                f"Received: output_dim={output_dim}"
-            )
-        self.output_dim = output_dim
-        self.initializer = keras.initializers.get(initializer)
-        self.regularizer = keras.regularizers.get(regularizer)
-        self.constraint = keras.constraints.get(constraint)
-        self.context = context
-        self.input_dim = None
-        # Applied position by position, so a sequence mask passes through.
-        self.supports_masking = True
+    spec_name = None
+    _registry = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("spec_name"):
+            Scheme._registry[cls.spec_name] = cls
+
+    def __init__(self, **hyperparameters):
+        self._hyperparameters = dict(hyperparameters)
+        for key, value in hyperparameters.items():
+            setattr(self, key, value)
 
     # -- configuration ---------------------------------------------------
 
     def describe(self):
         """Short text like ``LGPShuffle(groups=10)``."""
-        return self.__class__.__name__
-
-    def hyperparameters(self):
-        """The scheme's own constructor arguments (a dict)."""
-        return {}
-
-    def bind(self, output_dim, name, context=None, **weight_args):
-        """A fresh, unbuilt copy of this scheme for one ``n -> m`` product.
-
-        Args:
-            output_dim: ``m``.
-            name: the copy's layer name (``"input_matrix"``...).
-            context: where the product lives, for error messages.
-            **weight_args: ``initializer``, ``regularizer``, ``constraint``.
-
-        Returns:
-            A new `Scheme` of the same class and hyper-parameters.
-        """
-        return self.__class__(
-            **self.hyperparameters(),
-            output_dim=output_dim,
-            name=name,
-            context=context,
-            dtype=self.dtype_policy,
-            **weight_args,
+        args = ", ".join(
+            f"{k}={v}" for k, v in self._hyperparameters.items()
+            if v is not None
         )
+        name = type(self).__name__
+        return f"{name}({args})" if args else name
+
+    __repr__ = describe
+
+    def __eq__(self, other):
+        return type(self) is type(other) and (
+            self.get_config() == other.get_config())
+
+    def __hash__(self):
+        return hash((type(self), tuple(sorted(self.get_config().items()))))
+
+    def get_config(self):
+        """The hyper-parameters given (``None`` ones left out)."""
+        return {k: v for k, v in self._hyperparameters.items()
+                if v is not None}
+
+    @classmethod
+    def from_config(cls, config):
+        # Configs of the earlier layer-based schemes carry layer keys
+        # (name, output_dim, initializer...): only hyper-parameters count.
+        names = inspect.signature(cls.__init__).parameters
+        return cls(**{k: v for k, v in config.items() if k in names})
 
     def check(self, n, m):
         """Raise `ValueError` if this scheme cannot map ``n`` to ``m``."""
 
     def _fail(self, n, m, need, valid):
-        where = f"`{self.context}`: " if self.context else ""
         raise ValueError(
-            f"{where}{self.describe()} cannot compress a {n} -> {m} "
+            f"{self.describe()} cannot compress a {n} -> {m} "
             f"product: it needs {need}. Valid choices here: {valid}."
         )
 
@@ -181,7 +170,7 @@ class Scheme(keras.layers.Layer):
         raise NotImplementedError
 
     def params(self, n=None, m=None):
-        """Number of weights for ``n -> m`` (default: the built dims)."""
+        """Number of weights of an ``n -> m`` product."""
         return self.cost(*self._dims(n, m))[0]
 
     def macs(self, n=None, m=None):
@@ -189,31 +178,157 @@ class Scheme(keras.layers.Layer):
         return self.cost(*self._dims(n, m))[1]
 
     def _dims(self, n, m):
-        n = self.input_dim if n is None else n
-        m = self.output_dim if m is None else m
         if n is None or m is None:
             raise ValueError(
                 f"{self.describe()} is not built: pass the dims, e.g. "
-                f"`.params(n, m)`, or build it first."
+                f"`.params(n, m)`, or ask the `StructuredMatrix` of a layer "
+                f"(`layer.input_matrix.params()`)."
             )
         return n, m
 
-    # -- weights ----------------------------------------------------------
+    # -- the mathematics over weight arrays --------------------------------
 
     def weight_shapes(self, n, m):
         """``{weight name: shape}`` for an ``n -> m`` product."""
         raise NotImplementedError
 
+    def product(self, x, w):
+        """``x @ W`` in plain TF ops; ``x`` [..., n], ``w`` the weights by
+        name (variables or tensors)."""
+        raise NotImplementedError
+
+    def dense_from_arrays(self, arrays):
+        """The dense ``[n, m]`` matrix of the given weight arrays (numpy)."""
+        raise NotImplementedError
+
+    def arrays_from_dense(self, w):
+        """Weight arrays (by name) approximating the dense ``w`` [n, m]."""
+        raise NotImplementedError
+
+    def kernel_stages(self, w):
+        """The compiled op's chain of stages computing ``x @ W``.
+
+        Args:
+            w: the weights by name (variables or tensors).
+
+        Returns:
+            A list of `keras_antman.ops.Stage` (block-diagonal ``[g, a, b]``
+            arrays, a dense matrix being ``[1, n, m]``; only the last stage
+            may shuffle).
+
+        Raises:
+            NotImplementedError: the op cannot run this scheme (the layers
+                then use stock TF ops).
+        """
+        raise NotImplementedError(
+            f"{self.describe()} has no lowering to the compiled op"
+        )
+
+    # -- binding ----------------------------------------------------------
+
+    def bind(self, output_dim, name=None, context=None, **weight_args):
+        """The `StructuredMatrix` layer of one ``n -> output_dim`` product.
+
+        Args:
+            output_dim: ``m``.
+            name: the layer's name (``"input_matrix"``...).
+            context: where the product lives, for error messages.
+            **weight_args: ``initializer``, ``regularizer``, ``constraint``,
+                ``dtype`` (of the layer).
+
+        Returns:
+            An unbuilt `StructuredMatrix`; ``n`` comes when it is built.
+        """
+        return StructuredMatrix(
+            self, output_dim=output_dim, name=name, context=context,
+            **weight_args,
+        )
+
+    def from_dense(self, w):
+        """The `StructuredMatrix` of this scheme nearest the dense ``w``.
+
+        Args:
+            w: array of shape ``[n, m]``.
+
+        Returns:
+            A built `StructuredMatrix` initialised with `arrays_from_dense`.
+        """
+        w = _as_matrix(w)
+        return self.bind(int(w.shape[1])).from_dense(w)
+
+
+def _as_matrix(w):
+    w = np.asarray(w, dtype="float32")
+    if w.ndim != 2:
+        raise ValueError(
+            f"`from_dense` expects a 2-D matrix [n, m]; received shape "
+            f"{w.shape}."
+        )
+    return w
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class StructuredMatrix(keras.layers.Layer):
+    """The weights of one structured ``n -> m`` product: a bias-free layer
+    computing ``x @ W`` with ``W`` in the form of its `Scheme`.
+
+    Made by `Scheme.bind` (the structured layers make one per product:
+    ``layer.input_matrix``, ``layer.recurrent_matrix``) or directly, e.g.
+    ``StructuredMatrix(LGPShuffle(3), output_dim=6)`` as a layer of a
+    model. ``n`` is taken from the input when it is built.
+
+    Args:
+        scheme: the `Scheme` (or its serialized config).
+        output_dim: ``m``.
+        initializer: initializer of every weight (default glorot uniform).
+        regularizer: regularizer of every weight.
+        constraint: constraint of every weight.
+        context: text naming where the product lives (layer and product),
+            used in error messages.
+        **kwargs: `keras.layers.Layer` arguments (``name``, ``dtype``...).
+    """
+
+    def __init__(
+        self,
+        scheme,
+        output_dim,
+        initializer="glorot_uniform",
+        regularizer=None,
+        constraint=None,
+        context=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if (isinstance(output_dim, bool)
+                or not isinstance(output_dim, (int, np.integer))
+                or output_dim < 1):
+            raise ValueError(
+                f"`output_dim` must be a positive integer. "
+                f"Received: output_dim={output_dim!r}"
+            )
+        self.scheme = get(scheme)
+        self.output_dim = int(output_dim)
+        self.initializer = keras.initializers.get(initializer)
+        self.regularizer = keras.regularizers.get(regularizer)
+        self.constraint = keras.constraints.get(constraint)
+        self.context = context
+        self.input_dim = None
+        # Applied position by position, so a sequence mask passes through.
+        self.supports_masking = True
+
+    def describe(self):
+        return self.scheme.describe()
+
     def build(self, input_shape):
         n = int(input_shape[-1])
-        if self.output_dim is None:
-            raise ValueError(
-                f"{self.describe()} needs `output_dim` before it is built; "
-                f"pass output_dim=... or use it inside a structured layer."
-            )
-        self.check(n, self.output_dim)
+        try:
+            self.scheme.check(n, self.output_dim)
+        except ValueError as e:
+            where = f"`{self.context}`: " if self.context else ""
+            raise ValueError(f"{where}{e}") from None
         self.input_dim = n
-        for wname, shape in self.weight_shapes(n, self.output_dim).items():
+        shapes = self.scheme.weight_shapes(n, self.output_dim)
+        for wname, shape in shapes.items():
             var = self.add_weight(
                 shape=shape,
                 name=wname,
@@ -224,60 +339,58 @@ class Scheme(keras.layers.Layer):
             setattr(self, wname, var)
         self.built = True
 
+    def scheme_weights(self):
+        """The weight variables by name, in `Scheme.weight_shapes` order."""
+        self._require_built("scheme_weights")
+        shapes = self.scheme.weight_shapes(self.input_dim, self.output_dim)
+        return {k: getattr(self, k) for k in shapes}
+
     def weight_arrays(self):
         """The weights as ``{name: numpy array}``."""
-        shapes = self.weight_shapes(self.input_dim, self.output_dim)
-        return {k: ops.convert_to_numpy(getattr(self, k)) for k in shapes}
-
-    # -- forward ----------------------------------------------------------
+        return {k: ops.convert_to_numpy(v)
+                for k, v in self.scheme_weights().items()}
 
     def call(self, x):
-        return self.product(x)
-
-    def product(self, x):
-        """``x @ W`` in plain TF ops; ``x`` has shape ``[..., n]``."""
-        raise NotImplementedError
+        return self.scheme.product(x, self.scheme_weights())
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.output_dim)
 
-    # -- dense equivalence ------------------------------------------------
+    def kernel_stages(self):
+        """This product lowered to the compiled op (`Scheme.kernel_stages`).
 
-    def dense_of(self, arrays):
-        """The dense ``[n, m]`` matrix of the given weight arrays (numpy)."""
-        raise NotImplementedError
+        Raises:
+            NotImplementedError: the op cannot run this scheme.
+        """
+        return self.scheme.kernel_stages(self.scheme_weights())
 
-    def weights_from_dense(self, w):
-        """Weight arrays approximating the dense ``w`` [n, m] (numpy)."""
-        raise NotImplementedError
+    def params(self):
+        """Number of weights (Table 1)."""
+        self._require_built("params")
+        return self.scheme.params(self.input_dim, self.output_dim)
+
+    def macs(self):
+        """Multiply-adds of one product for one vector (Table 1)."""
+        self._require_built("macs")
+        return self.scheme.macs(self.input_dim, self.output_dim)
 
     def to_dense(self):
         """The equivalent dense matrix ``W`` [n, m] as a numpy array."""
         self._require_built("to_dense")
-        return self.dense_of(self.weight_arrays())
+        return self.scheme.dense_from_arrays(self.weight_arrays())
 
     def from_dense(self, w):
-        """Initialise the weights from a trained dense matrix ``w`` [n, m].
+        """Sets the weights nearest the trained dense matrix ``w`` [n, m].
 
-        Builds the scheme first if needed (taking ``m`` from ``w``).
-
-        Args:
-            w: array of shape ``[n, m]``.
+        Builds the layer first if needed.
 
         Returns:
             ``self``.
 
         Raises:
-            ValueError: if ``w`` does not match the built dims.
+            ValueError: ``w`` is not 2-D or does not match the dims.
         """
-        w = np.asarray(w, dtype="float32")
-        if w.ndim != 2:
-            raise ValueError(
-                f"`from_dense` expects a 2-D matrix [n, m]; received shape "
-                f"{w.shape}."
-            )
-        if self.output_dim is None:
-            self.output_dim = int(w.shape[1])
+        w = _as_matrix(w)
         if not self.built:
             self.build((None, w.shape[0]))
         if w.shape != (self.input_dim, self.output_dim):
@@ -286,8 +399,9 @@ class Scheme(keras.layers.Layer):
                 f"{self.output_dim}] matrix for {self.describe()}; received "
                 f"shape {w.shape}."
             )
-        for k, v in self.weights_from_dense(w).items():
-            getattr(self, k).assign(v.astype("float32"))
+        variables = self.scheme_weights()
+        for k, v in self.scheme.arrays_from_dense(w).items():
+            variables[k].assign(np.asarray(v, dtype="float32"))
         return self
 
     def _require_built(self, what):
@@ -299,9 +413,9 @@ class Scheme(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(self.hyperparameters())
         config.update(
             {
+                "scheme": keras.saving.serialize_keras_object(self.scheme),
                 "output_dim": self.output_dim,
                 "initializer": keras.initializers.serialize(self.initializer),
                 "regularizer": keras.regularizers.serialize(self.regularizer),
@@ -310,6 +424,15 @@ class Scheme(keras.layers.Layer):
             }
         )
         return config
+
+
+def _stage(blocks, shuffle=False):
+    return compiled_ops.Stage(blocks, shuffle)
+
+
+def _dense_stage(matrix):
+    """A dense [n, m] matrix as the op's one-block stage [1, n, m]."""
+    return _stage(ops.expand_dims(matrix, 0))
 
 
 def _positive_int(name, value, cls):
@@ -330,20 +453,25 @@ def _positive_int(name, value, cls):
 class Dense(Scheme):
     """The uncompressed product ``x @ W``: ``m n`` weights and MACs."""
 
+    spec_name = "dense"
+
     def cost(self, n, m):
         return n * m, n * m
 
     def weight_shapes(self, n, m):
         return {"kernel": (n, m)}
 
-    def product(self, x):
-        return ops.matmul(x, self.kernel)
+    def product(self, x, w):
+        return ops.matmul(x, w["kernel"])
 
-    def dense_of(self, arrays):
+    def dense_from_arrays(self, arrays):
         return arrays["kernel"]
 
-    def weights_from_dense(self, w):
+    def arrays_from_dense(self, w):
         return {"kernel": w}
+
+    def kernel_stages(self, w):
+        return [_dense_stage(w["kernel"])]
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -352,7 +480,8 @@ class LowRank(Scheme):
 
     Table 1 ("SVD"): ``m n / r + n n / r`` weights and MACs. `from_dense`
     takes the truncated SVD and splits the singular values evenly
-    (``U = U_k sqrt(S_k)``, ``V = sqrt(S_k) V_k^T``).
+    (``U = U_k sqrt(S_k)``, ``V = sqrt(S_k) V_k^T``). This is also the
+    Doping paper's LMF (low-rank matrix factorisation).
 
     Args:
         rank_reduction: ``r``; the rank is ``n / r`` and ``r`` must divide
@@ -363,83 +492,71 @@ class LowRank(Scheme):
             ``rank=16``). Give exactly one of the two.
     """
 
-    def __init__(self, rank_reduction=None, rank=None, **kwargs):
-        super().__init__(**kwargs)
+    spec_name = "low_rank"
+
+    def __init__(self, rank_reduction=None, rank=None):
         if (rank_reduction is None) == (rank is None):
             raise ValueError(
                 "LowRank: give exactly one of `rank_reduction` (rank n/r) "
                 "and `rank` (the rank itself). Received: "
                 f"rank_reduction={rank_reduction!r}, rank={rank!r}"
             )
-        self.rank_reduction = self.fixed_rank = None
         if rank is None:
-            self.rank_reduction = _positive_int(
-                "rank_reduction", rank_reduction, "LowRank"
-            )
+            rank_reduction = _positive_int(
+                "rank_reduction", rank_reduction, "LowRank")
         else:
-            self.fixed_rank = _positive_int("rank", rank, "LowRank")
+            rank = _positive_int("rank", rank, "LowRank")
+        super().__init__(rank_reduction=rank_reduction, rank=rank)
 
-    def describe(self):
-        if self.fixed_rank:
-            return f"LowRank(rank={self.fixed_rank})"
-        return f"LowRank(rank_reduction={self.rank_reduction})"
-
-    def hyperparameters(self):
-        if self.fixed_rank:
-            return {"rank": self.fixed_rank}
-        return {"rank_reduction": self.rank_reduction}
-
-    def rank(self, n):
-        return self.fixed_rank or n // self.rank_reduction
+    def rank_for(self, n):
+        """The rank ``k`` of an ``n -> m`` product."""
+        return self.rank or n // self.rank_reduction
 
     def check(self, n, m):
-        if self.fixed_rank:
-            if self.fixed_rank > min(n, m):
+        if self.rank:
+            if self.rank > min(n, m):
                 self._fail(
                     n, m, f"rank <= min(n, m) = {min(n, m)}",
                     f"rank in 1..{min(n, m)}",
                 )
             return
         valid = [r for r in _divisors(n) if n // r <= m]
-        if n % self.rank_reduction or self.rank(n) > m:
+        if n % self.rank_reduction or self.rank_for(n) > m:
             self._fail(
                 n, m, f"r to divide n = {n} with rank n/r <= m = {m}",
                 f"rank_reduction in {valid}",
             )
 
     def cost(self, n, m):
-        k = self.rank(n)
+        k = self.rank_for(n)
         return n * k + k * m, n * k + k * m
 
     def weight_shapes(self, n, m):
-        k = self.rank(n)
+        k = self.rank_for(n)
         return {"u": (n, k), "v": (k, m)}
 
-    def product(self, x):
-        return ops.matmul(ops.matmul(x, self.u), self.v)
+    def product(self, x, w):
+        return ops.matmul(ops.matmul(x, w["u"]), w["v"])
 
-    def dense_of(self, arrays):
+    def dense_from_arrays(self, arrays):
         return arrays["u"] @ arrays["v"]
 
-    def weights_from_dense(self, w):
-        k = self.rank(w.shape[0])
+    def arrays_from_dense(self, w):
+        k = self.rank_for(w.shape[0])
         u, s, vt = np.linalg.svd(w.astype("float64"), full_matrices=False)
         root = np.sqrt(s[:k])
         return {"u": u[:, :k] * root, "v": root[:, None] * vt[:k]}
+
+    def kernel_stages(self, w):
+        return [_dense_stage(w["u"]), _dense_stage(w["v"])]
 
 
 class _Grouped(Scheme):
     """Shared checks of the localized-group-projection schemes."""
 
-    def __init__(self, groups, **kwargs):
-        super().__init__(**kwargs)
-        self.groups = _positive_int("groups", groups, type(self).__name__)
-
-    def describe(self):
-        return f"{type(self).__name__}(groups={self.groups})"
-
-    def hyperparameters(self):
-        return {"groups": self.groups}
+    def __init__(self, groups):
+        super().__init__(
+            groups=_positive_int("groups", groups, type(self).__name__))
 
     def check(self, n, m):
         g = self.groups
@@ -466,6 +583,8 @@ class LGPShuffle(_Grouped):
         groups: ``g``; must divide both ``n`` and ``m``.
     """
 
+    spec_name = "lgp_shuffle"
+
     def cost(self, n, m):
         return n * m // self.groups, n * m // self.groups
 
@@ -473,18 +592,21 @@ class LGPShuffle(_Grouped):
         g = self.groups
         return {"blocks": (g, n // g, m // g)}
 
-    def product(self, x):
-        return block_diag_matmul(x, self.blocks, shuffle=True)
+    def product(self, x, w):
+        return block_diag_matmul(x, w["blocks"], shuffle=True)
 
-    def dense_of(self, arrays):
+    def dense_from_arrays(self, arrays):
         w = _block_diag_dense(arrays["blocks"])
         return w[:, _shuffle_columns(w.shape[1], self.groups)]
 
-    def weights_from_dense(self, w):
+    def arrays_from_dense(self, w):
         perm = _shuffle_columns(w.shape[1], self.groups)
         unshuffled = np.empty_like(w)
         unshuffled[:, perm] = w
         return {"blocks": _block_diag_extract(unshuffled, self.groups)}
+
+    def kernel_stages(self, w):
+        return [_stage(w["blocks"], shuffle=True)]
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -501,9 +623,16 @@ class LGPDense(_Grouped):
         groups: ``g``; must divide both ``n`` and ``m``.
     """
 
+    spec_name = "lgp_dense"
+
     @staticmethod
     def mix_first(n, m):
         return n < m
+
+    @staticmethod
+    def _dims_of(blocks):
+        g, a, b = blocks.shape
+        return g * a, g * b
 
     def cost(self, n, m):
         c = n * m // self.groups + min(n, m) ** 2
@@ -513,27 +642,31 @@ class LGPDense(_Grouped):
         g = self.groups
         return {"mix": (min(n, m),) * 2, "blocks": (g, n // g, m // g)}
 
-    def product(self, x):
-        if self.mix_first(self.input_dim, self.output_dim):
-            return block_diag_matmul(ops.matmul(x, self.mix), self.blocks)
-        return ops.matmul(block_diag_matmul(x, self.blocks), self.mix)
+    def product(self, x, w):
+        if self.mix_first(*self._dims_of(w["blocks"])):
+            return block_diag_matmul(ops.matmul(x, w["mix"]), w["blocks"])
+        return ops.matmul(block_diag_matmul(x, w["blocks"]), w["mix"])
 
-    def dense_of(self, arrays):
+    def dense_from_arrays(self, arrays):
         d = _block_diag_dense(arrays["blocks"])
-        n, m = d.shape
-        if self.mix_first(n, m):
+        if self.mix_first(*d.shape):
             return arrays["mix"] @ d
         return d @ arrays["mix"]
 
-    def weights_from_dense(self, w):
+    def arrays_from_dense(self, w):
         blocks = _block_diag_extract(w, self.groups)
         d = _block_diag_dense(blocks).astype("float64")
-        n, m = w.shape
-        if self.mix_first(n, m):
+        if self.mix_first(*w.shape):
             mix = w @ np.linalg.pinv(d)
         else:
             mix = np.linalg.pinv(d) @ w
         return {"mix": mix, "blocks": blocks}
+
+    def kernel_stages(self, w):
+        stages = [_stage(w["blocks"]), _dense_stage(w["mix"])]
+        if self.mix_first(*self._dims_of(w["blocks"])):
+            stages.reverse()
+        return stages
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -553,38 +686,28 @@ class LowRankLGP(Scheme):
         rank_reduction: ``r``; divides ``n``.
     """
 
-    def __init__(self, groups_in, groups_out, rank_reduction, **kwargs):
-        super().__init__(**kwargs)
-        self.groups_in = _positive_int("groups_in", groups_in, "LowRankLGP")
-        self.groups_out = _positive_int("groups_out", groups_out, "LowRankLGP")
-        self.rank_reduction = _positive_int(
-            "rank_reduction", rank_reduction, "LowRankLGP"
+    spec_name = "low_rank_lgp"
+
+    def __init__(self, groups_in, groups_out, rank_reduction):
+        super().__init__(
+            groups_in=_positive_int("groups_in", groups_in, "LowRankLGP"),
+            groups_out=_positive_int("groups_out", groups_out, "LowRankLGP"),
+            rank_reduction=_positive_int(
+                "rank_reduction", rank_reduction, "LowRankLGP"),
         )
 
-    def describe(self):
-        return (
-            f"LowRankLGP(groups_in={self.groups_in}, groups_out="
-            f"{self.groups_out}, rank_reduction={self.rank_reduction})"
-        )
-
-    def hyperparameters(self):
-        return {
-            "groups_in": self.groups_in,
-            "groups_out": self.groups_out,
-            "rank_reduction": self.rank_reduction,
-        }
-
-    def rank(self, n):
+    def rank_for(self, n):
+        """The rank ``k = n / r`` of an ``n -> m`` product."""
         return n // self.rank_reduction
 
     def check(self, n, m):
         r = self.rank_reduction
-        if n % r or self.rank(n) > m:
+        if n % r or self.rank_for(n) > m:
             self._fail(
                 n, m, f"rank_reduction to divide n = {n} with rank <= m",
                 f"rank_reduction in {[d for d in _divisors(n) if n // d <= m]}",
             )
-        k = self.rank(n)
+        k = self.rank_for(n)
         if n % self.groups_in or k % self.groups_in:
             self._fail(
                 n, m,
@@ -601,29 +724,29 @@ class LowRankLGP(Scheme):
             )
 
     def cost(self, n, m):
-        k = self.rank(n)
+        k = self.rank_for(n)
         c = n * k // self.groups_in + k * k + k * m // self.groups_out
         return c, c
 
     def weight_shapes(self, n, m):
-        k, gi, go = self.rank(n), self.groups_in, self.groups_out
+        k, gi, go = self.rank_for(n), self.groups_in, self.groups_out
         return {
             "in_blocks": (gi, n // gi, k // gi),
             "mix": (k, k),
             "out_blocks": (go, k // go, m // go),
         }
 
-    def product(self, x):
-        h = ops.matmul(block_diag_matmul(x, self.in_blocks), self.mix)
-        return block_diag_matmul(h, self.out_blocks)
+    def product(self, x, w):
+        h = ops.matmul(block_diag_matmul(x, w["in_blocks"]), w["mix"])
+        return block_diag_matmul(h, w["out_blocks"])
 
-    def dense_of(self, arrays):
+    def dense_from_arrays(self, arrays):
         d_in = _block_diag_dense(arrays["in_blocks"])
         d_out = _block_diag_dense(arrays["out_blocks"])
         return d_in @ arrays["mix"] @ d_out
 
-    def weights_from_dense(self, w):
-        k = self.rank(w.shape[0])
+    def arrays_from_dense(self, w):
+        k = self.rank_for(w.shape[0])
         u, s, vt = np.linalg.svd(w.astype("float64"), full_matrices=False)
         root = np.sqrt(s[:k])
         in_blocks = _block_diag_extract(u[:, :k] * root, self.groups_in)
@@ -635,19 +758,72 @@ class LowRankLGP(Scheme):
         mix = np.linalg.pinv(d_in) @ w @ np.linalg.pinv(d_out)
         return {"in_blocks": in_blocks, "mix": mix, "out_blocks": out_blocks}
 
+    def kernel_stages(self, w):
+        return [_stage(w["in_blocks"]), _dense_stage(w["mix"]),
+                _stage(w["out_blocks"])]
 
-_ALIASES = {
-    "dense": Dense,
-}
+
+def registry():
+    """``{spec name: Scheme class}`` of every registered scheme."""
+    return dict(Scheme._registry)
+
+
+def _spec_key(name):
+    return name.strip().lower().replace("_", "").replace("-", "")
+
+
+def _spec_value(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(
+            f"scheme arguments are integers; received {text!r}") from None
+
+
+def from_spec(spec):
+    """A `Scheme` from ``name[:args]`` text, the grammar of the CLI.
+
+    ``name`` is a registered ``spec_name`` (underscores optional:
+    ``lgp_shuffle`` or ``lgpshuffle``); ``args`` are the constructor's
+    integer arguments, positional or ``key=value``, separated by commas:
+    ``dense``, ``low_rank:4``, ``low_rank:rank=16``, ``lgp_shuffle:10``,
+    ``lgp_dense:4``, ``low_rank_lgp:10,10,2``.
+
+    Raises:
+        ValueError: unknown name or arguments the scheme rejects; the
+            message lists the valid names.
+    """
+    name, _, args = str(spec).partition(":")
+    by_key = {_spec_key(k): cls for k, cls in Scheme._registry.items()}
+    cls = by_key.get(_spec_key(name))
+    if cls is None:
+        raise ValueError(
+            f"Unknown scheme {name.strip()!r} in {spec!r}; expected one of "
+            f"{sorted(Scheme._registry)}, as name[:args], e.g. "
+            f"'lgp_shuffle:10' or 'low_rank_lgp:10,10,2'."
+        )
+    positional, keywords = [], {}
+    for part in filter(None, (p.strip() for p in args.split(","))):
+        key, eq, value = part.partition("=")
+        if eq:
+            keywords[key.strip()] = _spec_value(value.strip())
+        else:
+            positional.append(_spec_value(part))
+    try:
+        return cls(*positional, **keywords)
+    except TypeError as e:
+        raise ValueError(f"Bad arguments in scheme spec {spec!r}: {e}") \
+            from None
 
 
 def get(identifier):
-    """A `Scheme` from an instance, a serialized config or ``"dense"``.
+    """A `Scheme` from an instance, a serialized config or a spec string.
 
     Args:
         identifier: a `Scheme`, a dict made by
-            ``keras.saving.serialize_keras_object``, ``"dense"`` or ``None``
-            (same as ``"dense"``).
+            ``keras.saving.serialize_keras_object``, spec text such as
+            ``"dense"`` or ``"lgp_shuffle:10"`` (see `from_spec`), or
+            ``None`` (same as ``"dense"``).
 
     Returns:
         A `Scheme` instance.
@@ -659,8 +835,14 @@ def get(identifier):
         return Dense()
     if isinstance(identifier, Scheme):
         return identifier
-    if isinstance(identifier, str) and identifier.lower() in _ALIASES:
-        return _ALIASES[identifier.lower()]()
+    if isinstance(identifier, str):
+        try:
+            return from_spec(identifier)
+        except ValueError as e:
+            raise ValueError(
+                f"Expected a keras_antman scheme (e.g. LGPShuffle(10) or "
+                f"'lgp_shuffle:10'). {e}"
+            ) from None
     if isinstance(identifier, dict):
         obj = keras.saving.deserialize_keras_object(identifier)
         if isinstance(obj, Scheme):

@@ -108,7 +108,7 @@ def test_structured_weights_come_from_the_dense_ones(make, rng):
             np.testing.assert_allclose(n.input_matrix.to_dense(), expect_in)
             if n.recurrent_matrix.__class__ is am.LGPShuffle:
                 expect = am.LGPShuffle(4).from_dense(rec).to_dense()
-                np.testing.assert_allclose(n.dense_weights()[1], expect)
+                np.testing.assert_allclose(n.stock_weights()[1], expect)
             np.testing.assert_array_equal(n.bias.numpy(), o.bias.numpy())
     assert n_structured > 0
     out(_inputs(model, rng))
@@ -173,9 +173,9 @@ def test_per_layer_dict_and_callable(rng):
         "lstm_b": {"recurrent_scheme": am.LowRank(2)},
     })
     a, b = out.get_layer("lstm_a"), out.get_layer("lstm_b")
-    assert a.recurrent_matrix.groups == 8
-    assert isinstance(b.input_matrix, am.Dense)
-    assert isinstance(b.recurrent_matrix, am.LowRank)
+    assert a.recurrent_matrix.scheme.groups == 8
+    assert isinstance(b.input_matrix.scheme, am.Dense)
+    assert isinstance(b.recurrent_matrix.scheme, am.LowRank)
 
     seen = []
 
@@ -214,7 +214,7 @@ def test_recompress_a_compressed_model(rng):
     twice = am.compress(once)  # Dense schemes: materialise
     x = _x(rng)
     np.testing.assert_allclose(once(x), twice(x), **TOL)
-    assert isinstance(twice.get_layer("lstm_a").input_matrix, am.Dense)
+    assert isinstance(twice.get_layer("lstm_a").input_matrix.scheme, am.Dense)
 
 
 def test_errors():

@@ -29,7 +29,7 @@ def _stock_and_structured(stock_cls, ours_cls, x, **kwargs):
     randomize_weights(stock, seed=7)
     ours = ours_cls(**kwargs)
     ours(x)
-    ours.load_dense(*stock.get_weights())
+    ours.set_stock_weights(*stock.get_weights())
     return stock, ours
 
 
@@ -144,7 +144,7 @@ def test_structured_lstm_equals_numpy_reference(scheme, rng):
                               return_sequences=True, go_backwards=True)
     layer(x)
     randomize_weights(layer, seed=5)
-    kernel, rec, bias = layer.dense_weights()
+    kernel, rec, bias = layer.stock_weights()
     expected, _, _ = reference.lstm(x, kernel, rec, bias, go_backwards=True)
     np.testing.assert_allclose(layer(x), expected, **TOL)
 
@@ -157,7 +157,7 @@ def test_structured_gru_equals_numpy_reference(scheme, reset_after, rng):
                              return_sequences=True, reset_after=reset_after)
     layer(x)
     randomize_weights(layer, seed=5)
-    kernel, rec, bias = layer.dense_weights()
+    kernel, rec, bias = layer.stock_weights()
     expected, _ = reference.gru(x, kernel, rec, bias, reset_after=reset_after)
     np.testing.assert_allclose(layer(x), expected, **TOL)
 
@@ -185,7 +185,7 @@ def test_cell_in_keras_rnn_equals_layer(rng):
                                  recurrent_scheme=am.LowRankLGP(2, 2, 2))
     rnn = keras.layers.RNN(cell, return_sequences=True)
     rnn(x)
-    cell.load_dense(*layer.dense_weights())
+    cell.set_stock_weights(*layer.stock_weights())
     np.testing.assert_allclose(rnn(x), layer(x), **TOL)
 
 

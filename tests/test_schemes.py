@@ -1,5 +1,6 @@
-"""Schemes: forward equals ``x @ to_dense()``, exact Table 1 costs,
-``from_dense`` initialisation, gradients, and errors for bad configs."""
+"""Schemes: forward equals an independently built dense matrix, exact
+Table 1 costs, ``from_dense`` initialisation, gradients, the registry and
+spec grammar, and errors for bad configs."""
 
 import keras
 import numpy as np
@@ -21,8 +22,7 @@ ALL = [
 
 
 def built(make, n, m, seed=0):
-    s = make()
-    s.output_dim = m
+    s = make().bind(m)
     s.build((None, n))
     r = np.random.default_rng(seed)
     for w in s.weights:
@@ -30,11 +30,51 @@ def built(make, n, m, seed=0):
     return s
 
 
+def block_diag(blocks):
+    """Dense matrix of blocks [g, a, b], written out independently."""
+    g, a, b = blocks.shape
+    out = np.zeros((g * a, g * b))
+    for i in range(g):
+        out[i * a:(i + 1) * a, i * b:(i + 1) * b] = blocks[i]
+    return out
+
+
+def shuffled(w, g):
+    """Column j * g + i of the result is column i * (m/g) + j of ``w``."""
+    m = w.shape[1]
+    out = np.empty_like(w)
+    for i in range(g):
+        for j in range(m // g):
+            out[:, j * g + i] = w[:, i * (m // g) + j]
+    return out
+
+
+def reference_dense(s):
+    """The scheme's dense matrix from the paper's formulas (not the
+    package's `dense_from_arrays`)."""
+    w = {k: v.astype("float64") for k, v in s.weight_arrays().items()}
+    scheme = s.scheme
+    if isinstance(scheme, am.Dense):
+        return w["kernel"]
+    if isinstance(scheme, am.LowRank):
+        return w["u"] @ w["v"]
+    if isinstance(scheme, am.LGPShuffle):
+        return shuffled(block_diag(w["blocks"]), scheme.groups)
+    if isinstance(scheme, am.LGPDense):
+        d = block_diag(w["blocks"])
+        return w["mix"] @ d if s.input_dim < s.output_dim else d @ w["mix"]
+    if isinstance(scheme, am.LowRankLGP):
+        return (block_diag(w["in_blocks"]) @ w["mix"]
+                @ block_diag(w["out_blocks"]))
+    raise AssertionError(scheme)
+
+
 @pytest.mark.parametrize("name,make,n,m", ALL, ids=[a[0] for a in ALL])
 def test_forward_equals_dense_matrix(name, make, n, m, rng):
     s = built(make, n, m)
-    w = s.to_dense()
+    w = reference_dense(s)
     assert w.shape == (n, m)
+    np.testing.assert_allclose(s.to_dense(), w, rtol=1e-5, atol=1e-5)
     x = rng.normal(size=(5, n)).astype("float32")
     np.testing.assert_allclose(s(x), x @ w, rtol=1e-4, atol=1e-4)
     x3 = rng.normal(size=(2, 3, n)).astype("float32")
@@ -154,8 +194,9 @@ def test_lowrank_fixed_rank_cost_and_svd(rng):
     u, sv, vt = np.linalg.svd(w, full_matrices=False)
     np.testing.assert_allclose(s.to_dense(), (u[:, :5] * sv[:5]) @ vt[:5],
                                rtol=1e-4, atol=1e-4)
-    again = am.LowRank.from_config(s.get_config())
-    assert (again.fixed_rank, again.rank_reduction) == (5, None)
+    again = am.LowRank.from_config(s.scheme.get_config())
+    assert (again.rank, again.rank_reduction) == (5, None)
+    assert again == s.scheme
 
 
 def test_lowrank_lgp_from_dense_beats_identity_mix(rng):
@@ -163,8 +204,11 @@ def test_lowrank_lgp_from_dense_beats_identity_mix(rng):
     s = am.LowRankLGP(2, 2, 2).from_dense(w)
     arrays = s.weight_arrays()
     arrays_id = dict(arrays, mix=np.eye(8, dtype="float32"))
+    identity_mix = (block_diag(arrays["in_blocks"])
+                    @ block_diag(arrays["out_blocks"]))
     assert np.linalg.norm(s.to_dense() - w) < np.linalg.norm(
-        s.dense_of(arrays_id) - w)
+        identity_mix - w)
+    assert np.linalg.norm(arrays_id["mix"]) > 0
 
 
 def test_from_dense_rejects_wrong_shape(rng):
@@ -196,10 +240,11 @@ def test_from_dense_rejects_wrong_shape(rng):
     ],
 )
 def test_invalid_dims_raise_with_valid_choices(make, n, m, pattern):
-    s = make()
-    s.output_dim = m
-    with pytest.raises(ValueError, match=pattern):
+    s = make().bind(m, context="lstm_1: recurrent product")
+    with pytest.raises(ValueError, match="`lstm_1: recurrent product`: "):
         s.build((None, n))
+    with pytest.raises(ValueError, match=pattern):
+        make().bind(m).build((None, n))
 
 
 @pytest.mark.parametrize(
@@ -213,7 +258,7 @@ def test_invalid_dims_raise_with_valid_choices(make, n, m, pattern):
         (lambda: am.LowRank(), "exactly one of `rank_reduction`"),
         (lambda: am.LowRank(2, rank=3), "exactly one of `rank_reduction`"),
         (lambda: am.LowRankLGP(2, "4", 2), "`groups_out` must be a positive"),
-        (lambda: am.Dense(output_dim=0), "`output_dim` must be a positive"),
+        (lambda: am.Dense().bind(0), "`output_dim` must be a positive"),
     ],
 )
 def test_invalid_hyperparameters_raise(make, pattern):
@@ -225,9 +270,9 @@ def test_unbuilt_scheme_errors():
     with pytest.raises(ValueError, match="not built: pass the dims"):
         am.LGPShuffle(2).params()
     with pytest.raises(ValueError, match="must be built before `to_dense"):
-        am.LGPShuffle(2).to_dense()
-    with pytest.raises(ValueError, match="needs `output_dim`"):
-        am.LGPShuffle(2).build((None, 4))
+        am.LGPShuffle(2).bind(4).to_dense()
+    with pytest.raises(TypeError):
+        am.LGPShuffle(2).bind()
 
 
 def test_get_identifiers():
@@ -238,11 +283,58 @@ def test_get_identifiers():
     assert again.describe() == s.describe()
     with pytest.raises(ValueError, match="Expected a keras_antman scheme"):
         schemes.get("lgp")
+    assert schemes.get("lgp_shuffle:4") == am.LGPShuffle(4)
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("dense", am.Dense()),
+    ("low_rank:4", am.LowRank(4)),
+    ("lowrank:rank=16", am.LowRank(rank=16)),
+    ("lgp_shuffle:10", am.LGPShuffle(10)),
+    ("LGP-Dense:2", am.LGPDense(2)),
+    ("low_rank_lgp:10,10,2", am.LowRankLGP(10, 10, 2)),
+    ("lowrank_lgp:10, 5, 2", am.LowRankLGP(10, 5, 2)),
+])
+def test_spec_grammar(spec, expected):
+    got = schemes.from_spec(spec)
+    assert got == expected
+    assert got.describe() == expected.describe()
+
+
+@pytest.mark.parametrize("spec,pattern", [
+    ("svd:2", r"Unknown scheme 'svd'.*'lgp_shuffle'"),
+    ("lgp_shuffle:x", "scheme arguments are integers"),
+    ("lgp_shuffle:2,3", "Bad arguments in scheme spec"),
+    ("lgp_shuffle:0", "`groups` must be a positive integer"),
+    ("low_rank:rank=3,rank_reduction=2", "exactly one of"),
+])
+def test_spec_grammar_errors(spec, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        schemes.from_spec(spec)
+
+
+def test_registry_maps_spec_names_to_classes():
+    class Doubled(am.LGPShuffle):
+        spec_name = "doubled_test_only"
+
+    try:
+        assert schemes.registry()["doubled_test_only"] is Doubled
+        assert schemes.registry()["lgp_shuffle"] is am.LGPShuffle
+        assert isinstance(schemes.from_spec("doubled_test_only:2"), Doubled)
+    finally:
+        schemes.Scheme._registry.pop("doubled_test_only")
+
+
+def test_legacy_layer_config_loads():
+    # Configs written when schemes were layers carry layer keys too.
+    config = {"groups": 4, "name": "input_matrix", "output_dim": 32,
+              "trainable": True, "context": "lstm: input product"}
+    assert am.LGPShuffle.from_config(config) == am.LGPShuffle(4)
 
 
 def test_standalone_scheme_layer_round_trip(tmp_path, rng):
     model = keras.Sequential(
-        [keras.Input((12,)), am.LGPShuffle(3, output_dim=6)]
+        [keras.Input((12,)), am.StructuredMatrix(am.LGPShuffle(3), 6)]
     )
     for w in model.weights:
         w.assign(rng.normal(size=w.shape).astype("float32"))
