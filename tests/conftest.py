@@ -27,6 +27,16 @@ def randomize_weights(layer, seed=0, scale=0.5):
     )
 
 
+def assert_all_close(actual, expected, **tol):
+    """Every tensor of two (nested) outputs close, and as many of each:
+    `zip` alone would hide a missing state."""
+    actual = [np.asarray(t) for t in keras.tree.flatten(actual)]
+    expected = [np.asarray(t) for t in keras.tree.flatten(expected)]
+    assert len(actual) == len(expected), (len(actual), len(expected))
+    for a, b in zip(actual, expected):
+        np.testing.assert_allclose(a, b, **tol)
+
+
 def run_layer_test(layer_fn, input_shape, expected_output_shape,
                    expected_trainable_weights, tmp_path):
     """Shapes, weight count, ``.keras`` round trip and one training step."""

@@ -1,6 +1,9 @@
-"""NumPy reference LSTM and GRU over dense matrices (Keras conventions)."""
+"""NumPy references: the dense matrix of each scheme written out from the
+paper's formulas, and LSTM / GRU over dense matrices (Keras conventions)."""
 
 import numpy as np
+
+import keras_antman as am
 
 
 def sigmoid(x):
@@ -44,3 +47,42 @@ def gru(x, kernel, recurrent_kernel, bias, reset_after=True):
         h = z * h + (1 - z) * hh
         outs.append(h)
     return np.stack(outs, 1), h
+
+
+def block_diag(blocks):
+    """Dense matrix of blocks [g, a, b], written out independently."""
+    g, a, b = blocks.shape
+    out = np.zeros((g * a, g * b))
+    for i in range(g):
+        out[i * a:(i + 1) * a, i * b:(i + 1) * b] = blocks[i]
+    return out
+
+
+def shuffled(w, g):
+    """Column j * g + i of the result is column i * (m/g) + j of ``w``."""
+    m = w.shape[1]
+    out = np.empty_like(w)
+    for i in range(g):
+        for j in range(m // g):
+            out[:, j * g + i] = w[:, i * (m // g) + j]
+    return out
+
+
+def dense(s):
+    """The dense matrix of a built `StructuredMatrix` ``s`` from the
+    paper's formulas (not the package's `dense_from_arrays`)."""
+    w = {k: v.astype("float64") for k, v in s.weight_arrays().items()}
+    scheme = s.scheme
+    if isinstance(scheme, am.Dense):
+        return w["kernel"]
+    if isinstance(scheme, am.LowRank):
+        return w["u"] @ w["v"]
+    if isinstance(scheme, am.LGPShuffle):
+        return shuffled(block_diag(w["blocks"]), scheme.groups)
+    if isinstance(scheme, am.LGPDense):
+        d = block_diag(w["blocks"])
+        return w["mix"] @ d if s.input_dim < s.output_dim else d @ w["mix"]
+    if isinstance(scheme, am.LowRankLGP):
+        return (block_diag(w["in_blocks"]) @ w["mix"]
+                @ block_diag(w["out_blocks"]))
+    raise AssertionError(scheme)

@@ -6,6 +6,7 @@ import pytest
 
 import keras_antman as am
 
+from conftest import assert_all_close
 from conftest import randomize_weights
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -68,18 +69,13 @@ def _inputs(model, rng):
     return xs if len(xs) > 1 else xs[0]
 
 
-def _flat(y):
-    return [np.asarray(t) for t in keras.tree.flatten(y)]
-
-
 @pytest.mark.parametrize("make", MODELS, ids=lambda f: f.__name__)
 def test_dense_schemes_reproduce_the_model(make, rng):
     model = make()
     randomize_weights(model, seed=1)
     x = _inputs(model, rng)
     out = am.compress(model)
-    for a, b in zip(_flat(model(x)), _flat(out(x))):
-        np.testing.assert_allclose(a, b, **TOL)
+    assert_all_close(out(x), model(x), **TOL)
 
 
 @pytest.mark.parametrize("make", MODELS, ids=lambda f: f.__name__)
@@ -89,8 +85,7 @@ def test_structured_weights_come_from_the_dense_ones(make, rng):
     before = [w.copy() for w in model.get_weights()]
     out = am.compress(model, **LGP)
     # The original is untouched.
-    for a, b in zip(before, model.get_weights()):
-        np.testing.assert_array_equal(a, b)
+    assert_all_close(model.get_weights(), before, rtol=0, atol=0)
     # Every structured product is the scheme's projection of the trained
     # dense matrix; every other weight is copied.
     old_layers = {x.name: x for x in _leaves(model)}
@@ -99,14 +94,14 @@ def test_structured_weights_come_from_the_dense_ones(make, rng):
         old = old_layers[layer.name]
         pairs = _cell_pairs(old, layer)
         if not pairs:
-            for a, b in zip(old.get_weights(), layer.get_weights()):
-                np.testing.assert_array_equal(a, b)
+            assert_all_close(layer.get_weights(), old.get_weights(),
+                             rtol=0, atol=0)
         for o, n in pairs:
             n_structured += 1
             kernel, rec = o.kernel.numpy(), o.recurrent_kernel.numpy()
             expect_in = am.LGPShuffle(2).from_dense(kernel).to_dense()
             np.testing.assert_allclose(n.input_matrix.to_dense(), expect_in)
-            if n.recurrent_matrix.__class__ is am.LGPShuffle:
+            if isinstance(n.recurrent_matrix.scheme, am.LGPShuffle):
                 expect = am.LGPShuffle(4).from_dense(rec).to_dense()
                 np.testing.assert_allclose(n.stock_weights()[1], expect)
             np.testing.assert_array_equal(n.bias.numpy(), o.bias.numpy())

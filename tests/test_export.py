@@ -14,6 +14,7 @@ import tensorflow as tf
 import keras_antman as am
 from keras_antman import ops
 
+from conftest import assert_all_close
 from conftest import randomize_weights
 
 SCHEMES = [am.Dense(), am.LowRank(2), am.LGPShuffle(4), am.LGPDense(4),
@@ -46,8 +47,7 @@ def test_compiled_layer_equals_portable(scheme, cls, extra, go_backwards,
         units=16, input_scheme=scheme, recurrent_scheme=scheme,
         return_sequences=True, return_state=True, go_backwards=go_backwards,
         **extra), x)
-    for a, b in zip(portable(x), compiled(x)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert_all_close(compiled(x), portable(x), rtol=1e-5, atol=1e-5)
 
 
 def test_auto_uses_portable_path_for_masks_and_training(rng):
@@ -100,26 +100,53 @@ def test_saved_model_in_fresh_process(kernel, tmp_path, rng):
     model = _model(rng)
     x = rng.normal(size=(2, 6, 16)).astype("float32")
     path = am.export(model, tmp_path / "sm", kernel=kernel)
-    imports = "import keras_antman" if kernel == "compiled" else ""
+    imports = ("import keras_antman; keras_antman.ops.load()"
+               if kernel == "compiled" else "")
     proc = _load_in_fresh_process(path, x, tmp_path, imports)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
     np.testing.assert_allclose(got, model(x), rtol=1e-5, atol=1e-5)
-    graph_ops = {
-        node.op
-        for f in tf.saved_model.load(str(path)).serve.concrete_functions
-        for node in f.graph.as_graph_def().node
-    } if kernel == "portable" else set()
-    assert not any("KerasAntman" in op for op in graph_ops)
+    ops.load()  # this process reads the compiled graph too
+    graph_ops = set()
+    for f in tf.saved_model.load(str(path)).serve.concrete_functions:
+        graph = f.graph.as_graph_def()
+        for fn in [graph, *graph.library.function]:
+            nodes = fn.node if fn is graph else fn.node_def
+            graph_ops.update(node.op for node in nodes)
+    ours = {op for op in graph_ops if "KerasAntman" in op}
+    if kernel == "compiled":
+        assert ours == {"KerasAntman>StructuredLstm",
+                        "KerasAntman>StructuredGru"}
+    else:
+        assert ours == set()
+        assert "MatMul" in graph_ops or "BatchMatMulV2" in graph_ops
 
 
 def test_compiled_saved_model_needs_the_op(tmp_path, rng):
     model = _model(rng)
     path = am.export(model, tmp_path / "sm", kernel="compiled")
-    proc = _load_in_fresh_process(
-        path, np.zeros((1, 6, 16), "float32"), tmp_path)
-    assert proc.returncode != 0
-    assert "KerasAntman" in proc.stderr and "not registered" in proc.stderr
+    x = np.zeros((1, 6, 16), "float32")
+    for imports in ("", "import keras_antman"):  # import alone loads nothing
+        proc = _load_in_fresh_process(path, x, tmp_path, imports)
+        assert proc.returncode != 0
+        assert "KerasAntman" in proc.stderr
+        assert "not registered" in proc.stderr
+
+
+def test_import_loads_no_library_and_changes_nothing():
+    code = (
+        "import os, sys; before = dict(os.environ)\n"
+        "import keras_antman\n"
+        "from keras_antman import ops\n"
+        "assert ops._state['module'] is None, 'library loaded at import'\n"
+        "assert dict(os.environ) == before, 'environment changed'\n"
+        "assert 'tensorflow_model_optimization' not in sys.modules\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")
 
 
 def test_portable_converts_to_tflite(tmp_path, rng):

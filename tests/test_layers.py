@@ -1,14 +1,19 @@
 """StructuredLSTM / StructuredGRU: equal to the stock layers with Dense
 schemes, equal to a NumPy reference with structured schemes, every Keras
-RNN option, serialization and training."""
+RNN option, serialization and training. Every test runs twice, as
+tensorflow-addons runs its op tests: inference on the compiled op and on
+stock TF ops (``KERAS_ANTMAN_PORTABLE=1``)."""
 
 import keras
 import numpy as np
 import pytest
 
 import keras_antman as am
+from keras_antman import ops
+from keras_antman import schemes
 
 import reference
+from conftest import assert_all_close
 from conftest import randomize_weights
 from conftest import run_layer_test
 
@@ -17,6 +22,17 @@ SCHEMES = [
     am.Dense(), am.LowRank(2), am.LGPShuffle(4), am.LGPDense(4),
     am.LowRankLGP(2, 4, 2), am.LowRank(rank=3),
 ]
+
+
+@pytest.fixture(autouse=True, params=["compiled", "portable"])
+def inference_path(request, monkeypatch):
+    """Runs the test with inference on the compiled op, then on TF ops."""
+    if request.param == "portable":
+        monkeypatch.setenv("KERAS_ANTMAN_PORTABLE", "1")
+        assert not ops.is_available()
+    else:
+        assert ops.is_available(), "the compiled op library is not built"
+    return request.param
 
 
 def _x(rng, shape=(3, 6, 8)):
@@ -49,8 +65,7 @@ def test_dense_lstm_equals_keras_lstm(kwargs, rng):
     x = _x(rng)
     stock, ours = _stock_and_structured(
         keras.layers.LSTM, am.StructuredLSTM, x, **kwargs)
-    for a, b in zip(keras.tree.flatten(stock(x)), keras.tree.flatten(ours(x))):
-        np.testing.assert_allclose(a, b, **TOL)
+    assert_all_close(ours(x), stock(x), **TOL)
 
 
 @pytest.mark.parametrize("reset_after", [True, False])
@@ -61,8 +76,7 @@ def test_dense_gru_equals_keras_gru(reset_after, extra, rng):
     stock, ours = _stock_and_structured(
         keras.layers.GRU, am.StructuredGRU, x, units=8,
         return_sequences=True, reset_after=reset_after, **extra)
-    for a, b in zip(keras.tree.flatten(stock(x)), keras.tree.flatten(ours(x))):
-        np.testing.assert_allclose(a, b, **TOL)
+    assert_all_close(ours(x), stock(x), **TOL)
 
 
 def test_masking_and_initial_state_match_keras(rng):
@@ -77,8 +91,7 @@ def test_masking_and_initial_state_match_keras(rng):
         return_sequences=True, return_state=True)
     a = stock(x, mask=mask, initial_state=[h0, c0])
     b = ours(x, mask=mask, initial_state=[h0, c0])
-    for u, v in zip(a, b):
-        np.testing.assert_allclose(u, v, **TOL)
+    assert_all_close(b, a, **TOL)
     # Masked steps carry the state: row 2's final state is its step-0 state.
     np.testing.assert_allclose(b[1][2], b[0][2, 0], **TOL)
 
@@ -144,8 +157,10 @@ def test_structured_lstm_equals_numpy_reference(scheme, rng):
                               return_sequences=True, go_backwards=True)
     layer(x)
     randomize_weights(layer, seed=5)
-    kernel, rec, bias = layer.stock_weights()
-    expected, _, _ = reference.lstm(x, kernel, rec, bias, go_backwards=True)
+    kernel = reference.dense(layer.input_matrix)
+    rec = reference.dense(layer.recurrent_matrix)
+    expected, _, _ = reference.lstm(x, kernel, rec, layer.bias.numpy(),
+                                    go_backwards=True)
     np.testing.assert_allclose(layer(x), expected, **TOL)
 
 
@@ -157,9 +172,116 @@ def test_structured_gru_equals_numpy_reference(scheme, reset_after, rng):
                              return_sequences=True, reset_after=reset_after)
     layer(x)
     randomize_weights(layer, seed=5)
-    kernel, rec, bias = layer.stock_weights()
-    expected, _ = reference.gru(x, kernel, rec, bias, reset_after=reset_after)
+    kernel = reference.dense(layer.input_matrix)
+    rec = reference.dense(layer.recurrent_matrix)
+    if not reset_after:
+        rec = np.concatenate([rec, reference.dense(layer.candidate_matrix)], 1)
+    expected, _ = reference.gru(x, kernel, rec, layer.bias.numpy(),
+                                reset_after=reset_after)
     np.testing.assert_allclose(layer(x), expected, **TOL)
+
+
+@pytest.mark.parametrize("unit_forget_bias", [True, False])
+@pytest.mark.parametrize("bias_initializer", ["zeros", "ones"])
+def test_unit_forget_bias_matches_keras(unit_forget_bias, bias_initializer,
+                                        rng):
+    x = _x(rng)
+    kwargs = dict(units=8, unit_forget_bias=unit_forget_bias,
+                  bias_initializer=bias_initializer)
+    stock = keras.layers.LSTM(**kwargs)
+    ours = am.StructuredLSTM(recurrent_scheme=am.LGPShuffle(2), **kwargs)
+    stock(x)
+    ours(x)
+    base = 0.0 if bias_initializer == "zeros" else 1.0
+    forget = 1.0 if unit_forget_bias else base
+    expected = np.array([base] * 8 + [forget] * 8 + [base] * 16, "float32")
+    np.testing.assert_array_equal(stock.cell.bias.numpy(), expected)
+    np.testing.assert_array_equal(ours.bias.numpy(), expected)
+
+
+class _ChainedBlocks(am.Scheme):
+    """Test-only scheme the package does not know: an n -> n block-diagonal
+    product with ``groups_in`` blocks, then an n -> m one with
+    ``groups_out`` blocks and the shuffle. It reaches the compiled op
+    through its own lowering alone."""
+
+    def __init__(self, groups_in, groups_out):
+        super().__init__(groups_in=groups_in, groups_out=groups_out)
+
+    def check(self, n, m):
+        if n % self.groups_in or n % self.groups_out or m % self.groups_out:
+            self._fail(n, m, "groups dividing the dims", "divisors")
+
+    def cost(self, n, m):
+        c = n * n // self.groups_in + n * m // self.groups_out
+        return c, c
+
+    def weight_shapes(self, n, m):
+        gi, go = self.groups_in, self.groups_out
+        return {"first": (gi, n // gi, n // gi),
+                "second": (go, n // go, m // go)}
+
+    def product(self, x, w):
+        y = schemes.block_diag_matmul(x, w["first"])
+        return schemes.block_diag_matmul(y, w["second"], shuffle=True)
+
+    def dense_from_arrays(self, arrays):
+        return self.reference_dense(arrays)
+
+    @classmethod
+    def reference_dense(cls, arrays):
+        second = reference.block_diag(arrays["second"])
+        shuffled = reference.shuffled(second, arrays["second"].shape[0])
+        return reference.block_diag(arrays["first"]) @ shuffled
+
+    def kernel_stages(self, w):
+        return [ops.Stage(w["first"], False), ops.Stage(w["second"], True)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_new_scheme_reaches_the_op_by_its_lowering(threads, rng,
+                                                     inference_path):
+    x = _x(rng, (2, 5, 16))
+    layer = am.StructuredLSTM(
+        16, input_scheme=_ChainedBlocks(2, 4),
+        recurrent_scheme=_ChainedBlocks(4, 2), return_sequences=True,
+        kernel="compiled" if inference_path == "compiled" else "portable")
+    layer(x)
+    randomize_weights(layer, seed=2)
+    kernel = _ChainedBlocks.reference_dense(layer.input_matrix.weight_arrays())
+    rec = _ChainedBlocks.reference_dense(
+        layer.recurrent_matrix.weight_arrays())
+    expected, _, _ = reference.lstm(x, kernel, rec, layer.bias.numpy())
+    if inference_path == "compiled":
+        assert layer.compiled_blockers() == []
+        ops.set_num_threads(threads)
+        ops._set_min_parallel_work(per_step=0)
+    try:
+        np.testing.assert_allclose(layer(x), expected, **TOL)
+    finally:
+        if inference_path == "compiled":
+            ops.set_num_threads(1)
+            ops._set_min_parallel_work(per_step=128 * 1024)
+
+
+def test_a_scheme_without_lowering_runs_on_tf_ops_or_says_why(rng):
+    class Unlowered(am.LGPShuffle):
+        def kernel_stages(self, w):
+            return am.Scheme.kernel_stages(self, w)
+
+    x = _x(rng)
+    auto = am.StructuredLSTM(8, recurrent_scheme=Unlowered(2))
+    auto(x)
+    assert auto.compiled_blockers() == [
+        "the recurrent product: Unlowered(groups=2) has no lowering to the "
+        "compiled op"]
+    plain = am.StructuredLSTM(8, recurrent_scheme=am.LGPShuffle(2))
+    plain(x)
+    plain.set_weights(auto.get_weights())
+    np.testing.assert_allclose(auto(x), plain(x), **TOL)
+    with pytest.raises(ValueError, match="has no lowering to the compiled"):
+        am.StructuredLSTM(8, recurrent_scheme=Unlowered(2),
+                          kernel="compiled")(x)
 
 
 def test_gru_reset_after_false_splits_the_recurrent_product():

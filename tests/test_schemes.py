@@ -10,6 +10,8 @@ import tensorflow as tf
 import keras_antman as am
 from keras_antman import schemes
 
+import reference
+
 ALL = [
     ("dense", lambda: am.Dense(), 24, 40),
     ("lowrank", lambda: am.LowRank(4), 24, 40),
@@ -30,49 +32,10 @@ def built(make, n, m, seed=0):
     return s
 
 
-def block_diag(blocks):
-    """Dense matrix of blocks [g, a, b], written out independently."""
-    g, a, b = blocks.shape
-    out = np.zeros((g * a, g * b))
-    for i in range(g):
-        out[i * a:(i + 1) * a, i * b:(i + 1) * b] = blocks[i]
-    return out
-
-
-def shuffled(w, g):
-    """Column j * g + i of the result is column i * (m/g) + j of ``w``."""
-    m = w.shape[1]
-    out = np.empty_like(w)
-    for i in range(g):
-        for j in range(m // g):
-            out[:, j * g + i] = w[:, i * (m // g) + j]
-    return out
-
-
-def reference_dense(s):
-    """The scheme's dense matrix from the paper's formulas (not the
-    package's `dense_from_arrays`)."""
-    w = {k: v.astype("float64") for k, v in s.weight_arrays().items()}
-    scheme = s.scheme
-    if isinstance(scheme, am.Dense):
-        return w["kernel"]
-    if isinstance(scheme, am.LowRank):
-        return w["u"] @ w["v"]
-    if isinstance(scheme, am.LGPShuffle):
-        return shuffled(block_diag(w["blocks"]), scheme.groups)
-    if isinstance(scheme, am.LGPDense):
-        d = block_diag(w["blocks"])
-        return w["mix"] @ d if s.input_dim < s.output_dim else d @ w["mix"]
-    if isinstance(scheme, am.LowRankLGP):
-        return (block_diag(w["in_blocks"]) @ w["mix"]
-                @ block_diag(w["out_blocks"]))
-    raise AssertionError(scheme)
-
-
 @pytest.mark.parametrize("name,make,n,m", ALL, ids=[a[0] for a in ALL])
 def test_forward_equals_dense_matrix(name, make, n, m, rng):
     s = built(make, n, m)
-    w = reference_dense(s)
+    w = reference.dense(s)
     assert w.shape == (n, m)
     np.testing.assert_allclose(s.to_dense(), w, rtol=1e-5, atol=1e-5)
     x = rng.normal(size=(5, n)).astype("float32")
@@ -204,8 +167,8 @@ def test_lowrank_lgp_from_dense_beats_identity_mix(rng):
     s = am.LowRankLGP(2, 2, 2).from_dense(w)
     arrays = s.weight_arrays()
     arrays_id = dict(arrays, mix=np.eye(8, dtype="float32"))
-    identity_mix = (block_diag(arrays["in_blocks"])
-                    @ block_diag(arrays["out_blocks"]))
+    identity_mix = (reference.block_diag(arrays["in_blocks"])
+                    @ reference.block_diag(arrays["out_blocks"]))
     assert np.linalg.norm(s.to_dense() - w) < np.linalg.norm(
         identity_mix - w)
     assert np.linalg.norm(arrays_id["mix"]) > 0
