@@ -10,6 +10,7 @@ global changes (no environment variables, no Keras settings).
 from keras_antman import datasets
 from keras_antman.compress import compress
 from keras_antman.distill import DistillationCoefficients
+from keras_antman.distill import DistillationTerm
 from keras_antman.distill import Distiller
 from keras_antman.distill import LogitsKLDivergence
 from keras_antman.distill import LogitsMeanSquaredError
@@ -39,6 +40,7 @@ _ops.is_available()  # registers the ops; warns once if the build is stale
 __all__ = [
     "Dense",
     "DistillationCoefficients",
+    "DistillationTerm",
     "Distiller",
     "LGPDense",
     "LGPShuffle",
