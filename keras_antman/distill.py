@@ -9,7 +9,10 @@ output of the original model (teacher), with the paper's equation 1:
 `Distiller` is a `keras.Model` that computes this loss in `compute_loss`, so
 plain `compile`/`fit`/`evaluate` and every callback work.
 `calibrate_coefficients` implements the paper's method for choosing the
-coefficients.
+coefficients. Each term is data, a `DistillationTerm` (history key, compile
+keyword of its coefficient, Keras loss, tracker): the Distiller, the
+calibration and the coefficient rule iterate over one list, `_paper_terms`,
+so another term is one more entry (`compile(extra_terms=...)`).
 """
 
 import dataclasses
