@@ -11,6 +11,7 @@ TensorFlow.
 from keras_antman import datasets
 from keras_antman.compress import compress
 from keras_antman.distill import DistillationCoefficients
+from keras_antman.distill import DistillationTerm
 from keras_antman.distill import Distiller
 from keras_antman.distill import LogitsKLDivergence
 from keras_antman.distill import LogitsMeanSquaredError
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Dense",
     "DistillationCoefficients",
+    "DistillationTerm",
     "Distiller",
     "LGPDense",
     "LGPShuffle",

@@ -9,7 +9,10 @@ output of the original model (teacher), with the paper's equation 1:
 `Distiller` is a `keras.Model` that computes this loss in `compute_loss`, so
 plain `compile`/`fit`/`evaluate` and every callback work.
 `calibrate_coefficients` implements the paper's method for choosing the
-coefficients.
+coefficients. Each term is data, a `DistillationTerm` (history key, compile
+keyword of its coefficient, Keras loss, tracker): the Distiller, the
+calibration and the coefficient rule iterate over one list, `_paper_terms`,
+so another term is one more entry (`compile(extra_terms=...)`).
 """
 
 import dataclasses
@@ -257,6 +260,173 @@ def _shapes_fit(a, b):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
+class _FunctionLoss(keras.losses.Loss):
+    """Wraps a `fn(y_true, y_pred)` loss so masks and weights apply."""
+
+    def __init__(self, fn, name=None, reduction="sum_over_batch_size",
+                 dtype=None):
+        super().__init__(
+            name=name or getattr(fn, "__name__", "target_loss"),
+            reduction=reduction,
+            dtype=dtype,
+        )
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
+
+    def get_config(self):
+        return {
+            "fn": keras.saving.serialize_keras_object(self.fn),
+            "name": self.name,
+            "reduction": self.reduction,
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["fn"] = keras.saving.deserialize_keras_object(config["fn"])
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+@dataclasses.dataclass(frozen=True)
+class DistillationTerm:
+    """One weighted term of the distillation loss.
+
+    A `Distiller` adds `coefficient * loss(reference, student_logits,
+    sample_weight)` for each of its terms, where `reference` is the labels
+    `y` (`uses_labels=True`) or the teacher's logits, and reports the
+    unweighted value under `name`. `Distiller.compile` builds the paper's
+    three terms (`target_loss`, `mse_loss`, `kl_loss`) and appends those
+    given as `extra_terms`; `calibrate_coefficients` trains with each term
+    alone. `compile` copies every term with its coefficient (the keyword
+    `argument` if given, else `coefficient`) and a new `keras.metrics.Mean`
+    as `tracker`.
+
+    Args:
+        name: History key of the term's mean value, e.g. `"mse_loss"`
+            (`"val_mse_loss"` in validation).
+        argument: `compile` keyword of its coefficient, e.g. `"c_mse"`.
+        loss: A `keras.losses.Loss` whose `y_pred` is the student's logits;
+            masks and `sample_weight` reduce it as in any Keras loss.
+        uses_labels: Whether `loss` compares with the labels instead of the
+            teacher's logits. Defaults to `False`.
+        coefficient: Weight used when `compile` is not given `argument`.
+            Defaults to 1.0.
+        tracker: The term's metric; set by `compile`. Defaults to `None`.
+
+    Example:
+
+    ```python
+    l1 = am.DistillationTerm("l1_loss", "c_l1",
+                             keras.losses.MeanAbsoluteError())
+    d.compile(c_mse=30.0, c_kl=1000.0, extra_terms=[l1], c_l1=5.0)
+    d.fit(...)  # history: loss, target_loss, mse_loss, kl_loss, l1_loss
+    ```
+    """
+
+    name: str
+    argument: str
+    loss: keras.losses.Loss
+    uses_labels: bool = False
+    coefficient: float = 1.0
+    tracker: keras.metrics.Mean | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "argument": self.argument,
+            "loss": keras.saving.serialize_keras_object(self.loss),
+            "uses_labels": self.uses_labels,
+            "coefficient": self.coefficient,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["loss"] = keras.saving.deserialize_keras_object(config["loss"])
+        return cls(**config)
+
+
+def _label_loss(loss):
+    if loss is None:
+        return keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, name="target_loss"
+        )
+    if isinstance(loss, str):
+        fn = keras.losses.get(loss)
+        if fn is None:
+            raise ValueError(
+                f"Distiller.compile: unknown `loss`. Received: loss={loss!r}"
+            )
+        loss = fn
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    if not callable(loss):
+        raise ValueError(
+            "Distiller.compile: `loss` must be a keras.losses.Loss, a loss "
+            f"name or a callable. Received: loss={loss!r}"
+        )
+    # A bare function does not see masks or sample weights; wrap it so that
+    # it reduces like the other terms.
+    return _FunctionLoss(loss)
+
+
+def _paper_terms(loss=None, temperature=1.0, c_target=1.0, c_mse=1.0,
+                 c_kl=1.0):
+    """The paper's equation 1, one term per entry; the first is the labels'.
+
+    `coefficients_from_losses` balances every term against the first.
+    """
+    return (
+        DistillationTerm("target_loss", "c_target", _label_loss(loss),
+                         uses_labels=True, coefficient=c_target),
+        DistillationTerm("mse_loss", "c_mse",
+                         LogitsMeanSquaredError(name="mse_loss"),
+                         coefficient=c_mse),
+        DistillationTerm("kl_loss", "c_kl",
+                         LogitsKLDivergence(temperature, name="kl_loss"),
+                         coefficient=c_kl),
+    )
+
+
+def _check_extra_terms(extra_terms, where):
+    extra_terms = tuple(extra_terms or ())
+    for term in extra_terms:
+        if not isinstance(term, DistillationTerm):
+            raise ValueError(
+                f"{where}: `extra_terms` must hold DistillationTerm objects. "
+                f"Received: {term!r} of type {type(term).__name__}"
+            )
+    taken = [(t.name, t.argument) for t in _paper_terms()]
+    for term in extra_terms:
+        for used_name, used_argument in taken:
+            if term.name == used_name or term.argument == used_argument:
+                raise ValueError(
+                    f"{where}: each term needs its own `name` and `argument`;"
+                    f" {term.name!r} ({term.argument!r}) repeats "
+                    f"{used_name!r} ({used_argument!r})."
+                )
+        taken.append((term.name, term.argument))
+    return extra_terms
+
+
+def _check_student_trains(student):
+    if student.built and not student.trainable_weights:
+        raise ValueError(
+            f"Distiller: the student {student.name!r} has 0 trainable "
+            f"weights (of {len(student.weights)}), so training would change "
+            "nothing. A student copied from a frozen teacher (as `compress` "
+            "or `keras.models.clone_model` do) keeps `trainable=False`; set "
+            "`student.trainable = True` before creating the Distiller."
+        )
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
 class Distiller(keras.Model):
     """Trains a student model from labels and a frozen teacher (paper eq. 1).
 
@@ -273,9 +443,10 @@ class Distiller(keras.Model):
     `[batch, steps, classes]`, exactly as Keras reduces a loss
     (`"sum_over_batch_size"`): a Keras mask on the student's output (from
     `Embedding(mask_zero=True)` or `Masking`) and `sample_weight` (per
-    example `[batch]` or per timestep `[batch, steps]`) weight all three
-    terms the same way. A term is `sum(w * term) / n`, with `n` the number
-    of unmasked positions; masked positions contribute nothing.
+    example `[batch]` or per timestep `[batch, steps]`) weight all terms
+    the same way. A term is `sum(w * term) / n`, with `n` the number of
+    unmasked positions; masked positions contribute nothing. More terms
+    (`DistillationTerm`) can be added with `compile(extra_terms=...)`.
 
     The teacher is frozen (`teacher.trainable` is set to `False`) and called
     with `training=False`; only the student's weights train. Calling the
@@ -289,7 +460,8 @@ class Distiller(keras.Model):
     weighting, also when their coefficient is 0. Callbacks that monitor a
     term (`"val_kl_loss"`) need `mode="min"`: Keras infers the direction
     only for `loss` and compiled metrics. With unlabeled data (`fit(x)`)
-    and `c_target=0`, `target_loss` is not updated and reads 0.
+    and `c_target=0`, `target_loss` is not updated and reads 0. After
+    `compile`, each coefficient reads as an attribute (`distiller.c_mse`).
 
     `save_weights`/`load_weights` (so `ModelCheckpoint(save_weights_only=True)`
     and `BackupAndRestore`) save and restore the student's, the teacher's
@@ -298,7 +470,8 @@ class Distiller(keras.Model):
     the teacher and the distiller inside `strategy.scope()`.
 
     Args:
-        student: The `keras.Model` to train. It must output logits.
+        student: The `keras.Model` to train. It must output logits and have
+            trainable weights.
         teacher: The trained `keras.Model` whose logits the student imitates;
             its output shape must match the student's.
         name: Model name. Defaults to `"distiller"`.
@@ -306,8 +479,9 @@ class Distiller(keras.Model):
 
     Raises:
         TypeError: If `student` or `teacher` is not a `keras.Model`.
-        ValueError: If they are the same object, have several outputs, or
-            their output shapes differ.
+        ValueError: If they are the same object, have several outputs,
+            their output shapes differ, or the student has no trainable
+            weights.
 
     Example:
 
@@ -336,6 +510,7 @@ class Distiller(keras.Model):
                 f"received the same object ({student.name!r}) for both. Clone "
                 "the teacher (keras.models.clone_model) to make a student."
             )
+        _check_student_trains(student)
         student_shapes = _output_shapes(student)
         teacher_shapes = _output_shapes(teacher)
         for arg, shapes in (("student", student_shapes),
@@ -351,22 +526,27 @@ class Distiller(keras.Model):
         self.student = student
         self.teacher = teacher
         self.teacher.trainable = False
-
-        self.target_loss_tracker = keras.metrics.Mean(name="target_loss")
-        self.mse_loss_tracker = keras.metrics.Mean(name="mse_loss")
-        self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
-
-        self.c_target = 1.0
-        self.c_mse = 1.0
-        self.c_kl = 1.0
-        self.temperature = 1.0
+        # Set by compile. A tuple of dataclasses keeps the trackers out of
+        # Keras's attribute tracking, so a new compile replaces them
+        # instead of adding more metrics of the same names; `metrics` lists
+        # them.
+        self._terms = ()
+        self._extra_terms = ()
         self._label_loss = None
-        self._mse_loss = None
-        self._kl_loss = None
+        self.temperature = 1.0
         # BackupAndRestore needs a built model before fit(); the distiller
         # has no weights of its own, so it is built when both models are.
         if student.built and teacher.built:
             self.built = True
+
+    def __getattr__(self, name):
+        # `c_target`, `c_mse`, ...: the compiled coefficients.
+        for term in self.__dict__.get("_terms", ()):
+            if term.argument == name:
+                return term.coefficient
+        raise AttributeError(
+            f"'{type(self).__name__}' object has no attribute '{name}'"
+        )
 
     @staticmethod
     def _check_output_shapes(teacher_shape, student_shape):
@@ -388,6 +568,7 @@ class Distiller(keras.Model):
         temperature=1.0,
         loss=None,
         metrics=None,
+        extra_terms=None,
         **kwargs,
     ):
         """Configures the distiller for training.
@@ -410,13 +591,17 @@ class Distiller(keras.Model):
                 `SparseCategoricalCrossentropy(from_logits=True)`.
             metrics: Student metrics, as for `keras.Model.compile`, e.g.
                 `[Perplexity()]` for a language model.
-            **kwargs: Passed to `keras.Model.compile` (e.g. `jit_compile`,
-                `steps_per_execution`, `weighted_metrics`).
+            extra_terms: `DistillationTerm`s added after the paper's three.
+                Defaults to `None` (none).
+            **kwargs: The coefficient of an extra term, by its `argument`
+                (e.g. `c_l1=5.0`); the rest go to `keras.Model.compile`
+                (e.g. `jit_compile`, `steps_per_execution`,
+                `weighted_metrics`).
 
         Raises:
             ValueError: If a coefficient is negative or not finite, all
-                coefficients are 0, `temperature` is not positive, or `loss`
-                is unknown.
+                coefficients are 0, `temperature` is not positive, `loss`
+                is unknown, or an extra term repeats a name or argument.
         """
         if "loss_weights" in kwargs:
             raise ValueError(
@@ -424,45 +609,36 @@ class Distiller(keras.Model):
                 "the terms with `c_target`, `c_mse` and `c_kl`. Received: "
                 f"loss_weights={kwargs['loss_weights']!r}"
             )
-        self.c_target = _check_coefficient("c_target", c_target)
-        self.c_mse = _check_coefficient("c_mse", c_mse)
-        self.c_kl = _check_coefficient("c_kl", c_kl)
-        if self.c_target == self.c_mse == self.c_kl == 0.0:
-            raise ValueError(
-                "Distiller.compile: at least one of `c_target`, `c_mse`, "
-                "`c_kl` must be > 0. Received: all three are 0."
-            )
         _check_temperature(temperature)
-        self.temperature = float(temperature)
-
-        if loss is None:
-            loss = keras.losses.SparseCategoricalCrossentropy(
-                from_logits=True, name="target_loss"
+        label_loss = _label_loss(loss)
+        extra_terms = _check_extra_terms(extra_terms, "Distiller.compile")
+        terms = _paper_terms(label_loss, temperature, c_target, c_mse, c_kl)
+        terms = tuple(
+            dataclasses.replace(
+                term,
+                coefficient=_check_coefficient(
+                    term.argument, kwargs.pop(term.argument, term.coefficient)
+                ),
+                tracker=keras.metrics.Mean(name=term.name),
             )
-        elif isinstance(loss, str):
-            fn = keras.losses.get(loss)
-            if fn is None:
-                raise ValueError(
-                    "Distiller.compile: unknown `loss`. "
-                    f"Received: loss={loss!r}"
-                )
-            loss = fn
-        if not isinstance(loss, keras.losses.Loss):
-            if not callable(loss):
-                raise ValueError(
-                    "Distiller.compile: `loss` must be a keras.losses.Loss, a "
-                    f"loss name or a callable. Received: loss={loss!r}"
-                )
-            # A bare function does not see masks or sample weights; wrap it
-            # so that it reduces like the other two terms.
-            loss = _FunctionLoss(loss)
-        self._label_loss = loss
-        self._mse_loss = LogitsMeanSquaredError(name="mse_loss")
-        self._kl_loss = LogitsKLDivergence(
-            temperature=self.temperature, name="kl_loss"
+            for term in terms + extra_terms
         )
+        if not any(term.coefficient for term in terms):
+            arguments = ", ".join(f"`{term.argument}`" for term in terms)
+            raise ValueError(
+                f"Distiller.compile: at least one of {arguments} must be > 0."
+                " Received: all are 0."
+            )
+        self.temperature = float(temperature)
+        self._label_loss = label_loss
+        self._extra_terms = extra_terms
+        self._terms = terms
         super().compile(optimizer=optimizer, loss=None, metrics=metrics,
                         **kwargs)
+
+    @property
+    def metrics(self):
+        return super().metrics + [term.tracker for term in self._terms]
 
     def build(self, input_shape=None):
         # No weights of its own. Keras builds a distiller whose models are
@@ -489,7 +665,7 @@ class Distiller(keras.Model):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        """Computes the weighted three-term loss and updates its trackers.
+        """Computes the weighted sum of the terms and updates their trackers.
 
         Args:
             x: Input batch; the teacher is called on it with
@@ -506,16 +682,18 @@ class Distiller(keras.Model):
 
         Raises:
             ValueError: If the teacher's and student's logits differ in
-                shape, the student returns several outputs, or `y` is
-                missing while `c_target > 0`.
+                shape, the student returns several outputs or has no
+                trainable weights, or `y` is missing while `c_target > 0`.
             RuntimeError: If the distiller was not compiled.
         """
-        if self._label_loss is None:
+        if not self._terms:
             raise RuntimeError(
                 "Distiller: call `compile()` before `fit()` or `evaluate()`."
             )
         if y_pred is None:
             y_pred = self(x, training=training)
+        if training:
+            _check_student_trains(self.student)
         if isinstance(y_pred, (list, tuple, dict)):
             raise ValueError(
                 "Distiller: the student must return one logits tensor; "
@@ -533,32 +711,30 @@ class Distiller(keras.Model):
         sample_weight = self._expand_sample_weight(sample_weight, y_pred)
         batch_size = ops.shape(y_pred)[0]
 
-        terms = []
-        if y is None:
-            if self.c_target > 0:
-                raise ValueError(
-                    "Distiller: labels `y` are required when c_target > 0. "
-                    f"Received: y=None with c_target={self.c_target}. Pass "
-                    "labels, or compile with c_target=0 to distil from "
-                    "unlabeled data."
-                )
-        else:
-            target = self._label_loss(y, y_pred, sample_weight)
-            terms.append((self.c_target, target, self.target_loss_tracker))
-        mse = self._mse_loss(teacher_logits, y_pred, sample_weight)
-        terms.append((self.c_mse, mse, self.mse_loss_tracker))
-        kl = self._kl_loss(teacher_logits, y_pred, sample_weight)
-        terms.append((self.c_kl, kl, self.kl_loss_tracker))
-
         # Keras losses compute in floatx, also for a float16 student.
         total = ops.zeros((), dtype=keras.config.floatx())
-        for coefficient, value, tracker in terms:
-            tracker.update_state(
+        for term in self._terms:
+            if not term.uses_labels:
+                reference = teacher_logits
+            elif y is not None:
+                reference = y
+            elif term.coefficient > 0:
+                raise ValueError(
+                    f"Distiller: labels `y` are required when "
+                    f"{term.argument} > 0. Received: y=None with "
+                    f"{term.argument}={term.coefficient}. Pass labels, or "
+                    f"compile with {term.argument}=0 to distil from "
+                    "unlabeled data."
+                )
+            else:
+                continue
+            value = term.loss(reference, y_pred, sample_weight)
+            term.tracker.update_state(
                 _unscale_for_distribution(value), sample_weight=batch_size
             )
             # A zero coefficient removes the term outright (0 * inf = nan).
-            if coefficient != 0.0:
-                total = total + ops.cast(coefficient * value, total.dtype)
+            if term.coefficient != 0.0:
+                total = total + ops.cast(term.coefficient * value, total.dtype)
         for extra in self.student.losses:
             total = total + _scale_for_distribution(
                 ops.cast(ops.sum(extra), total.dtype)
@@ -609,15 +785,17 @@ class Distiller(keras.Model):
         config = dict(config)
         config.pop("loss", None)
         config.pop("loss_weights", None)
+        config.update({term.argument: term.coefficient for term in self._terms})
         config.update(
             {
-                "c_target": self.c_target,
-                "c_mse": self.c_mse,
-                "c_kl": self.c_kl,
                 "temperature": self.temperature,
                 "loss": keras.saving.serialize_keras_object(self._label_loss),
             }
         )
+        if self._extra_terms:
+            config["extra_terms"] = keras.saving.serialize_keras_object(
+                list(self._extra_terms)
+            )
         return config
 
     def compile_from_config(self, config):
@@ -627,63 +805,39 @@ class Distiller(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class _FunctionLoss(keras.losses.Loss):
-    """Wraps a `fn(y_true, y_pred)` loss so masks and weights apply."""
-
-    def __init__(self, fn, name=None, reduction="sum_over_batch_size",
-                 dtype=None):
-        super().__init__(
-            name=name or getattr(fn, "__name__", "target_loss"),
-            reduction=reduction,
-            dtype=dtype,
-        )
-        self.fn = fn
-
-    def call(self, y_true, y_pred):
-        return self.fn(y_true, y_pred)
-
-    def get_config(self):
-        return {
-            "fn": keras.saving.serialize_keras_object(self.fn),
-            "name": self.name,
-            "reduction": self.reduction,
-            "dtype": self.dtype,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["fn"] = keras.saving.deserialize_keras_object(config["fn"])
-        return cls(**config)
-
-
 @dataclasses.dataclass(frozen=True)
 class DistillationCoefficients:
     """Loss coefficients for `Distiller.compile`, with the losses behind them.
 
+    Each coefficient and each loss also reads as an attribute: `c.c_mse`,
+    `c.mse_loss`.
+
     Attributes:
-        c_target: Coefficient of the label loss (1 by the paper's method).
-        c_mse: Coefficient of the logit MSE term.
-        c_kl: Coefficient of the KL term.
-        target_loss: Converged label loss when trained with it alone, or
-            `None` if not measured.
-        mse_loss: Converged MSE when trained with it alone, or `None`.
-        kl_loss: Converged KL when trained with it alone, or `None`.
+        coefficients: The coefficient of each term by its `compile`
+            keyword, e.g. `{"c_target": 1.0, "c_mse": 30.0, "c_kl": 1000.0}`.
+        losses: Each term's converged loss when trained with it alone, by
+            the term's name (`"target_loss"`, ...); empty if not measured.
 
     Example:
 
     >>> c = coefficients_from_losses(4.110, 0.133, 0.004)
     >>> c.compile_kwargs()
     {'c_target': 1.0, 'c_mse': 30.0, 'c_kl': 1000.0}
+    >>> c.kl_loss
+    0.004
     """
 
-    c_target: float
-    c_mse: float
-    c_kl: float
-    target_loss: float | None = None
-    mse_loss: float | None = None
-    kl_loss: float | None = None
+    coefficients: dict
+    losses: dict = dataclasses.field(default_factory=dict)
+
+    def __getattr__(self, name):
+        for values in (self.__dict__.get("coefficients", {}),
+                       self.__dict__.get("losses", {})):
+            if name in values:
+                return values[name]
+        raise AttributeError(
+            f"'{type(self).__name__}' object has no attribute '{name}'"
+        )
 
     def compile_kwargs(self):
         """Returns `{"c_target": ..., "c_mse": ..., "c_kl": ...}`.
@@ -691,13 +845,49 @@ class DistillationCoefficients:
         Returns:
             A dict to pass to `Distiller.compile(**...)`.
         """
-        return {"c_target": self.c_target, "c_mse": self.c_mse,
-                "c_kl": self.c_kl}
+        return dict(self.coefficients)
 
 
 def _round_significant(value, digits):
     # "%.1g" rounds to one significant digit: 30.9 -> 30, 1027.5 -> 1000.
     return float(f"{value:.{digits}g}")
+
+
+def _balanced_coefficients(terms, losses, significant_digits):
+    """The paper's rule over `terms`: `C_i = L_first / L_i`, rounded."""
+    values = {}
+    for term, raw in zip(terms, losses, strict=True):
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"coefficients_from_losses: `{term.name}` must be a finite "
+                f"number > 0 to set a coefficient from it. Received: "
+                f"{term.name}={raw!r}. (A zero loss means the student "
+                "already matches the target; choose that coefficient "
+                "yourself.)"
+            )
+        values[term.name] = value
+    if significant_digits is not None and (
+        isinstance(significant_digits, bool)
+        or not isinstance(significant_digits, int)
+        or significant_digits < 1
+    ):
+        raise ValueError(
+            "coefficients_from_losses: `significant_digits` must be a "
+            "positive int or None. Received: "
+            f"significant_digits={significant_digits!r}"
+        )
+    reference = values[terms[0].name]
+    coefficients = {}
+    for term in terms:
+        ratio = reference / values[term.name]
+        if significant_digits is not None:
+            ratio = _round_significant(ratio, significant_digits)
+        coefficients[term.argument] = ratio
+    return DistillationCoefficients(coefficients=coefficients, losses=values)
 
 
 def coefficients_from_losses(
@@ -732,43 +922,8 @@ def coefficients_from_losses(
     >>> (c.c_target, c.c_mse, c.c_kl)
     (1.0, 30.0, 1000.0)
     """
-    values = {}
-    for name, raw in (("target_loss", target_loss), ("mse_loss", mse_loss),
-                      ("kl_loss", kl_loss)):
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(
-                f"coefficients_from_losses: `{name}` must be a finite number "
-                f"> 0 to set a coefficient from it. Received: {name}={raw!r}."
-                " (A zero loss means the student already matches the target;"
-                " choose that coefficient yourself.)"
-            )
-        values[name] = value
-    if significant_digits is not None and (
-        isinstance(significant_digits, bool)
-        or not isinstance(significant_digits, int)
-        or significant_digits < 1
-    ):
-        raise ValueError(
-            "coefficients_from_losses: `significant_digits` must be a "
-            "positive int or None. Received: "
-            f"significant_digits={significant_digits!r}"
-        )
-    c_mse = values["target_loss"] / values["mse_loss"]
-    c_kl = values["target_loss"] / values["kl_loss"]
-    if significant_digits is not None:
-        c_mse = _round_significant(c_mse, significant_digits)
-        c_kl = _round_significant(c_kl, significant_digits)
-    return DistillationCoefficients(
-        c_target=1.0,
-        c_mse=c_mse,
-        c_kl=c_kl,
-        target_loss=values["target_loss"],
-        mse_loss=values["mse_loss"],
-        kl_loss=values["kl_loss"],
+    return _balanced_coefficients(
+        _paper_terms(), (target_loss, mse_loss, kl_loss), significant_digits
     )
 
 
@@ -815,13 +970,6 @@ def _fit_args(data):
     return {"x": data}
 
 
-_SINGLE_LOSS_RUNS = (
-    ("target_loss", {"c_target": 1.0, "c_mse": 0.0, "c_kl": 0.0}),
-    ("mse_loss", {"c_target": 0.0, "c_mse": 1.0, "c_kl": 0.0}),
-    ("kl_loss", {"c_target": 0.0, "c_mse": 0.0, "c_kl": 1.0}),
-)
-
-
 def calibrate_coefficients(
     student,
     teacher,
@@ -837,18 +985,19 @@ def calibrate_coefficients(
     significant_digits=1,
     reinitialize=False,
     verbose=0,
+    extra_terms=None,
 ):
     """Chooses the distillation coefficients by the paper's method.
 
-    Trains three copies of `student`, each from the student's current
-    weights (or freshly initialised, `reinitialize=True`) and with one loss
-    alone (label loss, logit MSE, KL), for
-    `epochs` epochs, and records that loss's converged value: on
+    Trains one copy of `student` per term (label loss, logit MSE, KL, then
+    any `extra_terms`), each from the student's current weights (or freshly
+    initialised, `reinitialize=True`) and with that term alone, for
+    `epochs` epochs, and records that term's converged value: on
     `validation_data` after training when it is given (as the paper does),
-    else the mean over the last training epoch. Then
-    `coefficients_from_losses` makes each weighted term about equal to the
-    label loss (`C_target = 1`). The cost is three short training runs, each
-    also running the teacher's forward pass.
+    else the mean over the last training epoch. Then each coefficient is
+    rounded so that its weighted term is about equal to the label loss
+    (`C_target = 1`; see `coefficients_from_losses`). The cost is one short
+    training run per term, each also running the teacher's forward pass.
 
     `student` is left untouched (copies come from `keras.models.clone_model`
     and `set_weights`); `teacher.trainable` is restored afterwards.
@@ -881,14 +1030,17 @@ def calibrate_coefficients(
             stay near 0 and the coefficients come out huge; the paper's
             students were trained from scratch. Defaults to `False`.
         verbose: Verbosity of `fit`/`evaluate`. Defaults to 0.
+        extra_terms: `DistillationTerm`s to calibrate too, as in
+            `Distiller.compile`. Defaults to `None` (none).
 
     Returns:
-        A `DistillationCoefficients` with the coefficients and the measured
-        losses `target_loss`, `mse_loss`, `kl_loss`.
+        A `DistillationCoefficients` with the coefficient and the measured
+        loss of each term.
 
     Raises:
-        ValueError: If `student` cannot be cloned, an argument is invalid,
-            or a measured loss is not a finite positive number.
+        ValueError: If `student` cannot be cloned or has no trainable
+            weights, an argument is invalid, or a measured loss is not a
+            finite positive number.
 
     Example:
 
@@ -904,17 +1056,20 @@ def calibrate_coefficients(
             "calibrate_coefficients: `epochs` must be a positive int. "
             f"Received: epochs={epochs!r}"
         )
+    extra_terms = _check_extra_terms(extra_terms, "calibrate_coefficients")
+    terms = _paper_terms(loss, temperature) + extra_terms
     teacher_trainable = teacher.trainable
-    measured = {}
+    measured = []
     try:
-        for name, coefficients in _SINGLE_LOSS_RUNS:
+        for alone in terms:
             copy = _copy_model(student, reinitialize)
             distiller = Distiller(student=copy, teacher=teacher)
             distiller.compile(
                 optimizer=_fresh_optimizer(optimizer),
                 temperature=temperature,
                 loss=loss,
-                **coefficients,
+                extra_terms=extra_terms,
+                **{t.argument: float(t is alone) for t in terms},
             )
             history = distiller.fit(
                 **_fit_args(train_data),
@@ -924,19 +1079,16 @@ def calibrate_coefficients(
                 verbose=verbose,
             )
             if validation_data is None:
-                measured[name] = float(history.history[name][-1])
+                measured.append(history.history[alone.name][-1])
             else:
-                args = _fit_args(validation_data)
                 results = distiller.evaluate(
-                    **args,
+                    **_fit_args(validation_data),
                     batch_size=batch_size,
                     steps=validation_steps,
                     verbose=verbose,
                     return_dict=True,
                 )
-                measured[name] = float(results[name])
+                measured.append(results[alone.name])
     finally:
         teacher.trainable = teacher_trainable
-    return coefficients_from_losses(
-        significant_digits=significant_digits, **measured
-    )
+    return _balanced_coefficients(terms, measured, significant_digits)

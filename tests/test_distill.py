@@ -1,6 +1,7 @@
 """Tests for the three-loss Distiller and the coefficient method."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from keras_antman.distill import DistillationCoefficients
+from keras_antman.distill import DistillationTerm
 from keras_antman.distill import Distiller
 from keras_antman.distill import LogitsKLDivergence
 from keras_antman.distill import LogitsMeanSquaredError
@@ -39,6 +41,27 @@ def np_terms(student, teacher, y, temperature=1.0):
     return ce, mse, kl
 
 
+def np_softmax(z):
+    return np.exp(np_log_softmax(z))
+
+
+def np_l1(student, teacher):
+    return np.mean(np.abs(student - teacher), axis=-1)
+
+
+def np_term_gradients(student, teacher, y, temperature):
+    """d(term mean over all positions)/d(student logits), by term name."""
+    n = student.size // student.shape[-1]
+    onehot = np.eye(student.shape[-1])[y]
+    return {
+        "target_loss": (np_softmax(student) - onehot) / n,
+        "mse_loss": 2.0 * (student - teacher) / student.size,
+        "kl_loss": temperature * (np_softmax(student / temperature)
+                                  - np_softmax(teacher / temperature)) / n,
+        "l1_loss": np.sign(student - teacher) / student.size,
+    }
+
+
 def np_reduce(values, weight=None, mask=None):
     """Keras "sum_over_batch_size": sum(w * l) / (positions, or unmasked)."""
     weight = np.ones_like(values) if weight is None else weight
@@ -51,9 +74,10 @@ def np_reduce(values, weight=None, mask=None):
 
 # Models whose logits are a lookup table: logits[b, t] = table[x[b, t]] ------
 
-def table_model(table, mask_zero=False, name=None):
+def table_model(table, mask_zero=False, name=None, initializer="uniform"):
     inputs = keras.Input((T,), dtype="int32")
-    layer = keras.layers.Embedding(V_IN, C, mask_zero=mask_zero)
+    layer = keras.layers.Embedding(V_IN, C, mask_zero=mask_zero,
+                                   embeddings_initializer=initializer)
     model = keras.Model(inputs, layer(inputs), name=name)
     layer.set_weights([table.astype("float32")])
     return model
@@ -92,6 +116,53 @@ def test_each_term_matches_numpy(tables, batch, temperature):
         np.testing.assert_allclose(result[name], value, rtol=1e-5)
     total = 0.7 * ce.mean() + 3.0 * mse.mean() + 11.0 * kl.mean()
     np.testing.assert_allclose(result["loss"], total, rtol=1e-5)
+
+
+def l1_term(**kwargs):
+    """A fourth term, for tests: mean |S - T| over the class axis."""
+    return DistillationTerm("l1_loss", "c_l1",
+                            keras.losses.MeanAbsoluteError(), **kwargs)
+
+
+def test_a_fourth_term_is_one_more_entry(tables, batch, tmp_path):
+    s_table, t_table = tables
+    x, y = batch
+    d = Distiller(student=table_model(s_table), teacher=table_model(t_table))
+    d.compile(c_target=0.7, c_mse=3.0, c_kl=11.0, extra_terms=[l1_term()],
+              c_l1=5.0)
+    assert (d.c_target, d.c_mse, d.c_kl, d.c_l1) == (0.7, 3.0, 11.0, 5.0)
+    result = evaluate(d, x, y)
+    ce, mse, kl = np_terms(s_table[x], t_table[x], y)
+    l1 = np_l1(s_table[x], t_table[x])
+    np.testing.assert_allclose(result["l1_loss"], l1.mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        result["loss"],
+        0.7 * ce.mean() + 3.0 * mse.mean() + 11.0 * kl.mean()
+        + 5.0 * l1.mean(), rtol=1e-5)
+
+    # Without `c_l1`, the term's own coefficient; a new compile replaces
+    # the terms and their trackers.
+    d.compile(c_kl=0.0, extra_terms=[l1_term(coefficient=0.5)])
+    assert (d.c_kl, d.c_l1) == (0.0, 0.5)
+    result = evaluate(d, x, y)
+    assert sorted(result) == ["kl_loss", "l1_loss", "loss", "mse_loss",
+                              "target_loss"]
+    np.testing.assert_allclose(
+        result["loss"], ce.mean() + mse.mean() + 0.5 * l1.mean(), rtol=1e-5)
+    d.compile()
+    assert "l1_loss" not in evaluate(d, x, y)
+    with pytest.raises(AttributeError, match="no attribute 'c_l1'"):
+        d.c_l1
+
+    d.compile(extra_terms=[l1_term()], c_l1=5.0)
+    d.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    d.save(tmp_path / "four.keras")
+    loaded = keras.models.load_model(tmp_path / "four.keras")
+    assert loaded.c_l1 == 5.0
+    a, b = evaluate(d, x, y), evaluate(loaded, x, y)
+    assert set(a) == set(b) >= {"loss", "target_loss", "l1_loss"}
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-6)
 
 
 def test_student_regularization_is_added(tables, batch):
@@ -342,6 +413,8 @@ def test_keras_file_round_trip(tmp_path):
     a, b = evaluate(d, x, y), evaluate(loaded, x, y)
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-6)
+    assert int(loaded.optimizer.iterations) == 4  # 256 / 64
+    assert len(loaded.optimizer.variables) == len(d.optimizer.variables) > 1
     for v, w in zip(d.optimizer.variables, loaded.optimizer.variables):
         np.testing.assert_array_equal(v.numpy(), w.numpy())
 
@@ -372,15 +445,18 @@ MIRRORED = textwrap.dedent("""
         d = Distiller(student=student, teacher=teacher)
         d.compile(keras.optimizers.SGD(0.5), c_mse=2.0, c_kl=3.0)
         before = d.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+        initial = student.get_weights()
         d.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
-        return before, student.get_weights()
+        moved = max(float(np.abs(a - b).max())
+                    for a, b in zip(initial, student.get_weights()))
+        return before, student.get_weights(), moved
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
-        before_2, weights_2 = run()
-    before_1, weights_1 = run()
+        before_2, weights_2, moved_2 = run()
+    before_1, weights_1, _ = run()
     print(json.dumps({
-        "replicas": strategy.num_replicas_in_sync,
+        "replicas": strategy.num_replicas_in_sync, "moved_2": moved_2,
         "before_2": before_2, "before_1": before_1,
         "max_weight_diff": max(float(np.abs(a - b).max())
                                for a, b in zip(weights_1, weights_2)),
@@ -399,6 +475,7 @@ def test_mirrored_strategy_on_two_logical_cpus():
         np.testing.assert_allclose(result["before_2"][name], value,
                                    rtol=1e-5)
     # Same updates as on one device: terms are scaled for the replicas.
+    assert result["moved_2"] > 1e-3
     assert result["max_weight_diff"] < 1e-5
 
 
@@ -454,12 +531,50 @@ def test_argument_errors(tables, batch):
         d.compile(temperature=0)
     with pytest.raises(ValueError, match="`loss_weights` is not supported"):
         d.compile(loss_weights=[1.0])
+    with pytest.raises(ValueError, match="`extra_terms` must hold "
+                                         "DistillationTerm objects"):
+        d.compile(extra_terms=[keras.losses.MeanAbsoluteError()])
+    with pytest.raises(ValueError, match=r"own `name` and `argument`; "
+                                         r"'mse_loss' \('c_l1'\) repeats "
+                                         r"'mse_loss' \('c_mse'\)"):
+        d.compile(extra_terms=[DistillationTerm(
+            "mse_loss", "c_l1", keras.losses.MeanAbsoluteError())])
     x, _ = batch
     with pytest.raises(RuntimeError, match="call `compile"):
         Distiller(student=student, teacher=teacher).compute_loss(x=x)
     d.compile()
     with pytest.raises(ValueError, match="labels `y` are required"):
         d.compute_loss(x=x, y=None)
+
+
+def test_frozen_student_is_rejected(tables, batch):
+    s_table, t_table = tables
+    x, y = batch
+    student = table_model(s_table, name="frozen")
+    student.trainable = False  # as a copy of a frozen teacher would be
+    with pytest.raises(ValueError, match=(
+            r"student 'frozen' has 0 trainable weights \(of 1\).*"
+            r"set `student.trainable = True`")):
+        Distiller(student=student, teacher=table_model(t_table))
+    with pytest.raises(ValueError, match="'frozen' has 0 trainable weights"):
+        calibrate_coefficients(student, table_model(t_table), (x, y))
+
+    class Logits(keras.Model):  # built by fit, so checked there
+        def __init__(self):
+            super().__init__(name="late")
+            self.embed = keras.layers.Embedding(V_IN, C)
+
+        def call(self, x):
+            return self.embed(x)
+
+    late = Logits()
+    late.trainable = False
+    d = Distiller(student=late, teacher=table_model(t_table))
+    d.compile()
+    with pytest.raises(ValueError, match="'late' has 0 trainable weights"):
+        d.fit(x, y, verbose=0)
+    student.trainable = True
+    Distiller(student=student, teacher=table_model(t_table))
 
 
 # Coefficients --------------------------------------------------------------
@@ -493,24 +608,62 @@ def test_coefficient_errors(kwargs, match):
         coefficients_from_losses(**args)
 
 
-@pytest.mark.parametrize("validation, reinitialize",
-                         [(False, False), (True, True)])
-def test_calibrate_coefficients_end_to_end(validation, reinitialize):
-    x, y, teacher = classifier_task(n=128)
-    student = small_student(1)
-    before = [w.copy() for w in student.get_weights()]
+def one_significant_figure(value):
+    scale = 10.0 ** math.floor(math.log10(value))
+    return round(value / scale) * scale
+
+
+@pytest.mark.parametrize("validation, reinitialize, extra", [
+    (False, False, False), (True, True, True)])
+def test_calibrate_coefficients_by_hand(tables, batch, rng, validation,
+                                        reinitialize, extra):
+    """Each run is one full-batch SGD step on its term alone, in NumPy."""
+    s_table, t_table = tables
+    x, y = batch
+    x_val = rng.integers(1, V_IN, size=(B, T)).astype("int32")
+    y_val = rng.integers(0, C, size=(B, T)).astype("int32")
+    lr, temperature = 2.0, 2.0
+    # A reinitialised copy starts from the zeros initializer.
+    student = table_model(s_table, initializer="zeros")
+    teacher = table_model(t_table)
     c = calibrate_coefficients(
-        student, teacher, (x[:96], y[:96]),
-        validation_data=(x[96:], y[96:]) if validation else None,
-        epochs=2, batch_size=32, optimizer=keras.optimizers.Adam(0.01),
+        student, teacher, (x, y),
+        validation_data=(x_val, y_val) if validation else None,
+        # Without validation, the last epoch's mean is the loss after the
+        # first epoch's single step.
+        epochs=1 if validation else 2, batch_size=B,
+        optimizer=keras.optimizers.SGD(lr), temperature=temperature,
         reinitialize=reinitialize,
-    )
+        extra_terms=[l1_term()] if extra else None)
+
+    start = np.zeros_like(s_table) if reinitialize else s_table
+    x_eval, y_eval = (x_val, y_val) if validation else (x, y)
+    names = ["target_loss", "mse_loss", "kl_loss"] + ["l1_loss"] * extra
+    expected = {}
+    for name in names:
+        gradient = np_term_gradients(start[x], t_table[x], y,
+                                     temperature)[name]
+        table = start.copy()
+        np.add.at(table, x, -lr * gradient)
+        s, t = table[x_eval], t_table[x_eval]
+        values = dict(zip(["target_loss", "mse_loss", "kl_loss"],
+                          np_terms(s, t, y_eval, temperature)))
+        values["l1_loss"] = np_l1(s, t)
+        expected[name] = values[name].mean()
     assert isinstance(c, DistillationCoefficients)
-    for value in (c.target_loss, c.mse_loss, c.kl_loss):
-        assert np.isfinite(value) and value > 0
-    assert c == coefficients_from_losses(c.target_loss, c.mse_loss, c.kl_loss)
-    for a, b in zip(before, student.get_weights()):
-        np.testing.assert_array_equal(a, b)
+    assert list(c.losses) == names
+    for name in names:
+        np.testing.assert_allclose(c.losses[name], expected[name],
+                                   rtol=1e-4, err_msg=name)
+    # The paper's rule: C_i = L_target / L_i to one significant figure.
+    by_hand = {"c_" + name[:-len("_loss")]: one_significant_figure(
+        expected["target_loss"] / expected[name]) for name in names}
+    assert by_hand["c_target"] == 1.0
+    assert c.compile_kwargs() == pytest.approx(by_hand, rel=1e-9)
+    assert c.c_mse == pytest.approx(by_hand["c_mse"], rel=1e-9)
+    # The input models are left as they were.
+    np.testing.assert_array_equal(student.get_weights()[0],
+                                  s_table.astype("float32"))
     assert teacher.trainable
 
 
