@@ -68,10 +68,10 @@ def export(model, path, kernel="portable", batch_size=None, overwrite=False,
         path: destination directory; it must not exist unless
             ``overwrite=True``.
         kernel: ``"compiled"``: the structured recurrent layers run the
-            compiled, OpenMP-parallel CPU op (loading the SavedModel needs
-            ``import keras_antman`` in the serving process, which registers
-            the op). ``"portable"``: stock TF ops only; loads anywhere
-            TensorFlow does and converts to TFLite.
+            compiled, OpenMP-parallel CPU op (the serving process calls
+            ``keras_antman.ops.load()`` before loading the SavedModel,
+            which registers the op). ``"portable"``: stock TF ops only;
+            loads anywhere TensorFlow does and converts to TFLite.
         batch_size: fix the batch dimension of the serving signature
             (``None``: any batch). TFLite conversion of the portable
             flavour needs a fixed batch size (its tensor lists need static
@@ -108,7 +108,9 @@ def export(model, path, kernel="portable", batch_size=None, overwrite=False,
         )
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    prefix = f".{os.path.basename(path)}.export-"
+    _remove_stale(parent, prefix)
+    tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
     try:
         staged = os.path.join(tmp, "saved_model")
         with kernel_mode(model, kernel):
@@ -125,6 +127,30 @@ def export(model, path, kernel="portable", batch_size=None, overwrite=False,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _remove_stale(parent, prefix):
+    """Removes staging folders of exports whose process died mid-write.
+
+    A staging folder is named ``<prefix><pid>-<random>``; one whose process
+    no longer runs can never be completed or cleaned by its owner.
+    """
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _signature(model, batch_size):

@@ -192,6 +192,22 @@ def test_export_is_atomic_and_checks_arguments(tmp_path, rng):
     assert sorted(os.listdir(tmp_path)) == ["b"]
 
 
+def test_export_removes_staging_folders_of_dead_exports(tmp_path, rng):
+    model = _model(rng)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".sm.export-{dead}-abc"  # a killed export's folder
+    (stale / "saved_model").mkdir(parents=True)
+    live = tmp_path / f".sm.export-{os.getpid()}-xyz"  # still running
+    live.mkdir()
+    other = tmp_path / ".unrelated"
+    other.mkdir()
+    am.export(model, tmp_path / "sm")
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["sm", live.name, other.name])
+
+
 def test_compiled_export_without_the_op_says_how_to_fix(tmp_path, rng,
                                                         monkeypatch):
     monkeypatch.setitem(ops._state, "module", None)
