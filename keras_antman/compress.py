@@ -113,6 +113,11 @@ def compress(model, input_scheme=None, recurrent_scheme=None, layers=None):
         new_model.build(model.inputs[0].shape if model.inputs else None)
     for old, new in pairs:
         _copy_weights(old, new)
+    if not model.trainable:
+        # A frozen model (the Distiller freezes its teacher) gives a
+        # trainable student: freezing the whole model set every layer's
+        # flag, so no flag of it was chosen layer by layer.
+        new_model.trainable = True
     return new_model
 
 

@@ -202,6 +202,20 @@ def test_single_layer(rng):
     np.testing.assert_allclose(lstm(x), out(x), **TOL)
 
 
+def test_frozen_model_gives_trainable_student_and_layer_flags_stay():
+    model = keras.Sequential([
+        keras.Input((5, 4)), keras.layers.LSTM(8, name="lstm"),
+        keras.layers.Dense(2, name="head")])
+    model.get_layer("head").trainable = False  # a deliberate per-layer flag
+    student = am.compress(model, **LGP)
+    assert student.get_layer("lstm").trainable
+    assert not student.get_layer("head").trainable
+    model.trainable = False  # as a Distiller leaves its teacher
+    student = am.compress(model, **LGP)
+    assert student.trainable
+    assert len(student.trainable_weights) == len(student.weights) > 0
+
+
 def test_recompress_a_compressed_model(rng):
     model = sequential()
     randomize_weights(model, seed=3)
