@@ -54,7 +54,7 @@ environment turns the compiled ops off for the whole process, like
 tensorflow-addons' ``TF_ADDONS_PY_OPS``: `load` raises
 `CompiledOpsUnavailableError` and `is_available` returns False without a
 warning, so ``kernel="auto"`` layers run on stock TF ops. It is read on
-every `load` call.
+every `load` call; `portable_forced` tells whether it is set.
 """
 
 import collections
@@ -156,7 +156,15 @@ def _check_build():
         )
 
 
-def _portable_forced():
+def portable_forced():
+    """Whether ``KERAS_ANTMAN_PORTABLE`` turns the compiled ops off.
+
+    Read from the environment on every call; values ``1``, ``true``,
+    ``yes`` and ``on`` (any case) turn them off. Does not load the library.
+
+    Returns:
+        True if `load` would refuse to load the library for this reason.
+    """
     value = os.environ.get(_PORTABLE_ENV, "")
     return value.strip().lower() in _TRUE_VALUES
 
@@ -172,7 +180,7 @@ def load():
             another TensorFlow version, or failed to load (the message says
             how to build it), or ``KERAS_ANTMAN_PORTABLE=1`` is set.
     """
-    if _portable_forced():
+    if portable_forced():
         raise CompiledOpsUnavailableError(
             "The keras-antman compiled ops are disabled by "
             f"{_PORTABLE_ENV}={os.environ[_PORTABLE_ENV]} in the "
@@ -218,7 +226,7 @@ def is_available():
     Returns:
         True if `load` succeeds.
     """
-    if _portable_forced():
+    if portable_forced():
         return False
     try:
         load()

@@ -120,7 +120,10 @@ def make_chain(kind, n, m, rng, g=4, r=2, g_in=2, g_out=2, k=16):
             Stage(w(g_out, rank // g_out, m // g_out), False),
         ]
     if kind == "blocks4_blocks2_shuffle":
-        return [Stage(w(4, n // 4, k // 4), False), Stage(w(2, k // 2, m // 2), True)]
+        return [
+            Stage(w(4, n // 4, k // 4), False),
+            Stage(w(2, k // 2, m // 2), True),
+        ]
     if kind == "four_stages":
         return [
             Stage(w(2, n // 2, 4), False),
@@ -666,6 +669,20 @@ def test_in_tf_function_and_threads_setting():
 
 
 @needs_op
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_gru_in_tf_function(reset_after):
+    """Graph mode, including the empty candidate list with reset_after."""
+    case = gru_case("blocks_shuffle", "four_stages", 12, reset_after)
+    rest = {k: v for k, v in case.items() if k != "x"}
+    fn = tf.function(
+        lambda x: ops.structured_gru(x, **rest, return_sequences=True)
+    )
+    got = fn(tf.constant(case["x"]))
+    want = check_gru(case, go_backwards=False, return_sequences=True)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
+
+
+@needs_op
 def test_recurrent_blocks_not_dividing_units_without_shuffle():
     """g = 8 does not divide 20 units: fine without a shuffle (the last
     stage is split by unit columns), an error with one (below)."""
@@ -1168,6 +1185,7 @@ def test_portable_env_turns_the_compiled_ops_off(monkeypatch, tmp_path):
     for value in ("1", "true", "ON"):
         monkeypatch.setattr(ops, "_state", _fresh_state())
         monkeypatch.setenv("KERAS_ANTMAN_PORTABLE", value)
+        assert ops.portable_forced()
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a warning would fail here
             assert ops.is_available() is False
@@ -1184,6 +1202,7 @@ def test_portable_env_turns_the_compiled_ops_off(monkeypatch, tmp_path):
         assert ops._state["error"] is None
 
     monkeypatch.setenv("KERAS_ANTMAN_PORTABLE", "0")
+    assert not ops.portable_forced()
     monkeypatch.setattr(ops, "_state", _fresh_state())
     with pytest.raises(ops.CompiledOpsUnavailableError, match="another TF"):
         ops.load()

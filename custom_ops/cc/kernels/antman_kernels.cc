@@ -153,8 +153,8 @@ int64_t UnitOfSlot(const Product& pr, int64_t units, int64_t k) {
 
 // `gather` as runs (source, slot, length) of consecutive source columns,
 // or nothing when a run is shorter than 8 (then the engine gathers column
-// by column). The identity is one run; LGP-Shuffle with g groups on both
-// products is 4 g runs of units / g.
+// by column). The identity is one run; one shuffled stage with the same g
+// ending both the input and the recurrent chain is 4 g runs of units / g.
 std::vector<int64_t> GatherRuns(const std::vector<int64_t>& gather) {
   constexpr int64_t kMinRun = 8;
   std::vector<int64_t> runs;

@@ -207,15 +207,14 @@ void GemvGates(const float* x, int64_t ldx, const float* w, int64_t ldw,
 // One or two rows against a large W (batch-1 inference): the product is
 // bound by reading W, so walk W row by row in contiguous segments that the
 // prefetcher follows, keeping a segment of y in L1. Column strips (Kern)
-// would touch every row of W per strip: at d = 1600 that was 2x slower.
+// would touch every row of W per strip, a page per row at large d.
 template <int MR>
 void GemvStream(const float* x, int64_t ldx, const float* w, int64_t ldw,
                 int64_t k_len, int64_t n, float* y, int64_t ldy) {
   // Segments of 2048 columns (8 KiB of y per row) while W may stay in the
-  // last-level cache; whole rows once it cannot (W >= 16 MiB), where one
-  // long stream per row is what the prefetcher follows best. Measured on a
-  // 2-core EPYC (8 MiB L3), batch 1: d = 1600 (41 MB) 14 -> 17.5 GB/s,
-  // d = 800 (10 MB) 2048 columns 20 GB/s against 17 for whole rows.
+  // last-level cache, so y stays in L1; whole rows once it cannot
+  // (W >= 16 MiB), where one long stream per row is what the prefetcher
+  // follows best and DRAM bandwidth is the limit (bench/ has the numbers).
   const int64_t kCols = k_len * n >= (int64_t{1} << 22) ? n : 2048;
   for (int64_t c0 = 0; c0 < n; c0 += kCols)
     GemvGates<MR>(x, ldx, w, ldw, k_len, 0, 1, c0, Min(kCols, n - c0), y + c0,
@@ -224,8 +223,9 @@ void GemvStream(const float* x, int64_t ldx, const float* w, int64_t ldw,
 
 // With many rows W is walked in column blocks; `pack` (kBlockFloats, or
 // null) receives a copy of each strided block so that the rows read it
-// contiguously: at d = 1600 a block of 32 columns spans 1600 pages of W, and
-// the copy took the all-steps input product from 7.5 to ~25 GFLOPS.
+// contiguously: a narrow block of a wide W spans one page per row, which
+// the TLB and the prefetcher handle badly, and the copy is paid once per
+// block for many rows.
 void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
           int64_t ldw, int64_t k_len, int64_t n, float* y, int64_t ldy,
           float* pack = nullptr) {
