@@ -42,6 +42,7 @@ SOURCES = [
     "custom_ops/cc/kernels/rnn_engine_avx512.cc",
 ]
 HEADERS = [
+    "custom_ops/cc/kernels/chain_checks.h",
     "custom_ops/cc/kernels/rnn_engine.h",
     "custom_ops/cc/kernels/rnn_engine_impl.h",
 ]

@@ -5,9 +5,10 @@ The library ``_antman_ops.so`` is built by ``pip install --no-build-isolation
 
 - ``KerasAntman>StructuredLstm`` and ``KerasAntman>StructuredGru``: a whole
   sequence of LSTM or GRU inference (float32, CPU) whose input and recurrent
-  products are AntMan schemes. The input product runs for all steps at once;
-  each step then runs the structured recurrent product, the mixing and the
-  gate math, fused per group of units (paper section 3.6).
+  products are chains of block-diagonal stages. The input product runs for
+  all steps at once; each step then runs the structured recurrent product,
+  the mixing and the gate math, fused per group of units (paper section
+  3.6).
 - ``KerasAntman>BlockDiagMatMul``: ``x @ blockdiag(blocks)``, optionally
   shuffle-mixed.
 
@@ -17,55 +18,81 @@ installed TensorFlow. Only sigmoid/tanh activations, no masks and no
 gradients: callers (the layers' ``kernel="auto"``) use stock TF ops for
 anything else, and for training.
 
-Scheme arrays are passed in the order of each scheme's ``weight_shapes``
-(row-vector convention ``y = x @ W``, ``x`` [..., n], ``y`` [..., m]):
+The ops know stages, not schemes. Each product (row-vector convention
+``y = x @ W``, ``x`` [..., n], ``y`` [..., m]) is a list of `Stage`, which a
+scheme's lowering produces: ``W = blockdiag(S_0) @ ... @ blockdiag(S_k)``,
+each ``S_i`` a float32 [g, a, b] array (a dense [n, m] matrix is
+[1, n, m]), the last optionally followed by the shuffle mix. A chain holds 1
+to 4 stages; stage i's output ``g * b`` is stage i + 1's input ``g * a``;
+only the last stage may shuffle.
 
-=================  ===========================================================
-scheme             arrays
-=================  ===========================================================
-``dense``          ``kernel`` [n, m]
-``low_rank``       ``u`` [n, k], ``v`` [k, m]
-``lgp_shuffle``    ``blocks`` [g, n/g, m/g], then the shuffle
-``lgp_dense``      ``mix`` [min(n, m)]^2, ``blocks`` [g, n/g, m/g]; the mix
-                   comes first when n < m, after otherwise
-``low_rank_lgp``   ``in_blocks`` [g_in, n/g_in, k/g_in], ``mix`` [k, k],
-                   ``out_blocks`` [g_out, k/g_out, m/g_out]
-=================  ===========================================================
+=====================  ======================================================
+argument               product
+=====================  ======================================================
+``input_stages``       features -> 4 * units (LSTM) or 3 * units (GRU)
+``recurrent_stages``   units -> 4 * units (LSTM); units -> 3 * units (GRU,
+                       ``reset_after=True``); units -> 2 * units, gates z
+                       and r (GRU, ``reset_after=False``). A shuffling last
+                       stage needs g dividing units.
+``candidate_stages``   GRU with ``reset_after=False`` only: units -> units,
+                       applied to ``r * h``; a shuffling last stage needs g
+                       dividing units.
+=====================  ======================================================
+
+For example, a dense kernel ``k`` is ``[Stage(k[None], False)]``, a
+factorization ``u @ v`` is ``[Stage(u[None], False), Stage(v[None],
+False)]``, and g blocks on the diagonal followed by the shuffle are
+``[Stage(blocks, True)]``.
 
 Threads: one OpenMP team per op call, one thread by default. Set the
 process-wide count with `set_num_threads` (or ``KERAS_ANTMAN_NUM_THREADS``
 in the environment of a serving process), or per call with ``num_threads``.
 Problems too small to gain from threads run on one thread whatever is asked.
+
+``KERAS_ANTMAN_PORTABLE=1`` (or ``true``, ``yes``, ``on``) in the
+environment turns the compiled ops off for the whole process, like
+tensorflow-addons' ``TF_ADDONS_PY_OPS``: `load` raises
+`CompiledOpsUnavailableError` and `is_available` returns False without a
+warning, so ``kernel="auto"`` layers run on stock TF ops. It is read on
+every `load` call; `portable_forced` tells whether it is set.
 """
 
 import collections
+import collections.abc
 import ctypes
 import json
+import numbers
 import os
 import threading
 import warnings
 
+import numpy as np
 import tensorflow as tf
 
 LIBRARY_NAME = "_antman_ops.so"
 
-_SCHEMES = {
-    "dense": ("kernel",),
-    "low_rank": ("u", "v"),
-    "lgp_shuffle": ("blocks",),
-    "lgp_dense": ("mix", "blocks"),
-    "low_rank_lgp": ("in_blocks", "mix", "out_blocks"),
-}
-_CLASS_NAMES = {
-    "Dense": "dense",
-    "LowRank": "low_rank",
-    "LGPShuffle": "lgp_shuffle",
-    "LGPDense": "lgp_dense",
-    "LowRankLGP": "low_rank_lgp",
-}
+Stage = collections.namedtuple(
+    "Stage", ["blocks", "shuffle"], defaults=(False,)
+)
+Stage.__doc__ = """\
+One block-diagonal stage of a product, as the compiled ops take it.
 
-# Scheme classes the compiled op runs (the layers use stock TF for others).
-SUPPORTED_SCHEMES = tuple(_CLASS_NAMES)
+A scheme's lowering returns a list of stages; the product is the chain
+``x @ blockdiag(stages[0].blocks) @ blockdiag(stages[1].blocks) ...``.
+
+Attributes:
+    blocks: float32 [g, a, b] tensor or array: g blocks of a x b on the
+        diagonal, mapping g * a inputs to g * b outputs. A dense [n, m]
+        matrix is [1, n, m].
+    shuffle: bool, default False. Apply the shuffle mix after this stage:
+        output j of group i goes to position j * g + i. Only the last stage
+        of a chain may shuffle.
+"""
+Stage.blocks.__doc__ = "float32 [g, a, b]; a dense [n, m] matrix is [1, n, m]."
+Stage.shuffle.__doc__ = "bool: shuffle-mix the output (last stage only)."
+
+_PORTABLE_ENV = "KERAS_ANTMAN_PORTABLE"
+_TRUE_VALUES = ("1", "true", "yes", "on")
 
 _HOW_TO_FIX = (
     "Build it against the TensorFlow you run (installed: {tf}) with a C++17 "
@@ -129,6 +156,19 @@ def _check_build():
         )
 
 
+def portable_forced():
+    """Whether ``KERAS_ANTMAN_PORTABLE`` turns the compiled ops off.
+
+    Read from the environment on every call; values ``1``, ``true``,
+    ``yes`` and ``on`` (any case) turn them off. Does not load the library.
+
+    Returns:
+        True if `load` would refuse to load the library for this reason.
+    """
+    value = os.environ.get(_PORTABLE_ENV, "")
+    return value.strip().lower() in _TRUE_VALUES
+
+
 def load():
     """Loads the compiled op library (once) and returns its op module.
 
@@ -137,9 +177,16 @@ def load():
 
     Raises:
         CompiledOpsUnavailableError: the library is missing, was built for
-            another TensorFlow version, or failed to load. The message says
-            how to build it.
+            another TensorFlow version, or failed to load (the message says
+            how to build it), or ``KERAS_ANTMAN_PORTABLE=1`` is set.
     """
+    if portable_forced():
+        raise CompiledOpsUnavailableError(
+            "The keras-antman compiled ops are disabled by "
+            f"{_PORTABLE_ENV}={os.environ[_PORTABLE_ENV]} in the "
+            "environment; stock TF ops run instead. Unset it (or set it to "
+            "0) to use them."
+        )
     with _lock:
         if _state["module"] is not None:
             return _state["module"]
@@ -173,7 +220,8 @@ def is_available():
 
     A library that exists but cannot be used (built for another TensorFlow,
     or failing to load) is reported once with a `RuntimeWarning`; a missing
-    library is silent (stock TF ops are the normal fallback).
+    library is silent (stock TF ops are the normal fallback), and so is
+    ``KERAS_ANTMAN_PORTABLE=1``.
 
     Returns:
         True if `load` succeeds.
@@ -318,24 +366,72 @@ def _set_min_parallel_work(per_step=-1, block_diag=-1):
     )
 
 
-def _scheme(kind, weights, argname):
-    """Canonical kind and the arrays in op order."""
-    key = _CLASS_NAMES.get(kind, kind)
-    if key not in _SCHEMES:
-        raise ValueError(
-            f"`{argname}` must be one of {sorted(_SCHEMES)} (or the class "
-            f"names {sorted(_CLASS_NAMES)}). Received: {argname}={kind!r}"
+def _num_threads_attr(num_threads):
+    """The op's ``num_threads`` attr: None -> 0 (the process-wide setting)."""
+    if num_threads is None:
+        return 0
+    if isinstance(num_threads, bool) or not isinstance(
+        num_threads, numbers.Integral
+    ):
+        raise TypeError(
+            "`num_threads` must be None or an integer >= 0 (0 or None: the "
+            "process-wide setting, see `set_num_threads`). Received: "
+            f"num_threads={num_threads!r} of type "
+            f"{type(num_threads).__name__}"
         )
-    if isinstance(weights, dict):
-        names = _SCHEMES[key]
-        missing = [n for n in names if n not in weights]
-        if missing:
-            raise ValueError(
-                f"The weights of scheme {key!r} must have the keys "
-                f"{list(names)}; missing {missing}."
+    if num_threads < 0:
+        raise ValueError(
+            "`num_threads` must be None or an integer >= 0. Received: "
+            f"num_threads={num_threads}"
+        )
+    return int(num_threads)
+
+
+def _describe(value):
+    """A short description of a value for error messages."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
+    return f"{value!r:.80} of type {type(value).__name__}"
+
+
+def _stages(stages, argname):
+    """Checks a chain given in Python; returns (blocks list, shuffle list).
+
+    Shapes are left to the op, which checks them (the blocks may be
+    symbolic tensors here).
+    """
+    expected = (
+        f"`{argname}` must be a list of keras_antman.ops.Stage(blocks, "
+        "shuffle) (or (blocks, shuffle) pairs), one per stage of the chain"
+    )
+    if isinstance(stages, Stage):
+        raise TypeError(
+            f"{expected}; received a single Stage. Wrap it in a list: "
+            f"{argname}=[stage]."
+        )
+    if not isinstance(stages, collections.abc.Sequence) or isinstance(
+        stages, (str, bytes)
+    ):
+        raise TypeError(f"{expected}. Received: {_describe(stages)}")
+    if not stages:
+        raise ValueError(f"{expected}; received an empty list.")
+    blocks, shuffle = [], []
+    for i, stage in enumerate(stages):
+        if isinstance(stage, (str, bytes)) or not (
+            isinstance(stage, collections.abc.Sequence) and len(stage) == 2
+        ):
+            raise TypeError(
+                f"{expected}; {argname}[{i}] is {_describe(stage)}"
             )
-        weights = [weights[n] for n in names]
-    return key, list(weights)
+        array, flag = stage
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(
+                f"The shuffle flag of `{argname}[{i}]` must be a bool. "
+                f"Received: {_describe(flag)}"
+            )
+        blocks.append(array)
+        shuffle.append(bool(flag))
+    return blocks, shuffle
 
 
 def structured_lstm(
@@ -343,10 +439,8 @@ def structured_lstm(
     initial_h,
     initial_c,
     bias,
-    input_scheme,
-    input_weights,
-    recurrent_scheme,
-    recurrent_weights,
+    input_stages,
+    recurrent_stages,
     go_backwards=False,
     return_sequences=False,
     num_threads=None,
@@ -355,55 +449,60 @@ def structured_lstm(
 
     ``z_t = x_t @ K_in + h_{t-1} @ K_rec + bias``, gates ``i, f, c, o`` as
     in ``keras.layers.LSTM`` (sigmoid / tanh), with ``K_in`` and ``K_rec``
-    given as AntMan schemes.
+    given as chains of `Stage` (see the module docstring).
 
     Args:
         x: float32 tensor [batch, timesteps, features].
         initial_h: float32 [batch, units].
         initial_c: float32 [batch, units].
         bias: float32 [4 * units].
-        input_scheme: scheme kind of the input product (features ->
-            4 * units): ``"dense"``, ``"low_rank"``, ``"lgp_shuffle"``,
-            ``"lgp_dense"``, ``"low_rank_lgp"`` or the class name.
-        input_weights: its arrays, a list in the order of the module
-            docstring or a dict keyed by the scheme's weight names.
-        recurrent_scheme: scheme kind of the recurrent product (units ->
+        input_stages: list of `Stage` (or ``(blocks, shuffle)`` pairs), the
+            input product (features -> 4 * units).
+        recurrent_stages: list of `Stage`, the recurrent product (units ->
             4 * units).
-        recurrent_weights: its arrays.
         go_backwards: process the steps from last to first; the returned
             sequence is then in processing order (reversed), as in Keras.
         return_sequences: return every step's output, not only the last.
-        num_threads: OpenMP threads for this call; None uses
-            `get_num_threads`.
+        num_threads: OpenMP threads for this call, an int >= 0; None (or 0)
+            uses `get_num_threads`.
 
     Returns:
         ``(output, final_h, final_c)``: output is [batch, timesteps, units]
         with ``return_sequences``, else [batch, units].
 
     Raises:
-        tf.errors.InvalidArgumentError: a shape, scheme array or attribute
-            is wrong (the message names it and the expected shape).
-        ValueError: unknown scheme kind.
+        tf.errors.InvalidArgumentError: a shape or a chain is wrong (the
+            message names the argument, the stage and the expected shape).
+        TypeError, ValueError: a chain is not a list of stages, or
+            ``num_threads`` is not None or an int >= 0.
         CompiledOpsUnavailableError: see `load`.
+
+    Example:
+
+    >>> k_in = np.ones((3, 8), "float32")  # features 3, units 2
+    >>> k_rec = np.ones((2, 8), "float32")
+    >>> out, h, c = structured_lstm(
+    ...     np.ones((1, 4, 3), "float32"), np.zeros((1, 2), "float32"),
+    ...     np.zeros((1, 2), "float32"), np.zeros((8,), "float32"),
+    ...     [Stage(k_in[None])], [Stage(k_rec[None])])
     """
+    in_blocks, in_shuffle = _stages(input_stages, "input_stages")
+    rec_blocks, rec_shuffle = _stages(recurrent_stages, "recurrent_stages")
+    num_threads = _num_threads_attr(num_threads)
     lib = load()
-    in_kind, in_w = _scheme(input_scheme, input_weights, "input_scheme")
-    rec_kind, rec_w = _scheme(
-        recurrent_scheme, recurrent_weights, "recurrent_scheme"
-    )
     return tuple(
         lib.keras_antman_structured_lstm(
             x=x,
             initial_h=initial_h,
             initial_c=initial_c,
             bias=bias,
-            input_weights=in_w,
-            recurrent_weights=rec_w,
-            input_scheme=in_kind,
-            recurrent_scheme=rec_kind,
+            input_stages=in_blocks,
+            recurrent_stages=rec_blocks,
+            input_shuffle=in_shuffle,
+            recurrent_shuffle=rec_shuffle,
             go_backwards=bool(go_backwards),
             return_sequences=bool(return_sequences),
-            num_threads=0 if num_threads is None else num_threads,
+            num_threads=num_threads,
         )
     )
 
@@ -412,10 +511,9 @@ def structured_gru(
     x,
     initial_h,
     bias,
-    input_scheme,
-    input_weights,
-    recurrent_scheme,
-    recurrent_weights,
+    input_stages,
+    recurrent_stages,
+    candidate_stages=None,
     reset_after=True,
     go_backwards=False,
     return_sequences=False,
@@ -423,22 +521,23 @@ def structured_gru(
 ):
     """Runs a whole GRU sequence (inference) on the compiled op.
 
-    Gates ``z, r, h`` as in ``keras.layers.GRU`` (sigmoid / tanh).
+    Gates ``z, r, h`` as in ``keras.layers.GRU`` (sigmoid / tanh). With
+    ``reset_after=True`` one recurrent product makes all three gates and
+    the reset gate multiplies its h part (bias included). With
+    ``reset_after=False`` the recurrent product is split: product A makes
+    z and r from h, product B (the candidate) the h gate from ``r * h``.
 
     Args:
         x: float32 tensor [batch, timesteps, features].
         initial_h: float32 [batch, units].
-        bias: float32 [2, 3 * units] with ``reset_after``, else
-            [3 * units].
-        input_scheme: scheme kind of the input product (features ->
-            3 * units), as in `structured_lstm`.
-        input_weights: its arrays (list or dict).
-        recurrent_scheme: scheme kind of the recurrent product(s).
-        recurrent_weights: with ``reset_after``, the arrays of the product
-            units -> 3 * units. Without it, those of product A (units ->
-            2 * units, gates z and r) followed by those of product B (units
-            -> units, applied to ``r * h``); or a pair ``(A, B)`` of lists
-            or dicts.
+        bias: float32 [2, 3 * units] (input and recurrent bias) with
+            ``reset_after``, else [3 * units].
+        input_stages: list of `Stage`, the input product (features ->
+            3 * units).
+        recurrent_stages: list of `Stage`: with ``reset_after``, units ->
+            3 * units; without, product A, units -> 2 * units.
+        candidate_stages: list of `Stage`, product B (units -> units):
+            required without ``reset_after``, None or empty with it.
         reset_after: Keras' ``reset_after``.
         go_backwards: as in `structured_lstm`.
         return_sequences: as in `structured_lstm`.
@@ -448,43 +547,54 @@ def structured_gru(
         ``(output, final_h)``.
 
     Raises:
-        tf.errors.InvalidArgumentError: a shape, scheme array or attribute
-            is wrong.
-        ValueError: unknown scheme kind.
+        tf.errors.InvalidArgumentError: a shape or a chain is wrong.
+        TypeError, ValueError: a chain is not a list of stages, candidate
+            stages do not fit ``reset_after``, or ``num_threads`` is not
+            None or an int >= 0.
         CompiledOpsUnavailableError: see `load`.
     """
-    lib = load()
-    in_kind, in_w = _scheme(input_scheme, input_weights, "input_scheme")
-    if (
-        not reset_after
-        and isinstance(recurrent_weights, (list, tuple))
-        and len(recurrent_weights) == 2
-        and all(isinstance(w, (list, tuple, dict)) for w in recurrent_weights)
-    ):
-        rec_kind, a = _scheme(
-            recurrent_scheme, recurrent_weights[0], "recurrent_scheme"
-        )
-        _, b = _scheme(
-            recurrent_scheme, recurrent_weights[1], "recurrent_scheme"
-        )
-        rec_w = a + b
+    in_blocks, in_shuffle = _stages(input_stages, "input_stages")
+    rec_blocks, rec_shuffle = _stages(recurrent_stages, "recurrent_stages")
+    if reset_after:
+        if candidate_stages is not None and (
+            not isinstance(candidate_stages, collections.abc.Sequence)
+            or len(candidate_stages) > 0
+        ):
+            raise ValueError(
+                "`candidate_stages` must be None or empty with "
+                "reset_after=True: recurrent_stages then make all three "
+                "gates (units -> 3 * units). Received: "
+                f"{_describe(candidate_stages)}"
+            )
+        cand_blocks, cand_shuffle = [], []
     else:
-        rec_kind, rec_w = _scheme(
-            recurrent_scheme, recurrent_weights, "recurrent_scheme"
+        if candidate_stages is None:
+            raise ValueError(
+                "`candidate_stages` is required with reset_after=False: "
+                "recurrent_stages are then product A (units -> 2 * units, "
+                "gates z and r) and candidate_stages product B (units -> "
+                "units, applied to r * h)."
+            )
+        cand_blocks, cand_shuffle = _stages(
+            candidate_stages, "candidate_stages"
         )
+    num_threads = _num_threads_attr(num_threads)
+    lib = load()
     return tuple(
         lib.keras_antman_structured_gru(
             x=x,
             initial_h=initial_h,
             bias=bias,
-            input_weights=in_w,
-            recurrent_weights=rec_w,
-            input_scheme=in_kind,
-            recurrent_scheme=rec_kind,
+            input_stages=in_blocks,
+            recurrent_stages=rec_blocks,
+            candidate_stages=cand_blocks,
+            input_shuffle=in_shuffle,
+            recurrent_shuffle=rec_shuffle,
+            candidate_shuffle=cand_shuffle,
             reset_after=bool(reset_after),
             go_backwards=bool(go_backwards),
             return_sequences=bool(return_sequences),
-            num_threads=0 if num_threads is None else num_threads,
+            num_threads=num_threads,
         )
     )
 
@@ -504,20 +614,14 @@ def block_diag_matmul(x, blocks, shuffle=False, num_threads=None):
 
     Raises:
         tf.errors.InvalidArgumentError: shapes do not fit.
+        TypeError, ValueError: ``num_threads`` is not None or an int >= 0.
         CompiledOpsUnavailableError: see `load`.
     """
+    num_threads = _num_threads_attr(num_threads)
     lib = load()
     return lib.keras_antman_block_diag_mat_mul(
         x=x,
         blocks=blocks,
         shuffle=bool(shuffle),
-        num_threads=0 if num_threads is None else num_threads,
+        num_threads=num_threads,
     )
-
-
-Stage = collections.namedtuple("Stage", ["blocks", "shuffle"])
-
-
-def portable_forced():
-    """Whether ``KERAS_ANTMAN_PORTABLE=1`` forces stock TF ops everywhere."""
-    return os.environ.get("KERAS_ANTMAN_PORTABLE", "") not in ("", "0")

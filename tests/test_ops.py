@@ -1,24 +1,28 @@
 """Tests of the compiled ops (keras_antman/ops.py, custom_ops/).
 
 Every result is compared with an independent float64 NumPy reference: each
-scheme's arrays are turned into the dense matrix they stand for, and a
-plain LSTM / GRU runs over those. Weights are seeded random, so a wrong
-shuffle or gate order cannot hide behind equal units.
+chain of stages is multiplied out stage by stage (block-diagonal matrix,
+then the column permutation of the shuffle) into the dense matrix it stands
+for, and a plain LSTM / GRU runs over those. Weights are seeded random, so
+a wrong shuffle or gate order cannot hide behind equal units.
 
 The op tests are skipped when the library is not built (the package then
-runs on stock TF ops); the BUILD-file test always runs.
+runs on stock TF ops); the checks done in Python, the environment switch
+and the BUILD-file test always run.
 """
 
 import ast
 import importlib.util
 import itertools
 import os
+import warnings
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from keras_antman import ops
+from keras_antman.ops import Stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +30,17 @@ needs_op = pytest.mark.skipif(
     not ops.is_available(), reason="compiled op library not built"
 )
 
-KINDS = ("dense", "low_rank", "lgp_shuffle", "lgp_dense", "low_rank_lgp")
+# Chain structures, named after what they are. The first five are what the
+# built-in schemes lower to; the last two no built-in scheme produces.
+KINDS = (
+    "dense",
+    "low_rank",
+    "blocks_shuffle",
+    "mix_blocks",
+    "blocks_mix_blocks",
+    "blocks4_blocks2_shuffle",
+    "four_stages",
+)
 
 
 def isas():
@@ -66,47 +80,78 @@ def shuffle_columns(w, g):
     return w[:, perm]
 
 
-def dense_of(kind, arrays):
-    a = [np.asarray(x, dtype=np.float64) for x in arrays]
-    if kind == "dense":
-        return a[0]
-    if kind == "low_rank":
-        return a[0] @ a[1]
-    if kind == "lgp_shuffle":
-        return shuffle_columns(block_diag(a[0]), a[0].shape[0])
-    if kind == "lgp_dense":
-        mix, blocks = a
+def chain_matrix(stages):
+    """The dense matrix of a chain, multiplied out stage by stage."""
+    w = None
+    for blocks, shuffle in stages:
+        blocks = np.asarray(blocks, dtype=np.float64)
         d = block_diag(blocks)
-        return mix @ d if d.shape[0] < d.shape[1] else d @ mix
-    if kind == "low_rank_lgp":
-        return block_diag(a[0]) @ a[1] @ block_diag(a[2])
-    raise ValueError(kind)
+        if shuffle:
+            d = shuffle_columns(d, blocks.shape[0])
+        w = d if w is None else w @ d
+    return w
 
 
-def make_scheme(kind, n, m, rng, g=4, r=2, g_in=2, g_out=2):
-    """Random arrays of a scheme for an n -> m product, in op order."""
+def make_chain(kind, n, m, rng, g=4, r=2, g_in=2, g_out=2, k=16):
+    """Random stages of one chain structure for an n -> m product."""
 
     def w(*shape):
         return (rng.standard_normal(shape) / np.sqrt(shape[-2])).astype("f")
 
     if kind == "dense":
-        return [w(n, m)]
+        return [Stage(w(1, n, m), False)]
     if kind == "low_rank":
-        k = n // r
-        return [w(n, k), w(k, m)]
-    if kind == "lgp_shuffle":
-        return [w(g, n // g, m // g)]
-    if kind == "lgp_dense":
+        rank = n // r
+        return [Stage(w(1, n, rank), False), Stage(w(1, rank, m), False)]
+    if kind == "blocks_shuffle":
+        return [Stage(w(g, n // g, m // g), True)]
+    if kind == "mix_blocks":
+        # A square mix on the smaller side: first when n < m, else after.
         c = min(n, m)
-        return [w(c, c), w(g, n // g, m // g)]
-    if kind == "low_rank_lgp":
-        k = n // r
+        mix, blocks = w(1, c, c), w(g, n // g, m // g)
+        if n < m:
+            return [Stage(mix, False), Stage(blocks, False)]
+        return [Stage(blocks, False), Stage(mix, False)]
+    if kind == "blocks_mix_blocks":
+        rank = n // r
         return [
-            w(g_in, n // g_in, k // g_in),
-            w(k, k),
-            w(g_out, k // g_out, m // g_out),
+            Stage(w(g_in, n // g_in, rank // g_in), False),
+            Stage(w(1, rank, rank), False),
+            Stage(w(g_out, rank // g_out, m // g_out), False),
+        ]
+    if kind == "blocks4_blocks2_shuffle":
+        return [
+            Stage(w(4, n // 4, k // 4), False),
+            Stage(w(2, k // 2, m // 2), True),
+        ]
+    if kind == "four_stages":
+        return [
+            Stage(w(2, n // 2, 4), False),
+            Stage(w(1, 8, 12), False),
+            Stage(w(4, 3, 4), False),
+            Stage(w(2, 8, m // 2), True),
         ]
     raise ValueError(kind)
+
+
+def test_chain_matrix_reference():
+    """The reference itself, on a case small enough to write out."""
+    blocks = np.arange(8, dtype="f").reshape(2, 2, 2)  # [[0,1],[2,3]], ...
+    x = np.array([[1.0, 10.0, 100.0, 1000.0]])
+    # Block product: [1, 10] @ [[0, 1], [2, 3]] = [20, 31] and
+    # [100, 1000] @ [[4, 5], [6, 7]] = [6400, 7500]; the shuffle puts
+    # output j of group i at j * 2 + i.
+    np.testing.assert_array_equal(
+        x @ chain_matrix([Stage(blocks, False)]), [[20, 31, 6400, 7500]]
+    )
+    np.testing.assert_array_equal(
+        x @ chain_matrix([Stage(blocks, True)]), [[20, 6400, 31, 7500]]
+    )
+    mix = np.eye(4)[None, :, ::-1]  # reverses the columns
+    np.testing.assert_array_equal(
+        x @ chain_matrix([Stage(blocks, False), Stage(mix, False)]),
+        [[7500, 6400, 31, 20]],
+    )
 
 
 def sigmoid(x):
@@ -174,21 +219,18 @@ def lstm_case(
 ):
     rng = np.random.default_rng(seed)
     m = 4 * units
-    case = dict(
+    return dict(
         x=rng.standard_normal((batch, steps, features)).astype("f"),
         initial_h=(0.5 * rng.standard_normal((batch, units))).astype("f"),
         initial_c=(0.5 * rng.standard_normal((batch, units))).astype("f"),
         bias=(0.3 * rng.standard_normal(m)).astype("f"),
-        input_scheme=in_kind,
-        input_weights=make_scheme(
+        input_stages=make_chain(
             in_kind, features, m, rng, **(in_params or {})
         ),
-        recurrent_scheme=rec_kind,
-        recurrent_weights=make_scheme(
+        recurrent_stages=make_chain(
             rec_kind, units, m, rng, **(rec_params or {})
         ),
     )
-    return case
 
 
 def check_lstm(case, go_backwards, return_sequences, num_threads=1):
@@ -203,8 +245,8 @@ def check_lstm(case, go_backwards, return_sequences, num_threads=1):
         case["initial_h"],
         case["initial_c"],
         case["bias"],
-        dense_of(case["input_scheme"], case["input_weights"]),
-        dense_of(case["recurrent_scheme"], case["recurrent_weights"]),
+        chain_matrix(case["input_stages"]),
+        chain_matrix(case["recurrent_stages"]),
         go_backwards,
     )
     tol = dict(rtol=1e-4, atol=2e-5)
@@ -228,19 +270,17 @@ def gru_case(
     m = 3 * units
     bias_shape = (2, m) if reset_after else (m,)
     if reset_after:
-        rec = make_scheme(rec_kind, units, m, rng)
+        rec, cand = make_chain(rec_kind, units, m, rng), None
     else:
-        rec = make_scheme(rec_kind, units, 2 * units, rng) + make_scheme(
-            rec_kind, units, units, rng
-        )
+        rec = make_chain(rec_kind, units, 2 * units, rng)
+        cand = make_chain(rec_kind, units, units, rng)
     return dict(
         x=rng.standard_normal((batch, steps, features)).astype("f"),
         initial_h=(0.5 * rng.standard_normal((batch, units))).astype("f"),
         bias=(0.3 * rng.standard_normal(bias_shape)).astype("f"),
-        input_scheme=in_kind,
-        input_weights=make_scheme(in_kind, features, m, rng),
-        recurrent_scheme=rec_kind,
-        recurrent_weights=rec,
+        input_stages=make_chain(in_kind, features, m, rng),
+        recurrent_stages=rec,
+        candidate_stages=cand,
         reset_after=reset_after,
     )
 
@@ -252,22 +292,16 @@ def check_gru(case, go_backwards, return_sequences, num_threads=1):
         return_sequences=return_sequences,
         num_threads=num_threads,
     )
-    kind = case["recurrent_scheme"]
-    rec = case["recurrent_weights"]
-    if case["reset_after"]:
-        k_rec, k_cand = dense_of(kind, rec), None
-    else:
-        half = len(rec) // 2
-        k_rec, k_cand = dense_of(kind, rec[:half]), dense_of(kind, rec[half:])
+    cand = case["candidate_stages"]
     seq, h_ref = ref_gru(
         case["x"],
         case["initial_h"],
         case["bias"],
-        dense_of(case["input_scheme"], case["input_weights"]),
-        k_rec,
+        chain_matrix(case["input_stages"]),
+        chain_matrix(case["recurrent_stages"]),
         go_backwards,
         case["reset_after"],
-        k_cand,
+        None if cand is None else chain_matrix(cand),
     )
     tol = dict(rtol=1e-4, atol=2e-5)
     np.testing.assert_allclose(out, seq if return_sequences else h_ref, **tol)
@@ -283,10 +317,10 @@ PAIRS = list(itertools.product(KINDS, KINDS))
 @needs_op
 @pytest.mark.parametrize("isa", isas())
 @pytest.mark.parametrize("in_kind,rec_kind", PAIRS)
-def test_lstm_every_scheme_pair(in_kind, rec_kind, isa):
+def test_lstm_every_chain_pair(in_kind, rec_kind, isa):
     ops.set_instruction_set(isa)
     ops._set_min_parallel_work(0, 0)  # run the 2-thread path on tiny shapes
-    seed = KINDS.index(in_kind) * 5 + KINDS.index(rec_kind)
+    seed = KINDS.index(in_kind) * len(KINDS) + KINDS.index(rec_kind)
     case = lstm_case(in_kind, rec_kind, seed)
     for go_backwards, return_sequences in [
         (False, True),
@@ -303,10 +337,10 @@ def test_lstm_every_scheme_pair(in_kind, rec_kind, isa):
 @pytest.mark.parametrize("isa", isas())
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("in_kind,rec_kind", PAIRS)
-def test_gru_every_scheme_pair(in_kind, rec_kind, reset_after, isa):
+def test_gru_every_chain_pair(in_kind, rec_kind, reset_after, isa):
     ops.set_instruction_set(isa)
     ops._set_min_parallel_work(0, 0)
-    seed = 100 + KINDS.index(in_kind) * 5 + KINDS.index(rec_kind)
+    seed = 100 + KINDS.index(in_kind) * len(KINDS) + KINDS.index(rec_kind)
     case = gru_case(in_kind, rec_kind, seed, reset_after)
     for go_backwards, return_sequences in [
         (False, True),
@@ -317,6 +351,34 @@ def test_gru_every_scheme_pair(in_kind, rec_kind, reset_after, isa):
         two = check_gru(case, go_backwards, return_sequences, num_threads=2)
         for a, b in zip(one, two):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@needs_op
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lstm_chain_no_scheme_produces(threads):
+    """Blocks g=4 without shuffle, then blocks g=2 with the shuffle, on
+    both products: the group-owned last stage behind an intermediate stage
+    (the recurrent shuffle's g = 2 divides units; each group owns 20 units)
+    and an input shuffle reached through a column gather."""
+    ops._set_min_parallel_work(0, 0)
+    rng = np.random.default_rng(21)
+    b, t, n, u = 2, 6, 24, 40
+    case = dict(
+        x=rng.standard_normal((b, t, n)).astype("f"),
+        initial_h=(0.5 * rng.standard_normal((b, u))).astype("f"),
+        initial_c=(0.5 * rng.standard_normal((b, u))).astype("f"),
+        bias=(0.3 * rng.standard_normal(4 * u)).astype("f"),
+        input_stages=[
+            Stage(rng.standard_normal((4, 6, 8)).astype("f") / 3, False),
+            Stage(rng.standard_normal((2, 16, 80)).astype("f") / 4, True),
+        ],
+        recurrent_stages=[
+            Stage(rng.standard_normal((4, 10, 8)).astype("f") / 3, False),
+            Stage(rng.standard_normal((2, 16, 80)).astype("f") / 4, True),
+        ],
+    )
+    check_lstm(case, False, True, num_threads=threads)
+    check_lstm(case, True, False, num_threads=threads)
 
 
 @needs_op
@@ -342,20 +404,20 @@ def test_gru_streamed_gate_columns(batch, reset_after):
         (
             "shuffle_g_not_dividing_units",
             dict(
-                in_kind="lgp_shuffle",
-                rec_kind="lgp_shuffle",
+                in_kind="blocks_shuffle",
+                rec_kind="blocks_shuffle",
                 features=16,
                 units=20,
                 in_params=dict(g=8),
                 rec_params=dict(g=5),
             ),
         ),
-        # n >= m on the input product: LGP-Dense mixes after the blocks.
+        # n >= m on the input product: the mix comes after the blocks.
         (
-            "lgp_dense_mix_after",
+            "mix_after_blocks",
             dict(
-                in_kind="lgp_dense",
-                rec_kind="lgp_dense",
+                in_kind="mix_blocks",
+                rec_kind="mix_blocks",
                 features=96,
                 units=6,
                 in_params=dict(g=2),
@@ -377,8 +439,8 @@ def test_gru_streamed_gate_columns(batch, reset_after):
         (
             "shuffle_wide",
             dict(
-                in_kind="lgp_shuffle",
-                rec_kind="lgp_shuffle",
+                in_kind="blocks_shuffle",
+                rec_kind="blocks_shuffle",
                 units=200,
                 features=40,
                 batch=2,
@@ -388,10 +450,10 @@ def test_gru_streamed_gate_columns(batch, reset_after):
             ),
         ),
         (
-            "low_rank_lgp_10_2",
+            "blocks_mix_blocks_10_2",
             dict(
-                in_kind="low_rank_lgp",
-                rec_kind="low_rank_lgp",
+                in_kind="blocks_mix_blocks",
+                rec_kind="blocks_mix_blocks",
                 units=100,
                 features=100,
                 batch=1,
@@ -403,8 +465,8 @@ def test_gru_streamed_gate_columns(batch, reset_after):
         (
             "single_unit_groups",
             dict(
-                in_kind="lgp_shuffle",
-                rec_kind="lgp_shuffle",
+                in_kind="blocks_shuffle",
+                rec_kind="blocks_shuffle",
                 units=8,
                 features=8,
                 in_params=dict(g=8),
@@ -414,7 +476,7 @@ def test_gru_streamed_gate_columns(batch, reset_after):
         (
             "long_sequence_batch_one",
             dict(
-                in_kind="lgp_shuffle",
+                in_kind="blocks_shuffle",
                 rec_kind="low_rank",
                 batch=1,
                 steps=130,
@@ -429,7 +491,7 @@ def test_gru_streamed_gate_columns(batch, reset_after):
             "stream_gemv_input_product",
             dict(
                 in_kind="dense",
-                rec_kind="lgp_shuffle",
+                rec_kind="blocks_shuffle",
                 batch=1,
                 steps=2,
                 units=512,
@@ -444,7 +506,7 @@ def test_gru_streamed_gate_columns(batch, reset_after):
             "packed_input_blocks",
             dict(
                 in_kind="dense",
-                rec_kind="lgp_shuffle",
+                rec_kind="blocks_shuffle",
                 batch=3,
                 steps=30,
                 units=100,
@@ -452,15 +514,15 @@ def test_gru_streamed_gate_columns(batch, reset_after):
                 rec_params=dict(g=4),
             ),
         ),
-        # LGP-Shuffle with the same g on both products: the input
+        # Blocks + shuffle with the same g on both products: the input
         # product's columns reach the gate slots as 16 runs of 11 (moved a
         # vector at a time, with a tail); short runs take the
         # column-by-column gather (the cases above).
         (
             "gather_runs",
             dict(
-                in_kind="lgp_shuffle",
-                rec_kind="lgp_shuffle",
+                in_kind="blocks_shuffle",
+                rec_kind="blocks_shuffle",
                 batch=2,
                 steps=9,
                 units=44,
@@ -520,10 +582,8 @@ def test_lstm_matches_keras_layer():
         zeros,
         zeros,
         bias,
-        "Dense",
-        [kernel],
-        "Dense",
-        {"kernel": rec},
+        [Stage(kernel[None], False)],
+        [(rec[None], False)],  # a plain pair works too
         go_backwards=True,
         return_sequences=True,
     )
@@ -550,15 +610,18 @@ def test_gru_matches_keras_layer(reset_after):
     layer.set_weights(weights)
     want = layer(x)
     kernel, rec, bias = weights
-    rec_w = [rec] if reset_after else ([rec[:, : 2 * u]], [rec[:, 2 * u :]])
+    if reset_after:
+        rec_stages, cand_stages = [Stage(rec[None])], None
+    else:
+        rec_stages = [Stage(rec[None, :, : 2 * u])]
+        cand_stages = [Stage(rec[None, :, 2 * u :])]
     got = ops.structured_gru(
         x,
         np.zeros((b, u), "f"),
         bias,
-        "dense",
-        [kernel],
-        "dense",
-        rec_w,
+        [Stage(kernel[None])],
+        rec_stages,
+        cand_stages,
         reset_after=reset_after,
         return_sequences=True,
     )
@@ -569,11 +632,11 @@ def test_gru_matches_keras_layer(reset_after):
 @needs_op
 @pytest.mark.parametrize("return_sequences", [True, False])
 def test_empty_batch_and_no_steps(return_sequences):
-    case = lstm_case("lgp_shuffle", "dense", seed=1, batch=0)
+    case = lstm_case("blocks_shuffle", "dense", seed=1, batch=0)
     out, h, c = ops.structured_lstm(**case, return_sequences=return_sequences)
     assert out.shape == ((0, 7, 20) if return_sequences else (0, 20))
     assert h.shape == c.shape == (0, 20)
-    case = lstm_case("dense", "lgp_shuffle", seed=1, steps=0)
+    case = lstm_case("dense", "blocks_shuffle", seed=1, steps=0)
     out, h, c = ops.structured_lstm(**case, return_sequences=return_sequences)
     assert out.shape == ((3, 0, 20) if return_sequences else (3, 20))
     np.testing.assert_array_equal(h, case["initial_h"])
@@ -587,27 +650,15 @@ def test_empty_batch_and_no_steps(return_sequences):
 
 @needs_op
 def test_in_tf_function_and_threads_setting():
-    case = lstm_case("lgp_shuffle", "lgp_shuffle", seed=5)
+    case = lstm_case("blocks_shuffle", "blocks4_blocks2_shuffle", seed=5)
+    rest = {k: v for k, v in case.items() if k != "x"}
     fn = tf.function(
-        lambda x: ops.structured_lstm(
-            x,
-            *[
-                case[k]
-                for k in (
-                    "initial_h",
-                    "initial_c",
-                    "bias",
-                    "input_scheme",
-                    "input_weights",
-                    "recurrent_scheme",
-                    "recurrent_weights",
-                )
-            ],
-            return_sequences=True,
-        )
+        lambda x: ops.structured_lstm(x, **rest, return_sequences=True)
     )
     out = fn(tf.constant(case["x"]))
     assert out[0].shape == (3, 7, 20)
+    want = check_lstm(case, go_backwards=False, return_sequences=True)
+    np.testing.assert_allclose(out[0], want[0], rtol=1e-6, atol=1e-7)
     ops.set_num_threads(2)
     assert ops.get_num_threads() == 2
     np.testing.assert_allclose(
@@ -615,6 +666,35 @@ def test_in_tf_function_and_threads_setting():
     )
     with pytest.raises(ValueError, match="must be >= 1"):
         ops.set_num_threads(0)
+
+
+@needs_op
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_gru_in_tf_function(reset_after):
+    """Graph mode, including the empty candidate list with reset_after."""
+    case = gru_case("blocks_shuffle", "four_stages", 12, reset_after)
+    rest = {k: v for k, v in case.items() if k != "x"}
+    fn = tf.function(
+        lambda x: ops.structured_gru(x, **rest, return_sequences=True)
+    )
+    got = fn(tf.constant(case["x"]))
+    want = check_gru(case, go_backwards=False, return_sequences=True)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
+
+
+@needs_op
+def test_recurrent_blocks_not_dividing_units_without_shuffle():
+    """g = 8 does not divide 20 units: fine without a shuffle (the last
+    stage is split by unit columns), an error with one (below)."""
+    ops._set_min_parallel_work(0, 0)
+    case = lstm_case("dense", "dense", seed=8)
+    rng = np.random.default_rng(8)
+    case["recurrent_stages"] = [
+        Stage(rng.standard_normal((1, 20, 16)).astype("f") / 4, False),
+        Stage(rng.standard_normal((8, 2, 10)).astype("f"), False),
+    ]
+    check_lstm(case, False, True, num_threads=1)
+    check_lstm(case, True, True, num_threads=2)
 
 
 @needs_op
@@ -650,16 +730,16 @@ def test_block_diag_matmul(shuffle, threads):
 
 def lstm_raw(**over):
     """Calls the raw op (no Python-side checks) with overrides."""
-    case = lstm_case("lgp_shuffle", "low_rank", seed=2)
+    case = lstm_case("blocks_shuffle", "low_rank", seed=2)
     args = dict(
         x=case["x"],
         initial_h=case["initial_h"],
         initial_c=case["initial_c"],
         bias=case["bias"],
-        input_weights=case["input_weights"],
-        recurrent_weights=case["recurrent_weights"],
-        input_scheme="lgp_shuffle",
-        recurrent_scheme="low_rank",
+        input_stages=[s.blocks for s in case["input_stages"]],
+        recurrent_stages=[s.blocks for s in case["recurrent_stages"]],
+        input_shuffle=[True],
+        recurrent_shuffle=[False, False],
     )
     args.update(over)
     return ops.load().keras_antman_structured_lstm(**args)
@@ -672,7 +752,7 @@ def f(*shape):
 BAD_LSTM = [
     (dict(x=f(3, 12)), r"x must be a rank-3 tensor .* received shape \[3,12\]"),
     (
-        dict(x=f(3, 7, 0), input_weights=[f(4, 0, 20)]),
+        dict(x=f(3, 7, 0), input_stages=[f(4, 0, 20)]),
         "x must have at least one feature",
     ),
     (
@@ -691,72 +771,90 @@ BAD_LSTM = [
         r"received \[79\]",
     ),
     (dict(bias=f(2, 80)), r"bias must have shape \[4 \* units\]"),
-    # Groups that do not divide the dims.
+    # Stage ranks.
     (
-        dict(input_weights=[f(5, 2, 16)]),
-        r"input_weights\[0\] \('blocks' of lgp_shuffle\) must have shape "
-        r"\[g, n/g, m/g\] with n = 12, m = 80 .*received \[5,2,16\]",
-    ),
-    (dict(input_weights=[f(4, 3, 21)]), r"with n = 12, m = 80"),
-    (
-        dict(input_weights=[f(12, 80)]),
-        r"input_weights\[0\] \('blocks' of lgp_shuffle\) must have shape",
+        dict(input_stages=[f(12, 80)]),
+        r"input_stages\[0\] must be a rank-3 array \[g, a, b\] \(a dense "
+        r"matrix is \[1, n, m\]\); received shape \[12,80\]",
     ),
     (
-        dict(recurrent_weights=[f(20, 10), f(11, 80)]),
-        r"recurrent_weights\[1\] \('v' of low_rank\) must have shape "
-        r"\[10, 80\] with k = u.shape\[1\].*received \[11,80\]",
+        dict(recurrent_stages=[f(1, 20, 10), f(1, 1, 10, 80)]),
+        r"recurrent_stages\[1\] must be a rank-3 array",
+    ),
+    # Chain dims.
+    (
+        dict(input_stages=[f(5, 2, 16)]),
+        r"input_stages\[0\] must have shape \[g, a, b\] with g \* a = 12 "
+        r"\(the input size of the input product, features -> 4 \* units\); "
+        r"received \[5,2,16\]",
     ),
     (
-        dict(recurrent_weights=[f(19, 10), f(10, 80)]),
-        r"recurrent_weights\[0\] \('u' of low_rank\) must have shape "
-        r"\[n, k\] = \[20, k\]",
+        dict(input_stages=[f(4, 3, 21)]),
+        r"input_stages\[0\] must have shape \[g, a, b\] with g \* b = 80 "
+        r"\(the output size of the input product, features -> 4 \* units\); "
+        r"received \[4,3,21\]",
     ),
     (
-        dict(input_scheme="dense", input_weights=[f(12, 81)]),
-        r"input_weights\[0\] \('kernel' of dense\) must have shape \[12, 80\] "
-        r"\(input product, 12 -> 80\); received \[12,81\]",
+        dict(recurrent_stages=[f(1, 20, 64), f(2, 16, 8)]),
+        r"recurrent_stages\[1\] must have shape \[g, a, b\] with g \* a = 64 "
+        r"\(the output of recurrent_stages\[0\]\); received \[2,16,8\]",
     ),
     (
-        dict(input_scheme="lgp_dense", input_weights=[f(80, 80), f(4, 3, 20)]),
-        r"input_weights\[0\] \('mix' of lgp_dense\) must have shape \[12, 12\] "
-        r"\(mix first",
+        dict(recurrent_stages=[f(1, 20, 10), f(1, 10, 60)]),
+        r"recurrent_stages\[1\] must have shape \[g, a, b\] with g \* b = 80 "
+        r"\(the output size of the recurrent product, units -> 4 \* units\)",
+    ),
+    (
+        dict(recurrent_stages=[f(0, 20, 10), f(1, 10, 80)]),
+        r"recurrent_stages\[0\] must have shape \[g, a, b\] with g, a, b >= 1; "
+        r"received \[0,20,10\]",
+    ),
+    (
+        dict(recurrent_stages=[f(1, 20, 0), f(1, 0, 80)]),
+        r"recurrent_stages\[0\] must have shape \[g, a, b\] with g, a, b >= 1",
+    ),
+    # Shuffle flags.
+    (
+        dict(recurrent_shuffle=[True, False]),
+        r"recurrent_shuffle\[0\] is true, but only the last stage of a chain "
+        r"may shuffle: the engine has no shuffle between stages \(received "
+        r"recurrent_shuffle = \[true, false\]\)",
     ),
     (
         dict(
-            recurrent_scheme="low_rank_lgp",
-            recurrent_weights=[f(2, 10, 5), f(10, 9), f(2, 5, 40)],
+            recurrent_stages=[f(1, 20, 16), f(8, 2, 10)],
+            recurrent_shuffle=[False, True],
         ),
-        r"recurrent_weights\[1\] \('mix' of low_rank_lgp\) must be a square",
+        r"recurrent_stages\[1\] ends the chain with a shuffle "
+        r"\(recurrent_shuffle\[1\] = true\), so its groups g = 8 must divide "
+        r"units = 20: each group then owns every gate of units / g units; "
+        r"received \[8,2,10\]",
     ),
+    (
+        dict(recurrent_shuffle=[False]),
+        r"recurrent_shuffle must hold one flag per stage of recurrent_stages "
+        r"\(2\); received 1 flags \[false\]",
+    ),
+    (
+        dict(input_shuffle=[True, True]),
+        r"input_shuffle must hold one flag per stage of input_stages \(1\); "
+        r"received 2 flags",
+    ),
+    # Number of stages.
     (
         dict(
-            recurrent_scheme="low_rank_lgp",
-            recurrent_weights=[f(3, 10, 5), f(10, 10), f(2, 5, 40)],
+            recurrent_stages=[f(1, 20, 20)] * 4 + [f(1, 20, 80)],
+            recurrent_shuffle=[False] * 5,
         ),
-        r"recurrent_weights\[0\] \('in_blocks' of low_rank_lgp\)",
+        r"recurrent_stages must hold 1 to 4 stages \(kMaxStages\) for the "
+        r"recurrent product, units -> 4 \* units; received 5",
     ),
     (
-        dict(
-            recurrent_scheme="low_rank_lgp",
-            recurrent_weights=[f(2, 10, 5), f(10, 10), f(3, 5, 40)],
-        ),
-        r"recurrent_weights\[2\] \('out_blocks' of low_rank_lgp\)",
+        dict(input_stages=[], input_shuffle=[]),
+        "num_input_stages.* must be at least minimum 1",
     ),
-    # Wrong number of arrays.
-    (
-        dict(input_weights=[f(4, 3, 20), f(4, 3, 20)]),
-        r"input_weights must hold 1 arrays for input_scheme='lgp_shuffle'; "
-        r"received 2",
-    ),
-    (
-        dict(recurrent_weights=[f(20, 10)]),
-        r"recurrent_weights must hold 2 arrays for recurrent_scheme='low_rank'",
-    ),
-    (dict(input_weights=[]), "num_input_weights.* must be at least minimum 1"),
     # Attributes.
     (dict(num_threads=-1), r"num_threads must be >= 0 .*received -1"),
-    (dict(input_scheme="lgp"), "not in the list of allowed values"),
     # dtypes.
     (
         dict(x=tf.zeros((3, 7, 12), tf.float64)),
@@ -765,6 +863,10 @@ BAD_LSTM = [
     (
         dict(bias=tf.zeros((80,), tf.int32)),
         "expected to be a float tensor but is a int32 tensor",
+    ),
+    (
+        dict(input_stages=[tf.zeros((4, 3, 20), tf.float64)]),
+        "expected to be a float tensor but is a double tensor",
     ),
 ]
 
@@ -776,16 +878,27 @@ def test_lstm_bad_input(over, match):
         lstm_raw(**over)
 
 
+@needs_op
+def test_lstm_raw_base_case_runs():
+    """The base of the bad-input cases is itself valid, so each case fails
+    for its own override only."""
+    out, h, c = lstm_raw()
+    assert h.shape == c.shape == (3, 20)
+
+
 def gru_raw(reset_after, **over):
     case = gru_case("dense", "dense", seed=3, reset_after=reset_after)
+    cand = case["candidate_stages"] or []
     args = dict(
         x=case["x"],
         initial_h=case["initial_h"],
         bias=case["bias"],
-        input_weights=case["input_weights"],
-        recurrent_weights=case["recurrent_weights"],
-        input_scheme="dense",
-        recurrent_scheme="dense",
+        input_stages=[s.blocks for s in case["input_stages"]],
+        recurrent_stages=[s.blocks for s in case["recurrent_stages"]],
+        candidate_stages=[s.blocks for s in cand],
+        input_shuffle=[False],
+        recurrent_shuffle=[False],
+        candidate_shuffle=[False] * len(cand),
         reset_after=reset_after,
     )
     args.update(over)
@@ -806,21 +919,55 @@ BAD_GRU = [
         r"\[60\] without reset_after",
     ),
     (
-        False,
-        dict(recurrent_weights=[f(20, 40)]),
-        r"recurrent_weights must hold 2 arrays for recurrent_scheme='dense' "
-        r"\(products A then B, reset_after=False\); received 1",
-    ),
-    (
-        False,
-        dict(recurrent_weights=[f(20, 40), f(20, 40)]),
-        r"recurrent_weights\[1\] \('kernel' of dense\) must have shape "
-        r"\[20, 20\] \(recurrent product B, 20 -> 20\)",
+        True,
+        dict(candidate_stages=[f(1, 20, 20)], candidate_shuffle=[False]),
+        r"candidate_stages must be empty with reset_after=True \(then "
+        r"recurrent_stages produce all three gates, units -> 3 \* units\); "
+        r"received 1 stages",
     ),
     (
         True,
-        dict(recurrent_weights=[f(20, 80)]),
-        r"must have shape \[20, 60\] \(recurrent product, 20 -> 60\)",
+        dict(candidate_shuffle=[True]),
+        r"candidate_shuffle must be empty when candidate_stages is; "
+        r"received \[true\]",
+    ),
+    (
+        False,
+        dict(candidate_stages=[], candidate_shuffle=[]),
+        r"candidate_stages must hold the candidate product B \(units -> "
+        r"units, applied to r \* h\) with reset_after=False.*received none",
+    ),
+    (
+        False,
+        dict(candidate_shuffle=[False, False]),
+        r"candidate_shuffle must hold one flag per stage of candidate_stages "
+        r"\(1\); received 2 flags",
+    ),
+    (
+        False,
+        dict(recurrent_stages=[f(1, 20, 60)]),
+        r"recurrent_stages\[0\] must have shape \[g, a, b\] with g \* b = 40 "
+        r"\(the output size of the recurrent product A, units -> 2 \* units "
+        r"\(gates z and r\)\); received \[1,20,60\]",
+    ),
+    (
+        False,
+        dict(candidate_stages=[f(1, 20, 40)]),
+        r"candidate_stages\[0\] must have shape \[g, a, b\] with g \* b = 20 "
+        r"\(the output size of the candidate product B, units -> units "
+        r"\(applied to r \* h\)\); received \[1,20,40\]",
+    ),
+    (
+        False,
+        dict(candidate_stages=[f(2, 10, 10), f(1, 20, 20)],
+             candidate_shuffle=[True, False]),
+        r"candidate_shuffle\[0\] is true, but only the last stage",
+    ),
+    (
+        True,
+        dict(recurrent_stages=[f(1, 20, 80)]),
+        r"with g \* b = 60 \(the output size of the recurrent product, "
+        r"units -> 3 \* units\)",
     ),
     (True, dict(num_threads=-3), "num_threads must be >= 0"),
     (True, dict(initial_h=f(3, 20, 2)), "initial_h must have shape"),
@@ -832,6 +979,13 @@ BAD_GRU = [
 def test_gru_bad_input(reset_after, over, match):
     with pytest.raises(tf.errors.InvalidArgumentError, match=match):
         gru_raw(reset_after, **over)
+
+
+@needs_op
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_gru_raw_base_case_runs(reset_after):
+    out, h = gru_raw(reset_after)
+    assert h.shape == (3, 20)
 
 
 BAD_BLOCK_DIAG = [
@@ -855,30 +1009,20 @@ def test_block_diag_bad_input(x, blocks, match):
     with pytest.raises(tf.errors.InvalidArgumentError, match=match):
         ops.block_diag_matmul(x, blocks)
     with pytest.raises(tf.errors.InvalidArgumentError, match="num_threads"):
-        ops.block_diag_matmul(f(2, 4), f(2, 2, 3), num_threads=-1)
+        ops.load().keras_antman_block_diag_mat_mul(
+            x=f(2, 4), blocks=f(2, 2, 3), num_threads=-1
+        )
 
 
 @needs_op
 def test_graph_mode_shape_errors():
+    """The shape functions reject what graph construction can know."""
     case = lstm_case("dense", "dense", seed=1)
+    rest = {k: v for k, v in case.items() if k != "x"}
 
     @tf.function
     def run(x):
-        return ops.structured_lstm(
-            x,
-            *[
-                case[k]
-                for k in (
-                    "initial_h",
-                    "initial_c",
-                    "bias",
-                    "input_scheme",
-                    "input_weights",
-                    "recurrent_scheme",
-                    "recurrent_weights",
-                )
-            ],
-        )
+        return ops.structured_lstm(x, **rest)
 
     with pytest.raises(ValueError, match="x: Shape must be rank 3"):
         run.get_concrete_function(tf.TensorSpec([3, 12]))
@@ -886,14 +1030,196 @@ def test_graph_mode_shape_errors():
     spec = run.get_concrete_function(tf.TensorSpec([None, None, 12]))
     assert spec.structured_outputs[0].shape.as_list() == [3, 20]
 
+    def raw(stages_spec, **over):
+        """Traces lstm_raw with the recurrent stages as graph inputs."""
 
-def test_wrapper_rejects_unknown_scheme():
-    if not ops.is_available():
-        pytest.skip("compiled op library not built")
-    case = lstm_case("dense", "dense", seed=1)
-    case["input_scheme"] = "kronecker"
-    with pytest.raises(ValueError, match="`input_scheme` must be one of"):
-        ops.structured_lstm(**case)
+        @tf.function
+        def trace(*stages):
+            return lstm_raw(recurrent_stages=list(stages), **over)
+
+        return trace.get_concrete_function(*stages_spec)
+
+    spec = [tf.TensorSpec([1, 20, 64]), tf.TensorSpec([2, 16, 8])]
+    with pytest.raises(
+        ValueError,
+        match=r"recurrent_stages\[1\] must have shape \[g, a, b\] with "
+        r"g \* a = 64 \(the output of recurrent_stages\[0\]\); "
+        r"received \[2,16,8\]",
+    ):
+        raw(spec)
+    with pytest.raises(ValueError, match=r"recurrent_stages\[1\] must be a "):
+        raw([tf.TensorSpec([1, 20, 10]), tf.TensorSpec([10, 80])])
+    with pytest.raises(ValueError, match=r"recurrent_shuffle\[0\] is true"):
+        raw(
+            [tf.TensorSpec([1, 20, 10]), tf.TensorSpec([1, 10, 80])],
+            recurrent_shuffle=[True, False],
+        )
+    # Unknown dims are left to run time.
+    raw([tf.TensorSpec([None, 20, None]), tf.TensorSpec([None, None, 80])])
+    raw([tf.TensorSpec(None), tf.TensorSpec([1, 10, 80])])
+
+
+# -- checks in Python, before the op -----------------------------------------
+
+
+def lstm_args(**over):
+    case = lstm_case("dense", "low_rank", seed=6)
+    case.update(over)
+    return case
+
+
+BAD_PY = [
+    (
+        dict(input_stages=None),
+        TypeError,
+        r"`input_stages` must be a list of keras_antman.ops.Stage\(blocks, "
+        r"shuffle\) \(or \(blocks, shuffle\) pairs\), one per stage of the "
+        r"chain. Received: None of type NoneType",
+    ),
+    (
+        dict(recurrent_stages=f(1, 20, 80)),
+        TypeError,
+        r"`recurrent_stages` must be a list .* Received: a ndarray of shape "
+        r"\(1, 20, 80\)",
+    ),
+    (
+        dict(input_stages=Stage(f(1, 12, 80), False)),
+        TypeError,
+        r"received a single Stage. Wrap it in a list: input_stages=\[stage\]",
+    ),
+    (
+        dict(input_stages=[f(1, 12, 80)]),
+        TypeError,
+        r"input_stages\[0\] is a ndarray of shape \(1, 12, 80\)",
+    ),
+    (
+        dict(input_stages=[(f(1, 12, 80), 1)]),
+        TypeError,
+        r"The shuffle flag of `input_stages\[0\]` must be a bool. "
+        r"Received: 1 of type int",
+    ),
+    (dict(input_stages="dense"), TypeError, "`input_stages` must be a list"),
+    (dict(input_stages=[]), ValueError, "received an empty list"),
+    (
+        dict(num_threads=1.5),
+        TypeError,
+        r"`num_threads` must be None or an integer >= 0 .* Received: "
+        r"num_threads=1.5 of type float",
+    ),
+    (dict(num_threads=True), TypeError, "of type bool"),
+    (
+        dict(num_threads=-1),
+        ValueError,
+        r"`num_threads` must be None or an integer >= 0. Received: "
+        r"num_threads=-1",
+    ),
+]
+
+
+@pytest.mark.parametrize("over,error,match", BAD_PY)
+def test_wrapper_checks_in_python(over, error, match, monkeypatch):
+    # Raised before the library is needed: works without it.
+    monkeypatch.setattr(ops, "load", lambda: pytest.fail("load() called"))
+    with pytest.raises(error, match=match):
+        ops.structured_lstm(**lstm_args(**over))
+
+
+def test_gru_wrapper_checks_candidate_stages(monkeypatch):
+    monkeypatch.setattr(ops, "load", lambda: pytest.fail("load() called"))
+    case = gru_case("dense", "dense", seed=9, reset_after=True)
+    case["candidate_stages"] = [Stage(f(1, 20, 20))]
+    with pytest.raises(
+        ValueError,
+        match=r"`candidate_stages` must be None or empty with "
+        r"reset_after=True",
+    ):
+        ops.structured_gru(**case)
+    case = gru_case("dense", "dense", seed=9, reset_after=False)
+    case["candidate_stages"] = None
+    with pytest.raises(
+        ValueError,
+        match=r"`candidate_stages` is required with reset_after=False",
+    ):
+        ops.structured_gru(**case)
+    case["candidate_stages"] = [f(1, 20, 20)]
+    with pytest.raises(TypeError, match=r"candidate_stages\[0\] is a"):
+        ops.structured_gru(**case)
+    with pytest.raises(TypeError, match="`num_threads` must be None"):
+        ops.block_diag_matmul(f(2, 4), f(2, 2, 3), num_threads=2.0)
+
+
+@needs_op
+def test_wrapper_accepts_numpy_flags_and_ints():
+    stages = lstm_case("blocks_shuffle", "dense", seed=6)["input_stages"]
+    case = lstm_args(
+        input_stages=[(s.blocks, np.bool_(s.shuffle)) for s in stages]
+    )
+    check_lstm(case, False, True, num_threads=np.int64(2))
+    check_lstm(case, False, True, num_threads=None)
+
+
+# -- the environment switch ---------------------------------------------------
+
+
+def _fresh_state():
+    return {"module": None, "cdll": None, "error": None, "warned": False}
+
+
+def test_portable_env_turns_the_compiled_ops_off(monkeypatch, tmp_path):
+    # A library that exists but does not fit: without the switch,
+    # is_available warns once.
+    stale = tmp_path / "_antman_ops.so"
+    stale.write_bytes(b"")
+
+    def check_build():
+        raise ops.CompiledOpsUnavailableError("built for another TF")
+
+    monkeypatch.setattr(ops, "library_path", lambda: str(stale))
+    monkeypatch.setattr(ops, "_check_build", check_build)
+
+    monkeypatch.setattr(ops, "_state", _fresh_state())
+    monkeypatch.delenv("KERAS_ANTMAN_PORTABLE", raising=False)
+    with pytest.warns(RuntimeWarning, match="built for another TF"):
+        assert ops.is_available() is False
+
+    for value in ("1", "true", "ON"):
+        monkeypatch.setattr(ops, "_state", _fresh_state())
+        monkeypatch.setenv("KERAS_ANTMAN_PORTABLE", value)
+        assert ops.portable_forced()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a warning would fail here
+            assert ops.is_available() is False
+        assert not ops._state["warned"]
+        with pytest.raises(
+            ops.CompiledOpsUnavailableError,
+            match=f"disabled by KERAS_ANTMAN_PORTABLE={value} in the "
+            "environment",
+        ):
+            ops.load()
+        with pytest.raises(ops.CompiledOpsUnavailableError, match="disabled"):
+            ops.instruction_set()
+        # The cached load error stays that of the library, not the switch.
+        assert ops._state["error"] is None
+
+    monkeypatch.setenv("KERAS_ANTMAN_PORTABLE", "0")
+    assert not ops.portable_forced()
+    monkeypatch.setattr(ops, "_state", _fresh_state())
+    with pytest.raises(ops.CompiledOpsUnavailableError, match="another TF"):
+        ops.load()
+
+
+@needs_op
+def test_portable_env_applies_after_loading(monkeypatch):
+    """Read on every load: a loaded library is refused too, and unsetting
+    the switch brings it back."""
+    assert ops.is_available()
+    monkeypatch.setenv("KERAS_ANTMAN_PORTABLE", "1")
+    assert ops.is_available() is False
+    with pytest.raises(ops.CompiledOpsUnavailableError, match="disabled"):
+        ops.structured_lstm(**lstm_args())
+    monkeypatch.delenv("KERAS_ANTMAN_PORTABLE")
+    assert ops.is_available()
+    check_lstm(lstm_args(), False, True)
 
 
 @needs_op

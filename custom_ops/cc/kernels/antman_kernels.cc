@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "custom_ops/cc/kernels/chain_checks.h"
 #include "custom_ops/cc/kernels/rnn_engine.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -101,132 +102,30 @@ std::string Shape(const Tensor& t) { return t.shape().DebugString(); }
 int64_t RoundUp16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // ---------------------------------------------------------------------------
-// Scheme checks: the arrays of one scheme, in the order of its
-// `weight_shapes` in keras_antman/schemes.py, turned into a chain of
-// block-diagonal stages.
+// Stage chains: a product's arrays [g, a, b] and shuffle flags, checked
+// (chain_checks.h) and turned into the engine's Chain.
 
-const char* const kSchemeNames[] = {"dense", "low_rank", "lgp_shuffle",
-                                    "lgp_dense", "low_rank_lgp"};
-const int kSchemeArrays[] = {1, 2, 1, 2, 3};
-
-int SchemeIndex(const std::string& kind) {
-  for (int i = 0; i < 5; ++i)
-    if (kind == kSchemeNames[i]) return i;
-  return -1;
-}
-
-struct ArrayRef {
-  const Tensor* t;
-  std::string name;  // e.g. "recurrent_weights[1] ('mix' of lgp_dense)"
-};
-
-// blocks [g, n/g, m/g]: g >= 1 dividing n and m.
-absl::Status BlockStage(const ArrayRef& r, int64_t n, int64_t m,
-                        const std::string& where, Stage* st) {
-  const Tensor& t = *r.t;
-  const bool ok = t.dims() == 3 && t.dim_size(0) >= 1 &&
-                  t.dim_size(0) * t.dim_size(1) == n &&
-                  t.dim_size(0) * t.dim_size(2) == m;
-  if (!ok)
-    return InvalidArgument(
-        r.name, " must have shape [g, n/g, m/g] with n = ", n, ", m = ", m,
-        " and groups g dividing both (", where, "); received ", Shape(t));
-  *st = Stage{t.flat<float>().data(), t.dim_size(0), t.dim_size(1),
-              t.dim_size(2), false};
-  return absl::OkStatus();
-}
-
-// A dense [rows, cols] matrix; cols < 0: any cols >= 1.
-absl::Status DenseStage(const ArrayRef& r, int64_t rows, int64_t cols,
-                        const std::string& expected, const std::string& where,
-                        Stage* st) {
-  const Tensor& t = *r.t;
-  const bool ok = t.dims() == 2 && t.dim_size(0) == rows &&
-                  (cols < 0 ? t.dim_size(1) >= 1 : t.dim_size(1) == cols);
-  if (!ok)
-    return InvalidArgument(r.name, " must have shape ", expected, " (", where,
-                           "); received ", Shape(t));
-  *st = Stage{t.flat<float>().data(), 1, t.dim_size(0), t.dim_size(1), false};
-  return absl::OkStatus();
-}
-
-std::string Dims(int64_t a, int64_t b) {
-  return "[" + std::to_string(a) + ", " + std::to_string(b) + "]";
-}
-
-// `product` names the product in messages ("input product, 32 -> 256").
-absl::Status BuildChain(int kind, const std::vector<ArrayRef>& w, int64_t n,
-                        int64_t m, const std::string& product, Chain* ch) {
-  ch->n = n;
-  ch->m = m;
-  Stage* s = ch->stages;
-  switch (kind) {
-    case 0:  // dense: kernel [n, m]
-      ch->num_stages = 1;
-      return DenseStage(w[0], n, m, Dims(n, m), product, &s[0]);
-    case 1: {  // low_rank: u [n, k], v [k, m]
-      ch->num_stages = 2;
-      TF_RETURN_IF_ERROR(
-          DenseStage(w[0], n, -1, "[n, k] = [" + std::to_string(n) + ", k]",
-                     product, &s[0]));
-      const int64_t k = s[0].b;
-      return DenseStage(w[1], k, m, Dims(k, m) + " with k = u.shape[1]",
-                        product, &s[1]);
-    }
-    case 2:  // lgp_shuffle: blocks [g, n/g, m/g]
-      ch->num_stages = 1;
-      TF_RETURN_IF_ERROR(BlockStage(w[0], n, m, product, &s[0]));
-      s[0].shuffle = true;
-      return absl::OkStatus();
-    case 3:  // lgp_dense: mix [min(n, m)]^2, blocks [g, n/g, m/g]
-      ch->num_stages = 2;
-      if (n < m) {  // mix first: D_g (M x)
-        TF_RETURN_IF_ERROR(
-            DenseStage(w[0], n, n, Dims(n, n) + " (mix first, n < m)",
-                       product, &s[0]));
-        return BlockStage(w[1], n, m, product, &s[1]);
-      }
-      TF_RETURN_IF_ERROR(BlockStage(w[1], n, m, product, &s[0]));
-      return DenseStage(w[0], m, m, Dims(m, m) + " (mix after, m <= n)",
-                        product, &s[1]);
-    case 4: {  // low_rank_lgp: in_blocks, mix [k, k], out_blocks
-      ch->num_stages = 3;
-      const Tensor& mix = *w[1].t;
-      if (mix.dims() != 2 || mix.dim_size(0) < 1 ||
-          mix.dim_size(0) != mix.dim_size(1))
-        return InvalidArgument(w[1].name, " must be a square [k, k] matrix (",
-                               product, "); received ", Shape(mix));
-      const int64_t k = mix.dim_size(0);
-      TF_RETURN_IF_ERROR(BlockStage(
-          w[0], n, k, product + ", k = mix.shape[0] = " + std::to_string(k),
-          &s[0]));
-      TF_RETURN_IF_ERROR(DenseStage(w[1], k, k, Dims(k, k), product, &s[1]));
-      return BlockStage(
-          w[2], k, m, product + ", k = mix.shape[0] = " + std::to_string(k),
-          &s[2]);
-    }
+absl::Status BuildChain(const OpInputList& arrays,
+                        const std::vector<bool>& shuffle,
+                        const ChainSpec& spec, Chain* chain) {
+  const int num = arrays.size();
+  TF_RETURN_IF_ERROR(CheckChainAttrs(spec, num, shuffle));
+  std::vector<StageDims> dims(num);
+  std::vector<std::string> received(num);
+  for (int i = 0; i < num; ++i) {
+    const Tensor& t = arrays[i];
+    received[i] = Shape(t);
+    if (t.dims() != 3) return StageRankError(spec, i, received[i]);
+    dims[i] = StageDims{t.dim_size(0), t.dim_size(1), t.dim_size(2)};
   }
-  return InvalidArgument("unknown scheme");
-}
-
-const char* const kArrayNames[5][3] = {{"kernel"},
-                                       {"u", "v"},
-                                       {"blocks"},
-                                       {"mix", "blocks"},
-                                       {"in_blocks", "mix", "out_blocks"}};
-
-// The arrays [first, first + count) of `list` as named references.
-std::vector<ArrayRef> Arrays(const OpInputList& list, const char* list_name,
-                             int kind, int first) {
-  std::vector<ArrayRef> refs;
-  for (int i = 0; i < kSchemeArrays[kind]; ++i) {
-    refs.push_back(ArrayRef{
-        &list[first + i], std::string(list_name) + "[" +
-                              std::to_string(first + i) + "] ('" +
-                              kArrayNames[kind][i] + "' of " +
-                              kSchemeNames[kind] + ")"});
-  }
-  return refs;
+  TF_RETURN_IF_ERROR(CheckChainDims(spec, dims, shuffle, received));
+  chain->num_stages = num;
+  chain->n = spec.n;
+  chain->m = spec.m;
+  for (int i = 0; i < num; ++i)
+    chain->stages[i] = Stage{arrays[i].flat<float>().data(), dims[i].g,
+                             dims[i].a, dims[i].b, shuffle[i]};
+  return absl::OkStatus();
 }
 
 // ---------------------------------------------------------------------------
@@ -235,7 +134,7 @@ std::vector<ArrayRef> Arrays(const OpInputList& list, const char* list_name,
 void PlanProduct(Product* pr, int gates, int64_t units, int64_t batch) {
   const Stage& last = pr->chain.stages[pr->chain.num_stages - 1];
   pr->gates = gates;
-  // BuildChain checked that g divides the input size, which is `units`.
+  // BuildChain checked that a shuffling last stage's g divides `units`.
   pr->mode = last.shuffle ? kGroupOwned : kUnitColumns;
   // kUnitColumns: a task is kUnitChunk units, or at small batch a thread's
   // whole unit range when a large single block is streamed (LastStage).
@@ -254,8 +153,8 @@ int64_t UnitOfSlot(const Product& pr, int64_t units, int64_t k) {
 
 // `gather` as runs (source, slot, length) of consecutive source columns,
 // or nothing when a run is shorter than 8 (then the engine gathers column
-// by column). The identity is one run; LGP-Shuffle with g groups on both
-// products is 4 g runs of units / g.
+// by column). The identity is one run; one shuffled stage with the same g
+// ending both the input and the recurrent chain is 4 g runs of units / g.
 std::vector<int64_t> GatherRuns(const std::vector<int64_t>& gather) {
   constexpr int64_t kMinRun = 8;
   std::vector<int64_t> runs;
@@ -311,24 +210,61 @@ void RunBlockDiagOnBestIsa(const BlockDiagPlan& plan) {
 }
 
 // ---------------------------------------------------------------------------
+// The structured RNN ops. Compute runs the steps of XNNPACK's operator
+// life: check (ValidateInputs), build the products (PlanProducts), plan the
+// slot layout (PlanLayout) and the threads and scratch (SizeScratch), set
+// the buffers up (SetupBuffers), run, and write the states back
+// (WriteStates).
+
+// What differs between the cells, decided once per kernel.
+struct CellTraits {
+  int cell;             // kLstm or kGru
+  bool reset_after;     // GRU only
+  int gates;            // gate pre-activations per unit: 4 (i, f, c, o) or
+                        // 3 (z, r, h)
+  int recurrent_gates;  // gates the recurrent product makes: 4, 3, or 2
+                        // (z, r) when a candidate product makes h
+  bool has_candidate;   // GRU without reset_after: candidate product B
+  bool has_cell_state;  // LSTM: initial_c in, final_c out
+  // GRU with reset_after: bias is [2, 3 * units]; its second row (the
+  // recurrent bias) is added inside r * (...), not folded into x_proj.
+  bool recurrent_bias;
+};
+
+CellTraits LstmTraits() { return {kLstm, false, 4, 4, false, true, false}; }
+
+CellTraits GruTraits(bool reset_after) {
+  return {kGru, reset_after, 3, reset_after ? 3 : 2, !reset_after, false,
+          reset_after};
+}
+
+struct RnnInputs {
+  const Tensor* x = nullptr;
+  const Tensor* initial_h = nullptr;
+  const Tensor* initial_c = nullptr;  // LSTM only
+  const Tensor* bias = nullptr;
+  OpInputList input_stages, recurrent_stages, candidate_stages;
+  int64_t batch = 0, steps = 0, features = 0, units = 0;
+};
+
+struct RnnOutputs {
+  Tensor* output = nullptr;
+  Tensor* final_h = nullptr;
+  Tensor* final_c = nullptr;  // LSTM only
+};
+
+// The slot layout's maps (RnnPlan points into them during the run).
+struct SlotLayout {
+  std::vector<int64_t> gather, runs;
+  std::vector<float> bias_slots, recurrent_bias_slots;
+};
 
 class StructuredRnnOp : public OpKernel {
  public:
-  StructuredRnnOp(OpKernelConstruction* ctx, bool lstm)
-      : OpKernel(ctx), lstm_(lstm) {
-    std::string in, rec;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("input_scheme", &in));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("recurrent_scheme", &rec));
-    input_kind_ = SchemeIndex(in);
-    recurrent_kind_ = SchemeIndex(rec);
-    OP_REQUIRES(ctx, input_kind_ >= 0,
-                InvalidArgument("input_scheme must be one of dense, low_rank, "
-                                "lgp_shuffle, lgp_dense, low_rank_lgp; "
-                                "received '", in, "'"));
-    OP_REQUIRES(ctx, recurrent_kind_ >= 0,
-                InvalidArgument("recurrent_scheme must be one of dense, "
-                                "low_rank, lgp_shuffle, lgp_dense, "
-                                "low_rank_lgp; received '", rec, "'"));
+  StructuredRnnOp(OpKernelConstruction* ctx, bool lstm) : OpKernel(ctx) {
+    bool reset_after = false;
+    if (!lstm) OP_REQUIRES_OK(ctx, ctx->GetAttr("reset_after", &reset_after));
+    traits_ = lstm ? LstmTraits() : GruTraits(reset_after);
     OP_REQUIRES_OK(ctx, ctx->GetAttr("go_backwards", &go_backwards_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("return_sequences", &return_sequences_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_threads", &num_threads_));
@@ -336,259 +272,302 @@ class StructuredRnnOp : public OpKernel {
                 InvalidArgument("num_threads must be >= 0 (0: the "
                                 "process-wide setting); received ",
                                 num_threads_));
-    reset_after_ = false;
-    if (!lstm_) OP_REQUIRES_OK(ctx, ctx->GetAttr("reset_after", &reset_after_));
+    // The attrs of the chains, checked once here rather than per call
+    // (eager calls run no shape function).
+    int64_t num_input, num_recurrent;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_input_stages", &num_input));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_recurrent_stages", &num_recurrent));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("input_shuffle", &input_shuffle_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("recurrent_shuffle", &recurrent_shuffle_));
+    OP_REQUIRES_OK(ctx, CheckChainAttrs(InputChainSpec(traits_.gates, -1, -1),
+                                        num_input, input_shuffle_));
+    OP_REQUIRES_OK(
+        ctx, CheckChainAttrs(RecurrentChainSpec(traits_.recurrent_gates,
+                                                traits_.has_candidate, -1, -1),
+                             num_recurrent, recurrent_shuffle_));
+    if (!lstm) {  // only the GRU op has candidate_stages
+      int64_t num_candidate;
+      OP_REQUIRES_OK(ctx,
+                     ctx->GetAttr("num_candidate_stages", &num_candidate));
+      OP_REQUIRES_OK(ctx,
+                     ctx->GetAttr("candidate_shuffle", &candidate_shuffle_));
+      OP_REQUIRES_OK(ctx, CheckCandidateAttrs(reset_after, num_candidate,
+                                              candidate_shuffle_));
+      if (traits_.has_candidate)
+        OP_REQUIRES_OK(ctx, CheckChainAttrs(CandidateChainSpec(-1),
+                                            num_candidate,
+                                            candidate_shuffle_));
+    }
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& x = ctx->input(0);
-    const Tensor& h0 = ctx->input(1);
-    const Tensor* c0 = lstm_ ? &ctx->input(2) : nullptr;
-    const Tensor& bias = ctx->input(lstm_ ? 3 : 2);
-    OpInputList in_list, rec_list;
-    OP_REQUIRES_OK(ctx, ctx->input_list("input_weights", &in_list));
-    OP_REQUIRES_OK(ctx, ctx->input_list("recurrent_weights", &rec_list));
-
-    OP_REQUIRES(ctx, x.dims() == 3,
-                InvalidArgument("x must be a rank-3 tensor [batch, "
-                                "timesteps, features]; received shape ",
-                                Shape(x)));
-    const int64_t batch = x.dim_size(0), steps = x.dim_size(1);
-    const int64_t features = x.dim_size(2);
-    OP_REQUIRES(ctx, features >= 1,
-                InvalidArgument("x must have at least one feature; received "
-                                "shape ", Shape(x)));
-    OP_REQUIRES(ctx, h0.dims() == 2 && h0.dim_size(0) == batch &&
-                         h0.dim_size(1) >= 1,
-                InvalidArgument("initial_h must have shape [batch, units] "
-                                "with batch = ", batch, " (from x) and "
-                                "units >= 1; received ", Shape(h0)));
-    const int64_t units = h0.dim_size(1);
-    if (lstm_)
-      OP_REQUIRES(ctx, c0->shape() == h0.shape(),
-                  InvalidArgument("initial_c must have the shape of "
-                                  "initial_h, ", Shape(h0), "; received ",
-                                  Shape(*c0)));
-    const int gates = lstm_ ? 4 : 3;
-    const int64_t width = gates * units;
-    if (lstm_) {
-      OP_REQUIRES(ctx, bias.dims() == 1 && bias.dim_size(0) == width,
-                  InvalidArgument("bias must have shape [4 * units] = [",
-                                  width, "]; received ", Shape(bias)));
-    } else if (reset_after_) {
-      OP_REQUIRES(ctx, bias.dims() == 2 && bias.dim_size(0) == 2 &&
-                           bias.dim_size(1) == width,
-                  InvalidArgument("bias must have shape [2, 3 * units] = "
-                                  "[2, ", width, "] with reset_after; "
-                                  "received ", Shape(bias)));
-    } else {
-      OP_REQUIRES(ctx, bias.dims() == 1 && bias.dim_size(0) == width,
-                  InvalidArgument("bias must have shape [3 * units] = [",
-                                  width, "] without reset_after; received ",
-                                  Shape(bias)));
-    }
-
-    const int rec_copies = !lstm_ && !reset_after_ ? 2 : 1;
-    OP_REQUIRES(ctx, in_list.size() == kSchemeArrays[input_kind_],
-                InvalidArgument("input_weights must hold ",
-                                kSchemeArrays[input_kind_], " arrays for "
-                                "input_scheme='", kSchemeNames[input_kind_],
-                                "'; received ", in_list.size()));
-    OP_REQUIRES(ctx,
-                rec_list.size() == rec_copies * kSchemeArrays[recurrent_kind_],
-                InvalidArgument("recurrent_weights must hold ",
-                                rec_copies * kSchemeArrays[recurrent_kind_],
-                                " arrays for recurrent_scheme='",
-                                kSchemeNames[recurrent_kind_], "'",
-                                rec_copies == 2
-                                    ? " (products A then B, reset_after=False)"
-                                    : "",
-                                "; received ", rec_list.size()));
-
-    RnnPlan p{};
-    p.cell = lstm_ ? kLstm : kGru;
-    p.reset_after = reset_after_;
-    p.batch = batch;
-    p.steps = steps;
-    p.features = features;
-    p.units = units;
-    p.z_width = width;
-    p.go_backwards = go_backwards_;
-    p.return_sequences = return_sequences_;
-
-    auto dims = [](int64_t n, int64_t m) {
-      return std::to_string(n) + " -> " + std::to_string(m);
-    };
-    OP_REQUIRES_OK(ctx, BuildChain(input_kind_,
-                                   Arrays(in_list, "input_weights",
-                                          input_kind_, 0),
-                                   features, width,
-                                   "input product, " + dims(features, width),
-                                   &p.input));
-    const int rec_gates = lstm_ ? 4 : (reset_after_ ? 3 : 2);
-    OP_REQUIRES_OK(
-        ctx, BuildChain(recurrent_kind_,
-                        Arrays(rec_list, "recurrent_weights", recurrent_kind_,
-                               0),
-                        units, rec_gates * units,
-                        std::string(rec_copies == 2 ? "recurrent product A, "
-                                                    : "recurrent product, ") +
-                            dims(units, rec_gates * units),
-                        &p.rec.chain));
-    PlanProduct(&p.rec, rec_gates, units, batch);
-    if (rec_copies == 2) {
-      OP_REQUIRES_OK(
-          ctx, BuildChain(recurrent_kind_,
-                          Arrays(rec_list, "recurrent_weights",
-                                 recurrent_kind_,
-                                 kSchemeArrays[recurrent_kind_]),
-                          units, units,
-                          "recurrent product B, " + dims(units, units),
-                          &p.rec2.chain));
-      PlanProduct(&p.rec2, 1, units, batch);
-    }
-
-    // Outputs.
-    Tensor *out = nullptr, *h_out = nullptr, *c_out = nullptr;
-    const TensorShape state_shape({batch, units});
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0,
-                            return_sequences_
-                                ? TensorShape({batch, steps, units})
-                                : state_shape,
-                            &out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, state_shape, &h_out));
-    if (lstm_) OP_REQUIRES_OK(ctx, ctx->allocate_output(2, state_shape, &c_out));
-    if (batch == 0) return;
-    const float* h0p = h0.flat<float>().data();
-    if (steps == 0) {  // nothing to run: the states come back unchanged
-      std::copy_n(h0p, batch * units, h_out->flat<float>().data());
-      if (!return_sequences_)
-        std::copy_n(h0p, batch * units, out->flat<float>().data());
-      if (lstm_)
-        std::copy_n(c0->flat<float>().data(), batch * units,
-                    c_out->flat<float>().data());
+    RnnInputs in;
+    OP_REQUIRES_OK(ctx, ValidateInputs(ctx, &in));
+    RnnPlan plan{};
+    OP_REQUIRES_OK(ctx, PlanProducts(in, &plan));
+    RnnOutputs out;
+    OP_REQUIRES_OK(ctx, AllocateOutputs(ctx, in, &out));
+    if (in.batch == 0) return;
+    if (in.steps == 0) {  // nothing to run: the states come back unchanged
+      CopyInitialStates(in, out);
       return;
     }
+    SlotLayout layout;
+    PlanLayout(in, &layout, &plan);
+    Tensor scratch;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(
+                            tensorflow::DT_FLOAT,
+                            TensorShape({SizeScratch(in, &plan)}), &scratch));
+    SetupBuffers(in, out, &scratch, &plan);
+    RunRnnOnBestIsa(plan);
+    WriteStates(in, plan, out);
+  }
 
-    // Internal layout of z (and c): gate q's slot k sits at q * units + k
-    // and holds unit UnitOfSlot(k) of the product making gate q.
-    auto product_of_gate = [&](int q) -> const Product& {
-      return rec_copies == 2 && q == 2 ? p.rec2 : p.rec;
-    };
-    const Stage& in_last = p.input.stages[p.input.num_stages - 1];
-    const float* b = bias.flat<float>().data();
-    std::vector<int64_t> gather(width);
-    std::vector<float> bias_int(width), rbias_int;
-    if (!lstm_ && reset_after_) rbias_int.resize(width);
-    for (int q = 0; q < gates; ++q) {
-      const Product& pr = product_of_gate(q);
+ private:
+  // Every input's rank, dims and sizes, before anything is allocated.
+  absl::Status ValidateInputs(OpKernelContext* ctx, RnnInputs* in) const {
+    TF_RETURN_IF_ERROR(ctx->input("x", &in->x));
+    TF_RETURN_IF_ERROR(ctx->input("initial_h", &in->initial_h));
+    TF_RETURN_IF_ERROR(ctx->input("bias", &in->bias));
+    if (traits_.has_cell_state)
+      TF_RETURN_IF_ERROR(ctx->input("initial_c", &in->initial_c));
+    TF_RETURN_IF_ERROR(ctx->input_list("input_stages", &in->input_stages));
+    TF_RETURN_IF_ERROR(
+        ctx->input_list("recurrent_stages", &in->recurrent_stages));
+    if (traits_.has_candidate)
+      TF_RETURN_IF_ERROR(
+          ctx->input_list("candidate_stages", &in->candidate_stages));
+
+    const Tensor& x = *in->x;
+    if (x.dims() != 3)
+      return InvalidArgument("x must be a rank-3 tensor [batch, timesteps, "
+                             "features]; received shape ", Shape(x));
+    in->batch = x.dim_size(0);
+    in->steps = x.dim_size(1);
+    in->features = x.dim_size(2);
+    if (in->features < 1)
+      return InvalidArgument("x must have at least one feature; received "
+                             "shape ", Shape(x));
+    const Tensor& h0 = *in->initial_h;
+    if (h0.dims() != 2 || h0.dim_size(0) != in->batch || h0.dim_size(1) < 1)
+      return InvalidArgument("initial_h must have shape [batch, units] with "
+                             "batch = ", in->batch, " (from x) and units >= "
+                             "1; received ", Shape(h0));
+    in->units = h0.dim_size(1);
+    if (traits_.has_cell_state && in->initial_c->shape() != h0.shape())
+      return InvalidArgument("initial_c must have the shape of initial_h, ",
+                             Shape(h0), "; received ",
+                             Shape(*in->initial_c));
+    const Tensor& bias = *in->bias;
+    const int64_t width = traits_.gates * in->units;
+    if (traits_.recurrent_bias) {
+      if (bias.dims() != 2 || bias.dim_size(0) != 2 ||
+          bias.dim_size(1) != width)
+        return InvalidArgument("bias must have shape [2, 3 * units] = [2, ",
+                               width, "] with reset_after; received ",
+                               Shape(bias));
+    } else if (bias.dims() != 1 || bias.dim_size(0) != width) {
+      return InvalidArgument(
+          "bias must have shape [", traits_.gates, " * units] = [", width,
+          "]", traits_.cell == kGru ? " without reset_after" : "",
+          "; received ", Shape(bias));
+    }
+    return absl::OkStatus();
+  }
+
+  // The engine's chains of every product, and how the recurrent ones are
+  // split into tasks.
+  absl::Status PlanProducts(const RnnInputs& in, RnnPlan* p) const {
+    const int64_t units = in.units;
+    p->cell = traits_.cell;
+    p->reset_after = traits_.reset_after;
+    p->batch = in.batch;
+    p->steps = in.steps;
+    p->features = in.features;
+    p->units = units;
+    p->z_width = traits_.gates * units;
+    p->go_backwards = go_backwards_;
+    p->return_sequences = return_sequences_;
+    TF_RETURN_IF_ERROR(BuildChain(
+        in.input_stages, input_shuffle_,
+        InputChainSpec(traits_.gates, in.features, p->z_width), &p->input));
+    const int rec_gates = traits_.recurrent_gates;
+    TF_RETURN_IF_ERROR(BuildChain(
+        in.recurrent_stages, recurrent_shuffle_,
+        RecurrentChainSpec(rec_gates, traits_.has_candidate, units,
+                           rec_gates * units),
+        &p->recurrent.chain));
+    PlanProduct(&p->recurrent, rec_gates, units, in.batch);
+    if (traits_.has_candidate) {
+      TF_RETURN_IF_ERROR(BuildChain(in.candidate_stages, candidate_shuffle_,
+                                    CandidateChainSpec(units),
+                                    &p->candidate.chain));
+      PlanProduct(&p->candidate, 1, units, in.batch);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status AllocateOutputs(OpKernelContext* ctx, const RnnInputs& in,
+                               RnnOutputs* out) const {
+    const TensorShape state_shape({in.batch, in.units});
+    TF_RETURN_IF_ERROR(ctx->allocate_output(
+        "output",
+        return_sequences_ ? TensorShape({in.batch, in.steps, in.units})
+                          : state_shape,
+        &out->output));
+    TF_RETURN_IF_ERROR(ctx->allocate_output("final_h", state_shape,
+                                            &out->final_h));
+    if (traits_.has_cell_state)
+      TF_RETURN_IF_ERROR(ctx->allocate_output("final_c", state_shape,
+                                              &out->final_c));
+    return absl::OkStatus();
+  }
+
+  void CopyInitialStates(const RnnInputs& in, const RnnOutputs& out) const {
+    const int64_t n = in.batch * in.units;
+    const float* h0 = in.initial_h->flat<float>().data();
+    std::copy_n(h0, n, out.final_h->flat<float>().data());
+    if (!return_sequences_)
+      std::copy_n(h0, n, out.output->flat<float>().data());
+    if (traits_.has_cell_state)
+      std::copy_n(in.initial_c->flat<float>().data(), n,
+                  out.final_c->flat<float>().data());
+  }
+
+  // The slot layout (see RnnPlan): where each input-product column and
+  // bias lands so that a task's units are contiguous.
+  void PlanLayout(const RnnInputs& in, SlotLayout* layout, RnnPlan* p) const {
+    const int64_t units = in.units, width = p->z_width;
+    const Stage& in_last = p->input.stages[p->input.num_stages - 1];
+    const float* bias = in.bias->flat<float>().data();
+    layout->gather.resize(width);
+    layout->bias_slots.resize(width);
+    if (traits_.recurrent_bias) layout->recurrent_bias_slots.resize(width);
+    for (int q = 0; q < traits_.gates; ++q) {
+      // Gates past the recurrent product's come from the candidate product.
+      const Product& pr =
+          q < traits_.recurrent_gates ? p->recurrent : p->candidate;
       for (int64_t k = 0; k < units; ++k) {
-        const int64_t j = q * units + k;
-        const int64_t nat = q * units + UnitOfSlot(pr, units, k);
-        gather[j] = in_last.shuffle
-                        ? (nat % in_last.g) * in_last.b + nat / in_last.g
-                        : nat;
-        bias_int[j] = b[nat];
-        if (!rbias_int.empty()) rbias_int[j] = b[width + nat];
+        const int64_t slot = q * units + k;
+        const int64_t column = q * units + UnitOfSlot(pr, units, k);
+        // With a shuffle, natural column j * g + i is the unshuffled
+        // output i * b + j.
+        layout->gather[slot] =
+            in_last.shuffle
+                ? (column % in_last.g) * in_last.b + column / in_last.g
+                : column;
+        layout->bias_slots[slot] = bias[column];
+        if (traits_.recurrent_bias)
+          layout->recurrent_bias_slots[slot] = bias[width + column];
       }
     }
-    p.gather = gather.data();
-    p.runs = nullptr;
-    p.num_runs = 0;
-    std::vector<int64_t> runs = GatherRuns(gather);
-    if (!runs.empty()) {
-      p.runs = runs.data();
-      p.num_runs = static_cast<int64_t>(runs.size() / 3);
-    }
-    p.bias_int = bias_int.data();
-    p.rbias_int = rbias_int.empty() ? nullptr : rbias_int.data();
+    layout->runs = GatherRuns(layout->gather);
+    p->gather = layout->gather.data();
+    p->runs = layout->runs.empty() ? nullptr : layout->runs.data();
+    p->num_runs = static_cast<int64_t>(layout->runs.size() / 3);
+    p->bias_slots = layout->bias_slots.data();
+    p->recurrent_bias_slots = traits_.recurrent_bias
+                                  ? layout->recurrent_bias_slots.data()
+                                  : nullptr;
+  }
 
-    int64_t macs = ProductMacs(p.rec.chain);
-    if (rec_copies == 2) macs += ProductMacs(p.rec2.chain);
-    p.num_threads =
+  // Sets the thread count and the per-thread scratch layout; returns the
+  // floats to allocate: the shared buffers in SetupBuffers' order, then one
+  // block per thread, which the input phase and the recurrent phase reuse.
+  int64_t SizeScratch(const RnnInputs& in, RnnPlan* p) const {
+    const int64_t batch = in.batch, width = p->z_width;
+    const int64_t macs =
+        ProductMacs(p->recurrent.chain) +
+        (traits_.has_candidate ? ProductMacs(p->candidate.chain) : 0);
+    p->num_threads =
         ThreadsFor(num_threads_, batch * macs, min_parallel_macs_per_step);
-    const int nt = p.num_threads;
 
-    // Scratch: shared buffers, then one block per thread. The input phase
-    // and the recurrent phase reuse the same per-thread block.
-    const int64_t bu = RoundUp16(batch * units);
-    int64_t total = RoundUp16(batch * steps * width) + 2 * bu;
-    if (lstm_) total += bu;
-    if (rec_copies == 2) total += 2 * bu;
-    auto product_floats = [&](const Product& pr) {
-      if (pr.chain.num_stages == 0) return int64_t{0};
-      return 2 * RoundUp16(batch * MaxIntermediateWidth(pr.chain));
-    };
-    total += product_floats(p.rec) + product_floats(p.rec2);
-    const int64_t in_mid = RoundUp16(kRowChunk * MaxIntermediateWidth(p.input));
-    const int64_t in_need = 2 * in_mid + RoundUp16(width) + kBlockFloats;
+    const int64_t state = RoundUp16(batch * in.units);
+    int64_t shared = RoundUp16(batch * in.steps * width) + 2 * state;
+    if (traits_.has_cell_state) shared += state;
+    if (traits_.has_candidate) shared += 2 * state;
+    for (const Product* pr : {&p->recurrent, &p->candidate})
+      if (pr->chain.num_stages > 0)
+        shared += 2 * RoundUp16(batch * MaxIntermediateWidth(pr->chain));
+
+    const int64_t stage_floats =
+        RoundUp16(kRowChunk * MaxIntermediateWidth(p->input));
+    const int64_t input_need =
+        2 * stage_floats + RoundUp16(width) + kBlockFloats;
     const int64_t task_units =
-        std::max(p.rec.max_task_units, p.rec2.max_task_units);
-    const int64_t vbuf = RoundUp16(batch * rec_gates * task_units);
-    const int64_t rec_need = vbuf + 4 * RoundUp16(task_units);
-    p.scratch_stride = std::max(in_need, rec_need);
-    total += nt * p.scratch_stride;
+        std::max(p->recurrent.max_task_units, p->candidate.max_task_units);
+    const int64_t task_product =
+        RoundUp16(batch * traits_.recurrent_gates * task_units);
+    const int64_t recurrent_need = task_product + 4 * RoundUp16(task_units);
+    p->scratch_stride = std::max(input_need, recurrent_need);
+    p->off_stage[0] = 0;
+    p->off_stage[1] = stage_floats;
+    p->off_row_copy = 2 * stage_floats;
+    p->off_pack = 2 * stage_floats + RoundUp16(width);
+    p->off_task_product = 0;
+    p->off_task_vectors = task_product;
+    return shared + p->num_threads * p->scratch_stride;
+  }
 
-    Tensor ws;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
-                                           TensorShape({total}), &ws));
-    float* cur = ws.flat<float>().data();
+  // Points the plan at the inputs, outputs and scratch (in SizeScratch's
+  // order) and loads the initial states.
+  void SetupBuffers(const RnnInputs& in, const RnnOutputs& out,
+                    Tensor* scratch, RnnPlan* p) const {
+    const int64_t batch = in.batch, units = in.units;
+    const int64_t state = batch * units;
+    float* cur = scratch->flat<float>().data();
     auto take = [&](int64_t n) {
       float* r = cur;
       cur += RoundUp16(n);
       return r;
     };
-    p.x = x.flat<float>().data();
-    p.xz = take(batch * steps * width);
-    p.h[0] = take(batch * units);
-    p.h[1] = take(batch * units);
-    if (lstm_) p.c = take(batch * units);
-    if (rec_copies == 2) {
-      p.gz = take(batch * units);
-      p.rh = take(batch * units);
+    p->x = in.x->flat<float>().data();
+    p->x_proj = take(batch * in.steps * p->z_width);
+    p->h[0] = take(state);
+    p->h[1] = take(state);
+    if (traits_.has_cell_state) p->c = take(state);
+    if (traits_.has_candidate) {
+      p->update_gate = take(state);
+      p->reset_h_prev = take(state);
     }
-    for (Product* pr : {&p.rec, &p.rec2}) {
+    for (Product* pr : {&p->recurrent, &p->candidate}) {
       if (pr->chain.num_stages == 0) continue;
       const int64_t mid = batch * MaxIntermediateWidth(pr->chain);
       pr->stage_out[0] = take(mid);
       pr->stage_out[1] = take(mid);
     }
-    p.scratch = cur;
-    p.off_stage[0] = 0;
-    p.off_stage[1] = in_mid;
-    p.off_row = 2 * in_mid;
-    p.off_pack = 2 * in_mid + RoundUp16(width);
-    p.off_vbuf = 0;
-    p.off_tmp = vbuf;
-    p.out = return_sequences_ ? out->flat<float>().data() : nullptr;
+    p->scratch = cur;
+    p->out = return_sequences_ ? out.output->flat<float>().data() : nullptr;
 
-    std::copy_n(h0p, batch * units, p.h[0]);
-    if (lstm_) {
-      const float* c0p = c0->flat<float>().data();
-      for (int64_t bi = 0; bi < batch; ++bi)
+    std::copy_n(in.initial_h->flat<float>().data(), state, p->h[0]);
+    if (traits_.has_cell_state) {  // c is in slot layout
+      const float* c0 = in.initial_c->flat<float>().data();
+      for (int64_t b = 0; b < batch; ++b)
         for (int64_t k = 0; k < units; ++k)
-          p.c[bi * units + k] = c0p[bi * units + UnitOfSlot(p.rec, units, k)];
-    }
-
-    RunRnnOnBestIsa(p);
-
-    const float* h_last = p.h[steps & 1];
-    std::copy_n(h_last, batch * units, h_out->flat<float>().data());
-    if (!return_sequences_)
-      std::copy_n(h_last, batch * units, out->flat<float>().data());
-    if (lstm_) {
-      float* cp = c_out->flat<float>().data();
-      for (int64_t bi = 0; bi < batch; ++bi)
-        for (int64_t k = 0; k < units; ++k)
-          cp[bi * units + UnitOfSlot(p.rec, units, k)] = p.c[bi * units + k];
+          p->c[b * units + k] =
+              c0[b * units + UnitOfSlot(p->recurrent, units, k)];
     }
   }
 
- private:
-  bool lstm_;
-  int input_kind_ = 0, recurrent_kind_ = 0;
-  bool go_backwards_ = false, return_sequences_ = false, reset_after_ = false;
+  void WriteStates(const RnnInputs& in, const RnnPlan& p,
+                   const RnnOutputs& out) const {
+    const int64_t batch = in.batch, units = in.units;
+    const float* h_last = p.h[in.steps & 1];
+    std::copy_n(h_last, batch * units, out.final_h->flat<float>().data());
+    if (!return_sequences_)
+      std::copy_n(h_last, batch * units, out.output->flat<float>().data());
+    if (traits_.has_cell_state) {  // back from slot layout
+      float* c = out.final_c->flat<float>().data();
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t k = 0; k < units; ++k)
+          c[b * units + UnitOfSlot(p.recurrent, units, k)] =
+              p.c[b * units + k];
+    }
+  }
+
+  CellTraits traits_;
+  std::vector<bool> input_shuffle_, recurrent_shuffle_, candidate_shuffle_;
+  bool go_backwards_ = false, return_sequences_ = false;
   int64_t num_threads_ = 0;
 };
 

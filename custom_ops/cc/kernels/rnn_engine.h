@@ -2,10 +2,13 @@
 // it can be compiled once per instruction set (rnn_engine_generic.cc,
 // rnn_engine_avx2.cc, rnn_engine_avx512.cc) and chosen at run time.
 //
-// Every AntMan product (paper section 3) is a chain of at most three
-// "stages"; each stage is a block-diagonal matrix with g blocks of a x b
-// (a dense matrix is g = 1) and the last stage may be followed by the
-// shuffle mix (output j of group i goes to position j * g + i).
+// Every product (input, recurrent, GRU candidate) is a chain of 1 to
+// kMaxStages "stages", described by the op's inputs; the engine knows no
+// scheme names. Each stage is a block-diagonal matrix with g blocks of
+// a x b (a dense matrix is g = 1), and the last stage alone may be
+// followed by the shuffle mix (output j of group i goes to position
+// j * g + i): a shuffle between stages would need a permutation pass per
+// stage, which no lowering needs.
 //
 // This header holds plain data only (no inline functions), so that the
 // per-ISA translation units cannot leak differently-compiled copies of a
@@ -24,18 +27,22 @@ struct Stage {
   bool shuffle;
 };
 
+// Intermediate stage outputs alternate between two buffers, so the engine
+// runs chains of any length; the bound only sizes Chain.
+constexpr int kMaxStages = 4;
+
 struct Chain {
-  int num_stages;  // 1..3
-  Stage stages[3];
+  int num_stages;  // 1..kMaxStages
+  Stage stages[kMaxStages];
   int64_t n, m;
 };
 
 // How the last stage of a recurrent product is split into tasks; each task
 // produces every gate of a set of units and runs the gate math right away.
 enum LastStageMode {
-  // Shuffle: g divides the product's input size, which is the units, so
-  // group i owns all gates of units u = i (mod g). Its block product is
-  // written in place, no permutation pass.
+  // Shuffle: g divides the units, so group i owns all gates of units
+  // u = i (mod g) (gate q's column q * units + u lands in group u mod g).
+  // Its block product is written in place, no permutation pass.
   kGroupOwned = 0,
   // No shuffle: a task owns a unit range and computes the columns
   // q * units + [u0, u1) of every gate q.
@@ -54,53 +61,76 @@ constexpr int64_t kBlockFloats = 65536;
 // GemvGates) instead of walked in column tasks.
 constexpr int64_t kStreamRows = 2;
 
+// A recurrent product (or the GRU candidate product) planned for the step
+// loop: its chain, how its last stage is split into tasks, and buffers for
+// its intermediate stage outputs.
 struct Product {
   Chain chain;
-  int gates;           // G: gates produced by this product
-  int mode;            // LastStageMode
-  int64_t max_task_units;
-  float* stage_out[2];  // [batch, m_s] outputs of intermediate stages
+  int gates;  // G: gates this product produces (its width is G * units)
+  int mode;   // LastStageMode
+  int64_t max_task_units;  // the most units one task of the last stage owns
+  float* stage_out[2];     // [batch, g * b] outputs of intermediate stages
 };
 
 enum Cell { kLstm = 0, kGru = 1 };
 
+// Everything the engine needs for one op call; the kernel
+// (antman_kernels.cc) fills it after checking every input, and the engine
+// trusts it.
+//
+// "Slot layout": the state-sized arrays the gate math reads per task (the
+// input projection x_proj, the biases, the LSTM cell state c) are ordered
+// so that each task's units are contiguous: gate q's slot k sits at
+// q * units + k and holds unit UnitOfSlot(k) of the product making gate q
+// (the identity except in kGroupOwned mode). h and the outputs stay in
+// natural unit order.
 struct RnnPlan {
   int cell;
   bool reset_after;  // GRU only
-  int64_t batch, steps, features, units, z_width;  // z_width: 4H or 3H
+  int64_t batch, steps, features, units;
+  int64_t z_width;  // gate pre-activations per row: 4 * units or 3 * units
   bool go_backwards, return_sequences;
   int num_threads;
 
   const float* x;  // [batch, steps, features]
   Chain input;     // features -> z_width
-  // For internal position k of a z row: source column of the input
-  // product's last stage output and the bias folded into it.
+  // For slot k of a z row: the column of the input product's last stage
+  // output that lands there ...
   const int64_t* gather;  // [z_width]
-  // The same map as runs of consecutive columns, (source, slot, length)
-  // each, moved a vector at a time; num_runs = 0: use `gather` instead
-  // (runs too short). One run (0, 0, z_width) is the identity.
+  // ... the same map as runs of consecutive columns, (source, slot,
+  // length) each, moved a vector at a time; num_runs = 0: use `gather`
+  // instead (runs too short). One run (0, 0, z_width) is the identity.
   const int64_t* runs;
   int64_t num_runs;
-  const float* bias_int;  // [z_width]
-  const float* rbias_int;  // GRU reset_after: recurrent bias, internal
+  const float* bias_slots;  // [z_width] input-side bias, folded into x_proj
+  // GRU reset_after: the recurrent bias (added inside r * (...)), slots.
+  const float* recurrent_bias_slots;
 
-  Product rec;   // LSTM: H -> 4H; GRU reset_after: H -> 3H; GRU: H -> 2H
-  Product rec2;  // GRU without reset_after: (r * h) -> H
+  // LSTM: units -> 4 * units; GRU reset_after: units -> 3 * units; GRU
+  // without: units -> 2 * units (gates z and r).
+  Product recurrent;
+  // GRU without reset_after: units -> units, applied to r * h_prev (the
+  // candidate's recurrent term); chain.num_stages = 0 otherwise.
+  Product candidate;
 
-  float* xz;       // [batch * steps, z_width], internal layout
-  float* h[2];     // [batch, units] double buffer, natural layout
-  float* c;        // LSTM [batch, units], slot layout
-  float* gz;       // GRU without reset_after: z gate, [batch, units]
-  float* rh;       // GRU without reset_after: r * h_prev, [batch, units]
-  float* out;      // [batch, steps, units] or null
+  float* x_proj;  // [batch * steps, z_width]: x @ K_in + bias, slot layout
+  float* h[2];    // [batch, units] double buffer, natural layout
+  float* c;       // LSTM: cell state [batch, units], slot layout
+  float* update_gate;   // GRU without reset_after: z, [batch, units]
+  float* reset_h_prev;  // GRU without reset_after: r * h_prev, [batch, units]
+  float* out;     // [batch, steps, units], or null without return_sequences
 
-  float* scratch;  // per-thread scratch, scratch_stride floats each
+  // Per-thread scratch, scratch_stride floats each; the input phase and
+  // the recurrent phase reuse the same block, at these offsets.
+  float* scratch;
   int64_t scratch_stride;
-  int64_t off_stage[2];  // input phase: chunk stage outputs [kRowChunk, m]
-  int64_t off_row;       // input phase: one row of z_width
+  int64_t off_stage[2];  // input phase: stage outputs of a row chunk
+  int64_t off_row_copy;  // input phase: a copy of one z row (permutation)
   int64_t off_pack;      // input phase: kBlockFloats, a packed W block
-  int64_t off_vbuf;      // recurrent phase: [batch, G * max_task_units]
-  int64_t off_tmp;       // recurrent phase: 4 arrays of max_task_units
+  // Recurrent phase: a task's product, [batch, G * max_task_units] ...
+  int64_t off_task_product;
+  // ... and 4 vectors of max_task_units for its gate math.
+  int64_t off_task_vectors;
 };
 
 struct BlockDiagPlan {

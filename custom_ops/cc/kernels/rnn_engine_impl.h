@@ -207,15 +207,14 @@ void GemvGates(const float* x, int64_t ldx, const float* w, int64_t ldw,
 // One or two rows against a large W (batch-1 inference): the product is
 // bound by reading W, so walk W row by row in contiguous segments that the
 // prefetcher follows, keeping a segment of y in L1. Column strips (Kern)
-// would touch every row of W per strip: at d = 1600 that was 2x slower.
+// would touch every row of W per strip, a page per row at large d.
 template <int MR>
 void GemvStream(const float* x, int64_t ldx, const float* w, int64_t ldw,
                 int64_t k_len, int64_t n, float* y, int64_t ldy) {
   // Segments of 2048 columns (8 KiB of y per row) while W may stay in the
-  // last-level cache; whole rows once it cannot (W >= 16 MiB), where one
-  // long stream per row is what the prefetcher follows best. Measured on a
-  // 2-core EPYC (8 MiB L3), batch 1: d = 1600 (41 MB) 14 -> 17.5 GB/s,
-  // d = 800 (10 MB) 2048 columns 20 GB/s against 17 for whole rows.
+  // last-level cache, so y stays in L1; whole rows once it cannot
+  // (W >= 16 MiB), where one long stream per row is what the prefetcher
+  // follows best and DRAM bandwidth is the limit (bench/ has the numbers).
   const int64_t kCols = k_len * n >= (int64_t{1} << 22) ? n : 2048;
   for (int64_t c0 = 0; c0 < n; c0 += kCols)
     GemvGates<MR>(x, ldx, w, ldw, k_len, 0, 1, c0, Min(kCols, n - c0), y + c0,
@@ -224,8 +223,9 @@ void GemvStream(const float* x, int64_t ldx, const float* w, int64_t ldw,
 
 // With many rows W is walked in column blocks; `pack` (kBlockFloats, or
 // null) receives a copy of each strided block so that the rows read it
-// contiguously: at d = 1600 a block of 32 columns spans 1600 pages of W, and
-// the copy took the all-steps input product from 7.5 to ~25 GFLOPS.
+// contiguously: a narrow block of a wide W spans one page per row, which
+// the TLB and the prefetcher handle badly, and the copy is paid once per
+// block for many rows.
 void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
           int64_t ldw, int64_t k_len, int64_t n, float* y, int64_t ldy,
           float* pack = nullptr) {
@@ -297,11 +297,14 @@ void StageColumns(const Stage& s, const float* x, int64_t ldx, int64_t rows,
 // ---------------------------------------------------------------------------
 // The whole-sequence RNN.
 
+// A task of a recurrent product's last stage: the units first_unit +
+// unit_stride * l for l in [0, len), every gate of them, held in the slots
+// [first_slot, first_slot + len) of each gate (RnnPlan's slot layout).
 struct Task {
-  int64_t u0;  // first unit
-  int64_t su;  // unit stride
-  int64_t len;  // units
-  int64_t s0;  // first slot (index into the internal z / c layout)
+  int64_t first_unit;
+  int64_t unit_stride;
+  int64_t len;
+  int64_t first_slot;
 };
 
 inline void Gather(const float* src, int64_t stride, int64_t n, float* dst) {
@@ -319,17 +322,26 @@ inline void Scatter(const float* src, int64_t n, float* dst, int64_t stride) {
   }
 }
 
+// A task's units of a natural-order state row, into task order and back.
+inline void GatherUnits(const float* row, const Task& tk, float* dst) {
+  Gather(row + tk.first_unit, tk.unit_stride, tk.len, dst);
+}
+inline void ScatterUnits(const float* src, const Task& tk, float* row) {
+  Scatter(src, tk.len, row + tk.first_unit, tk.unit_stride);
+}
+
 // The input product for every (batch, step) row at once, then the gather
-// into the internal layout with the bias folded in.
+// into the slot layout with the bias folded in.
 void InputPhase(const RnnPlan& p, int tid, int nt) {
   const Chain& ch = p.input;
   const int64_t rows = p.batch * p.steps, zw = p.z_width;
   int64_t r0, r1;
   Split(rows, tid, nt, 1, &r0, &r1);
-  float* sc = p.scratch + tid * p.scratch_stride;
-  float* st[2] = {sc + p.off_stage[0], sc + p.off_stage[1]};
-  float* row = sc + p.off_row;
-  float* pack = sc + p.off_pack;
+  float* thread_scratch = p.scratch + tid * p.scratch_stride;
+  float* stage_buf[2] = {thread_scratch + p.off_stage[0],
+                         thread_scratch + p.off_stage[1]};
+  float* row_copy = thread_scratch + p.off_row_copy;
+  float* pack = thread_scratch + p.off_pack;
   for (int64_t r = r0; r < r1; r += kRowChunk) {
     const int64_t rc = Min(kRowChunk, r1 - r);
     const float* in = p.x + r * ch.n;
@@ -338,27 +350,27 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
       const Stage& stage = ch.stages[s];
       const int64_t ms = stage.g * stage.b;
       const bool last = s == ch.num_stages - 1;
-      float* out = last ? p.xz + r * zw : st[s & 1];
+      float* out = last ? p.x_proj + r * zw : stage_buf[s & 1];
       const int64_t ldy = last ? zw : ms;
       StageColumns(stage, in, ldx, rc, 0, ms, out, ldy, pack);
       in = out;
       ldx = ldy;
     }
     for (int64_t i = 0; i < rc; ++i) {
-      float* z = p.xz + (r + i) * zw;
+      float* z = p.x_proj + (r + i) * zw;
       const float* src = z;  // one run is the identity: in place
       if (p.num_runs != 1) {  // a permutation: read it from a copy
-        for (int64_t k = 0; k < zw; ++k) row[k] = z[k];
-        src = row;
+        for (int64_t k = 0; k < zw; ++k) row_copy[k] = z[k];
+        src = row_copy;
       }
       if (p.num_runs == 0) {  // short runs: one column at a time
         for (int64_t k = 0; k < zw; ++k)
-          z[k] = src[p.gather[k]] + p.bias_int[k];
+          z[k] = src[p.gather[k]] + p.bias_slots[k];
         continue;
       }
       for (int64_t j = 0; j < p.num_runs; ++j) {
         const int64_t* run = p.runs + 3 * j;  // source, slot, length
-        AddRow(src + run[0], p.bias_int + run[1], run[2], z + run[1]);
+        AddRow(src + run[0], p.bias_slots + run[1], run[2], z + run[1]);
       }
     }
   }
@@ -386,12 +398,13 @@ const float* Intermediate(const Product& pr, const float* in, int64_t batch,
 
 // The last stage of a recurrent product, split in tasks that each own all
 // gates of some units; `gate(task, v, ldv)` gets the product for those
-// units as v[b * ldv + q * task.len + l] (gate q, l-th unit of the task).
+// units, computed into `task_product`, as v[b * ldv + q * task.len + l]
+// (gate q, l-th unit of the task).
 // On odd steps (`rev`) the tasks run in reverse order ("zig-zag"), so the
 // weights used last are used first again while still in cache.
 template <class GateFn>
 void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
-               int64_t units, int tid, int nt, bool rev, float* vbuf,
+               int64_t units, int tid, int nt, bool rev, float* task_product,
                GateFn&& gate) {
   const Stage& s = pr.chain.stages[pr.chain.num_stages - 1];
   const int64_t gates = pr.gates;
@@ -402,158 +415,243 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
     const int64_t len = units / s.g;
     for (int64_t j = 0; j < g1 - g0; ++j) {
       const int64_t i = rev ? g1 - 1 - j : g0 + j;
-      Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b, vbuf,
-           s.b);
-      gate(Task{i, s.g, len, i * len}, vbuf, s.b);
+      Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b,
+           task_product, s.b);
+      gate(Task{i, s.g, len, i * len}, task_product, s.b);
     }
     return;
   }
-  int64_t ub, ue;
-  Split(units, tid, nt, V, &ub, &ue);
+  // kUnitColumns: this thread's units [unit_begin, unit_end).
+  int64_t unit_begin, unit_end;
+  Split(units, tid, nt, V, &unit_begin, &unit_end);
   if (batch <= kStreamRows && s.g == 1 &&
-      s.a * gates * (ue - ub) >= (int64_t{1} << 18)) {
-    const int64_t len = ue - ub, ldv = gates * len;
+      s.a * gates * (unit_end - unit_begin) >= (int64_t{1} << 18)) {
+    const int64_t len = unit_end - unit_begin, ldv = gates * len;
     if (len <= 0) return;
     if (batch == 1)
-      GemvGates<1>(in, ldx, s.w, s.b, s.a, units, gates, ub, len, vbuf, ldv);
+      GemvGates<1>(in, ldx, s.w, s.b, s.a, units, gates, unit_begin, len,
+                   task_product, ldv);
     else
-      GemvGates<2>(in, ldx, s.w, s.b, s.a, units, gates, ub, len, vbuf, ldv);
-    gate(Task{ub, 1, len, ub}, vbuf, ldv);
+      GemvGates<2>(in, ldx, s.w, s.b, s.a, units, gates, unit_begin, len,
+                   task_product, ldv);
+    gate(Task{unit_begin, 1, len, unit_begin}, task_product, ldv);
     return;
   }
-  const int64_t chunks = (ue - ub + kUnitChunk - 1) / kUnitChunk;
+  const int64_t chunks = (unit_end - unit_begin + kUnitChunk - 1) / kUnitChunk;
   for (int64_t j = 0; j < chunks; ++j) {
-    const int64_t u0 = ub + (rev ? chunks - 1 - j : j) * kUnitChunk;
-    const int64_t len = Min(kUnitChunk, ue - u0);
+    const int64_t u0 = unit_begin + (rev ? chunks - 1 - j : j) * kUnitChunk;
+    const int64_t len = Min(kUnitChunk, unit_end - u0);
     const int64_t ldv = gates * len;
     for (int64_t q = 0; q < gates; ++q)
       StageColumns(s, in, ldx, batch, q * units + u0, q * units + u0 + len,
-                   vbuf + q * len, ldv);
-    gate(Task{u0, 1, len, u0}, vbuf, ldv);
+                   task_product + q * len, ldv);
+    gate(Task{u0, 1, len, u0}, task_product, ldv);
+  }
+}
+
+// Per-thread vectors of one task's units for the gate math, each of
+// max_task_units floats.
+struct TaskVectors {
+  float* h;         // the new h, before it is scattered to natural order
+  float* h_prev;    // GRU: h_prev gathered into task order
+  float* z;         // GRU without reset_after: the update gate
+  float* r_h_prev;  // GRU without reset_after: r * h_prev
+};
+
+// One step as the gate functors see it.
+struct StepView {
+  const RnnPlan* p;
+  int64_t s;  // position in processing order: the row of `out`
+  int64_t t;  // time index of x (reversed with go_backwards)
+  const float* h_prev;  // [batch, units], natural layout
+  float* h_next;        // [batch, units], natural layout
+  TaskVectors v;
+};
+
+// Row b of x_proj at this step, from the task's first slot.
+inline const float* XProjRow(const StepView& st, int64_t b, const Task& tk) {
+  const RnnPlan& p = *st.p;
+  return p.x_proj + (b * p.steps + st.t) * p.z_width + tk.first_slot;
+}
+
+// Writes the task's new h (in v.h) to the state and the output sequence.
+inline void EmitH(const StepView& st, const Task& tk, int64_t b) {
+  const RnnPlan& p = *st.p;
+  ScatterUnits(st.v.h, tk, st.h_next + b * p.units);
+  if (p.out != nullptr)
+    ScatterUnits(st.v.h, tk, p.out + (b * p.steps + st.s) * p.units);
+}
+
+// Gate functors: called by LastStage with the recurrent product of a
+// task's units, rec[b * ldv + q * task.len + l] (gate q, l-th unit), they
+// run the cell's equations for those units. Gate order and equations are
+// those of keras.layers.LSTM / GRU.
+
+// LSTM (i, f, c, o): c' = f * c + i * tanh(g), h' = o * tanh(c').
+struct LstmGates {
+  const StepView& st;
+  void operator()(const Task& tk, const float* rec, int64_t ldv) const {
+    const RnnPlan& p = *st.p;
+    const int64_t units = p.units, len = tk.len;
+    float* task_h = st.v.h;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const float* rec_row = rec + b * ldv;
+      const float* x_row = XProjRow(st, b, tk);
+      float* c = p.c + b * units + tk.first_slot;
+      for (int64_t l = 0; l < len; l += V) {
+        const int64_t n = Min(V, len - l);
+        const vf zi = LoadN(rec_row + l, n) + LoadN(x_row + l, n);
+        const vf zf = LoadN(rec_row + len + l, n) + LoadN(x_row + units + l, n);
+        const vf zg =
+            LoadN(rec_row + 2 * len + l, n) + LoadN(x_row + 2 * units + l, n);
+        const vf zo =
+            LoadN(rec_row + 3 * len + l, n) + LoadN(x_row + 3 * units + l, n);
+        const vf cn = Sigmoid(zf) * LoadN(c + l, n) + Sigmoid(zi) * Tanh(zg);
+        StoreN(c + l, cn, n);
+        StoreN(task_h + l, Sigmoid(zo) * Tanh(cn), n);
+      }
+      EmitH(st, tk, b);
+    }
+  }
+};
+
+// GRU with reset_after (z, r, h): the reset gate multiplies the recurrent
+// term including its bias, h~ = tanh(x_h + r * (rec_h + b_rec_h)).
+struct GruResetAfterGates {
+  const StepView& st;
+  void operator()(const Task& tk, const float* rec, int64_t ldv) const {
+    const RnnPlan& p = *st.p;
+    const int64_t units = p.units, len = tk.len;
+    const float* rec_bias = p.recurrent_bias_slots + tk.first_slot;
+    float* task_h = st.v.h;
+    float* task_h_prev = st.v.h_prev;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const float* rec_row = rec + b * ldv;
+      const float* x_row = XProjRow(st, b, tk);
+      GatherUnits(st.h_prev + b * units, tk, task_h_prev);
+      for (int64_t l = 0; l < len; l += V) {
+        const int64_t n = Min(V, len - l);
+        const vf z = Sigmoid(LoadN(x_row + l, n) + LoadN(rec_row + l, n) +
+                             LoadN(rec_bias + l, n));
+        const vf r = Sigmoid(LoadN(x_row + units + l, n) +
+                             LoadN(rec_row + len + l, n) +
+                             LoadN(rec_bias + units + l, n));
+        const vf hh = Tanh(LoadN(x_row + 2 * units + l, n) +
+                           r * (LoadN(rec_row + 2 * len + l, n) +
+                                LoadN(rec_bias + 2 * units + l, n)));
+        const vf hp = LoadN(task_h_prev + l, n);
+        StoreN(task_h + l, z * hp + (1.0f - z) * hh, n);
+      }
+      EmitH(st, tk, b);
+    }
+  }
+};
+
+// GRU without reset_after, product A (z, r): stores z and r * h_prev for
+// every unit; the candidate product needs all of r * h_prev first.
+struct GruGatesA {
+  const StepView& st;
+  void operator()(const Task& tk, const float* rec, int64_t ldv) const {
+    const RnnPlan& p = *st.p;
+    const int64_t units = p.units, len = tk.len;
+    float* task_h_prev = st.v.h_prev;
+    float* task_z = st.v.z;
+    float* task_r_h_prev = st.v.r_h_prev;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const float* rec_row = rec + b * ldv;
+      const float* x_row = XProjRow(st, b, tk);
+      GatherUnits(st.h_prev + b * units, tk, task_h_prev);
+      for (int64_t l = 0; l < len; l += V) {
+        const int64_t n = Min(V, len - l);
+        const vf z = Sigmoid(LoadN(x_row + l, n) + LoadN(rec_row + l, n));
+        const vf r = Sigmoid(LoadN(x_row + units + l, n) +
+                             LoadN(rec_row + len + l, n));
+        StoreN(task_z + l, z, n);
+        StoreN(task_r_h_prev + l, r * LoadN(task_h_prev + l, n), n);
+      }
+      ScatterUnits(task_z, tk, p.update_gate + b * units);
+      ScatterUnits(task_r_h_prev, tk, p.reset_h_prev + b * units);
+    }
+  }
+};
+
+// GRU without reset_after, product B: h~ = tanh(x_h + (r * h_prev) @ B),
+// h' = z * h_prev + (1 - z) * h~.
+struct GruCandidate {
+  static constexpr bool kPresent = true;
+  const StepView& st;
+  void operator()(const Task& tk, const float* rec, int64_t ldv) const {
+    const RnnPlan& p = *st.p;
+    const int64_t units = p.units, len = tk.len;
+    float* task_h = st.v.h;
+    float* task_h_prev = st.v.h_prev;
+    float* task_z = st.v.z;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const float* rec_row = rec + b * ldv;
+      const float* x_row = XProjRow(st, b, tk) + 2 * units;
+      GatherUnits(st.h_prev + b * units, tk, task_h_prev);
+      GatherUnits(p.update_gate + b * units, tk, task_z);
+      for (int64_t l = 0; l < len; l += V) {
+        const int64_t n = Min(V, len - l);
+        const vf hh = Tanh(LoadN(x_row + l, n) + LoadN(rec_row + l, n));
+        const vf z = LoadN(task_z + l, n);
+        StoreN(task_h + l, z * LoadN(task_h_prev + l, n) + (1.0f - z) * hh,
+               n);
+      }
+      EmitH(st, tk, b);
+    }
+  }
+};
+
+// For cells whose recurrent product produces every gate.
+struct NoCandidate {
+  static constexpr bool kPresent = false;
+};
+
+// The step loop of every cell: the recurrent product's intermediate
+// stages, its last stage fused with `Gates`, and for the GRU without
+// reset_after the candidate product fused with `Candidate`.
+template <class Gates, class Candidate>
+void RecurrentPhase(const RnnPlan& p, int tid, int nt) {
+  const int64_t batch = p.batch, units = p.units;
+  float* thread_scratch = p.scratch + tid * p.scratch_stride;
+  float* task_product = thread_scratch + p.off_task_product;
+  const int64_t max_units =
+      Max(p.recurrent.max_task_units, p.candidate.max_task_units);
+  TaskVectors v;
+  v.h = thread_scratch + p.off_task_vectors;
+  v.h_prev = v.h + max_units;
+  v.z = v.h_prev + max_units;
+  v.r_h_prev = v.z + max_units;
+
+  for (int64_t s = 0; s < p.steps; ++s) {
+    const StepView st{&p, s, p.go_backwards ? p.steps - 1 - s : s,
+                      p.h[s & 1], p.h[(s + 1) & 1], v};
+    const bool rev = (s & 1) != 0;
+    int64_t ldx;
+    const float* in =
+        Intermediate(p.recurrent, st.h_prev, batch, tid, nt, &ldx);
+    LastStage(p.recurrent, in, ldx, batch, units, tid, nt, rev, task_product,
+              Gates{st});
+    if constexpr (Candidate::kPresent) {
+      Barrier(nt);  // every unit's r * h_prev is written
+      in = Intermediate(p.candidate, p.reset_h_prev, batch, tid, nt, &ldx);
+      LastStage(p.candidate, in, ldx, batch, units, tid, nt, rev,
+                task_product, Candidate{st});
+    }
+    Barrier(nt);
   }
 }
 
 void RnnBody(const RnnPlan& p, int tid, int nt) {
   InputPhase(p, tid, nt);
   Barrier(nt);
-
-  const int64_t batch = p.batch, steps = p.steps, units = p.units;
-  const int64_t zw = p.z_width;
-  float* sc = p.scratch + tid * p.scratch_stride;
-  float* vbuf = sc + p.off_vbuf;
-  const int64_t tl = Max(p.rec.max_task_units, p.rec2.max_task_units);
-  float* t_h = sc + p.off_tmp;  // new h of the task's units
-  float* t_hp = t_h + tl;       // previous h
-  float* t_a = t_hp + tl;
-  float* t_b = t_a + tl;
-
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t t = p.go_backwards ? steps - 1 - s : s;
-    const bool rev = (s & 1) != 0;
-    const float* hin = p.h[s & 1];
-    float* hout = p.h[(s + 1) & 1];
-    int64_t ldx;
-    const float* in = Intermediate(p.rec, hin, batch, tid, nt, &ldx);
-
-    // Writes the task's new h (in t_h) to the state and the sequence.
-    auto emit = [&](const Task& tk, int64_t b) {
-      Scatter(t_h, tk.len, hout + b * units + tk.u0, tk.su);
-      if (p.out != nullptr)
-        Scatter(t_h, tk.len, p.out + (b * steps + s) * units + tk.u0, tk.su);
-    };
-
-    if (p.cell == kLstm) {
-      auto gate = [&](const Task& tk, const float* v, int64_t ldv) {
-        const int64_t len = tk.len;
-        for (int64_t b = 0; b < batch; ++b) {
-          const float* vb = v + b * ldv;
-          const float* xz = p.xz + (b * steps + t) * zw + tk.s0;
-          float* c = p.c + b * units + tk.s0;
-          for (int64_t l = 0; l < len; l += V) {
-            const int64_t n = Min(V, len - l);
-            const vf zi = LoadN(vb + l, n) + LoadN(xz + l, n);
-            const vf zf = LoadN(vb + len + l, n) + LoadN(xz + units + l, n);
-            const vf zg =
-                LoadN(vb + 2 * len + l, n) + LoadN(xz + 2 * units + l, n);
-            const vf zo =
-                LoadN(vb + 3 * len + l, n) + LoadN(xz + 3 * units + l, n);
-            const vf cn = Sigmoid(zf) * LoadN(c + l, n) + Sigmoid(zi) * Tanh(zg);
-            StoreN(c + l, cn, n);
-            StoreN(t_h + l, Sigmoid(zo) * Tanh(cn), n);
-          }
-          emit(tk, b);
-        }
-      };
-      LastStage(p.rec, in, ldx, batch, units, tid, nt, rev, vbuf, gate);
-    } else if (p.reset_after) {
-      auto gate = [&](const Task& tk, const float* v, int64_t ldv) {
-        const int64_t len = tk.len;
-        const float* rb = p.rbias_int + tk.s0;
-        for (int64_t b = 0; b < batch; ++b) {
-          const float* vb = v + b * ldv;
-          const float* xz = p.xz + (b * steps + t) * zw + tk.s0;
-          Gather(hin + b * units + tk.u0, tk.su, len, t_hp);
-          for (int64_t l = 0; l < len; l += V) {
-            const int64_t n = Min(V, len - l);
-            const vf z = Sigmoid(LoadN(xz + l, n) + LoadN(vb + l, n) +
-                                 LoadN(rb + l, n));
-            const vf r = Sigmoid(LoadN(xz + units + l, n) +
-                                 LoadN(vb + len + l, n) +
-                                 LoadN(rb + units + l, n));
-            const vf hh = Tanh(LoadN(xz + 2 * units + l, n) +
-                               r * (LoadN(vb + 2 * len + l, n) +
-                                    LoadN(rb + 2 * units + l, n)));
-            const vf hp = LoadN(t_hp + l, n);
-            StoreN(t_h + l, z * hp + (1.0f - z) * hh, n);
-          }
-          emit(tk, b);
-        }
-      };
-      LastStage(p.rec, in, ldx, batch, units, tid, nt, rev, vbuf, gate);
-    } else {
-      // reset_after=False: z and r from product A, then the candidate from
-      // product B applied to r * h_prev, which needs every unit's r first.
-      auto gate_a = [&](const Task& tk, const float* v, int64_t ldv) {
-        const int64_t len = tk.len;
-        for (int64_t b = 0; b < batch; ++b) {
-          const float* vb = v + b * ldv;
-          const float* xz = p.xz + (b * steps + t) * zw + tk.s0;
-          Gather(hin + b * units + tk.u0, tk.su, len, t_hp);
-          for (int64_t l = 0; l < len; l += V) {
-            const int64_t n = Min(V, len - l);
-            const vf z = Sigmoid(LoadN(xz + l, n) + LoadN(vb + l, n));
-            const vf r =
-                Sigmoid(LoadN(xz + units + l, n) + LoadN(vb + len + l, n));
-            StoreN(t_a + l, z, n);
-            StoreN(t_b + l, r * LoadN(t_hp + l, n), n);
-          }
-          Scatter(t_a, len, p.gz + b * units + tk.u0, tk.su);
-          Scatter(t_b, len, p.rh + b * units + tk.u0, tk.su);
-        }
-      };
-      LastStage(p.rec, in, ldx, batch, units, tid, nt, rev, vbuf, gate_a);
-      Barrier(nt);
-      const float* in2 = Intermediate(p.rec2, p.rh, batch, tid, nt, &ldx);
-      auto gate_b = [&](const Task& tk, const float* v, int64_t ldv) {
-        const int64_t len = tk.len;
-        for (int64_t b = 0; b < batch; ++b) {
-          const float* vb = v + b * ldv;
-          const float* xz = p.xz + (b * steps + t) * zw + 2 * units + tk.s0;
-          Gather(hin + b * units + tk.u0, tk.su, len, t_hp);
-          Gather(p.gz + b * units + tk.u0, tk.su, len, t_a);
-          for (int64_t l = 0; l < len; l += V) {
-            const int64_t n = Min(V, len - l);
-            const vf hh = Tanh(LoadN(xz + l, n) + LoadN(vb + l, n));
-            const vf z = LoadN(t_a + l, n);
-            StoreN(t_h + l, z * LoadN(t_hp + l, n) + (1.0f - z) * hh, n);
-          }
-          emit(tk, b);
-        }
-      };
-      LastStage(p.rec2, in2, ldx, batch, units, tid, nt, rev, vbuf, gate_b);
-    }
-    Barrier(nt);
-  }
+  if (p.cell == kLstm)
+    RecurrentPhase<LstmGates, NoCandidate>(p, tid, nt);
+  else if (p.reset_after)
+    RecurrentPhase<GruResetAfterGates, NoCandidate>(p, tid, nt);
+  else
+    RecurrentPhase<GruGatesA, GruCandidate>(p, tid, nt);
 }
 
 void BlockDiagBody(const BlockDiagPlan& p, int tid, int nt) {

@@ -1,12 +1,17 @@
 // Registration of the keras-antman inference ops.
 //
-// The shape functions check what graph construction can know (ranks, the
-// number of weight arrays per scheme, agreeing batch and unit dims); the
-// kernels (custom_ops/cc/kernels/antman_kernels.cc) check every dim again
-// at run time, since eager execution does not run shape functions.
+// The ops know stages, not schemes: each product is a list of
+// block-diagonal arrays [g, a, b] with a shuffle flag per stage, and a
+// scheme's lowering (keras_antman/schemes.py) produces that list. The shape
+// functions check what graph construction can know (ranks, list and flag
+// lengths, the shuffle position, agreeing batch and unit dims, chain dims
+// that are static); the kernels (custom_ops/cc/kernels/antman_kernels.cc)
+// check every dim again at run time, since eager execution does not run
+// shape functions. Both use custom_ops/cc/kernels/chain_checks.h.
 #include <string>
 #include <vector>
 
+#include "custom_ops/cc/kernels/chain_checks.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -19,40 +24,24 @@ using ::tensorflow::shape_inference::DimensionHandle;
 using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
 
-// Ranks of the weight arrays of each scheme, in the order of the scheme's
-// `weight_shapes` in keras_antman/schemes.py (also documented in ops.py).
-std::vector<int> SchemeRanks(const std::string& kind) {
-  if (kind == "dense") return {2};           // kernel [n, m]
-  if (kind == "low_rank") return {2, 2};     // u [n, k], v [k, m]
-  if (kind == "lgp_shuffle") return {3};     // blocks [g, n/g, m/g]
-  if (kind == "lgp_dense") return {2, 3};    // mix, blocks
-  if (kind == "low_rank_lgp") return {3, 2, 3};  // in_blocks, mix, out_blocks
-  return {};
-}
-
-absl::Status CheckWeights(InferenceContext* c, const char* list_name,
-                          const char* scheme_attr, int copies) {
-  std::string kind;
-  TF_RETURN_IF_ERROR(c->GetAttr(scheme_attr, &kind));
+// One chain at graph construction: attrs, ranks, and the dims known now.
+absl::Status CheckStages(InferenceContext* c, const ChainSpec& spec) {
   std::vector<ShapeHandle> shapes;
-  TF_RETURN_IF_ERROR(c->input(list_name, &shapes));
-  const std::vector<int> ranks = SchemeRanks(kind);
-  if (ranks.empty())
-    return InvalidArgument(scheme_attr, " must be one of dense, low_rank, ",
-                           "lgp_shuffle, lgp_dense, low_rank_lgp; received '",
-                           kind, "'");
-  if (shapes.size() != ranks.size() * copies)
-    return InvalidArgument(list_name, " must hold ", ranks.size() * copies,
-                           " arrays for ", scheme_attr, "='", kind,
-                           "'; received ", shapes.size());
+  TF_RETURN_IF_ERROR(c->input(spec.list, &shapes));
+  std::vector<bool> shuffle;
+  TF_RETURN_IF_ERROR(c->GetAttr(spec.shuffle_attr, &shuffle));
+  TF_RETURN_IF_ERROR(CheckChainAttrs(spec, shapes.size(), shuffle));
+  std::vector<StageDims> dims(shapes.size());
+  std::vector<std::string> received(shapes.size());
   for (size_t i = 0; i < shapes.size(); ++i) {
-    ShapeHandle unused;
-    absl::Status s = c->WithRank(shapes[i], ranks[i % ranks.size()], &unused);
-    if (!s.ok())
-      return InvalidArgument(list_name, "[", i, "] of ", kind, ": ",
-                             s.message());
+    ShapeHandle stage;
+    received[i] = c->DebugString(shapes[i]);
+    if (!c->WithRank(shapes[i], 3, &stage).ok())
+      return StageRankError(spec, i, received[i]);
+    dims[i] = StageDims{c->Value(c->Dim(stage, 0)), c->Value(c->Dim(stage, 1)),
+                        c->Value(c->Dim(stage, 2))};
   }
-  return absl::OkStatus();
+  return CheckChainDims(spec, dims, shuffle, received);
 }
 
 absl::Status CheckRank(InferenceContext* c, int index, int rank,
@@ -110,9 +99,27 @@ absl::Status RnnShape(InferenceContext* c, bool lstm) {
                                      : "bias must have shape [3 * units]",
                                 &unused));
   }
-  TF_RETURN_IF_ERROR(CheckWeights(c, "input_weights", "input_scheme", 1));
-  TF_RETURN_IF_ERROR(CheckWeights(c, "recurrent_weights", "recurrent_scheme",
-                                  !lstm && !reset_after ? 2 : 1));
+  const int64_t features = c->Value(c->Dim(x, 2));
+  const int64_t n_units = c->Value(units);
+  const int rec_gates = lstm ? 4 : (reset_after ? 3 : 2);
+  auto times_units = [&](int k) {
+    return n_units < 0 ? int64_t{-1} : k * n_units;
+  };
+  TF_RETURN_IF_ERROR(CheckStages(
+      c, InputChainSpec(gates, features, times_units(gates))));
+  TF_RETURN_IF_ERROR(CheckStages(
+      c, RecurrentChainSpec(rec_gates, !lstm && !reset_after, n_units,
+                            times_units(rec_gates))));
+  if (!lstm) {
+    std::vector<ShapeHandle> candidate;
+    TF_RETURN_IF_ERROR(c->input("candidate_stages", &candidate));
+    std::vector<bool> shuffle;
+    TF_RETURN_IF_ERROR(c->GetAttr("candidate_shuffle", &shuffle));
+    TF_RETURN_IF_ERROR(
+        CheckCandidateAttrs(reset_after, candidate.size(), shuffle));
+    if (!candidate.empty())
+      TF_RETURN_IF_ERROR(CheckStages(c, CandidateChainSpec(n_units)));
+  }
   int64_t num_threads;
   TF_RETURN_IF_ERROR(c->GetAttr("num_threads", &num_threads));
   if (num_threads < 0)
@@ -130,9 +137,6 @@ absl::Status RnnShape(InferenceContext* c, bool lstm) {
   return absl::OkStatus();
 }
 
-constexpr char kSchemes[] =
-    "{'dense', 'low_rank', 'lgp_shuffle', 'lgp_dense', 'low_rank_lgp'}";
-
 }  // namespace
 
 REGISTER_OP("KerasAntman>StructuredLstm")
@@ -140,15 +144,15 @@ REGISTER_OP("KerasAntman>StructuredLstm")
     .Input("initial_h: float")
     .Input("initial_c: float")
     .Input("bias: float")
-    .Input("input_weights: num_input_weights * float")
-    .Input("recurrent_weights: num_recurrent_weights * float")
+    .Input("input_stages: num_input_stages * float")
+    .Input("recurrent_stages: num_recurrent_stages * float")
     .Output("output: float")
     .Output("final_h: float")
     .Output("final_c: float")
-    .Attr(std::string("input_scheme: ") + kSchemes)
-    .Attr(std::string("recurrent_scheme: ") + kSchemes)
-    .Attr("num_input_weights: int >= 1")
-    .Attr("num_recurrent_weights: int >= 1")
+    .Attr("num_input_stages: int >= 1")
+    .Attr("num_recurrent_stages: int >= 1")
+    .Attr("input_shuffle: list(bool)")
+    .Attr("recurrent_shuffle: list(bool)")
     .Attr("go_backwards: bool = false")
     .Attr("return_sequences: bool = false")
     .Attr("num_threads: int = 0")
@@ -157,20 +161,26 @@ REGISTER_OP("KerasAntman>StructuredLstm")
 Whole-sequence LSTM inference (float32, CPU) with structured products.
 
 z_t = x_t @ K_in + h_{t-1} @ K_rec + bias, gates i, f, c, o as in
-keras.layers.LSTM with sigmoid and tanh. K_in and K_rec are AntMan schemes
-given by kind and weight arrays. No masks: callers with a mask use stock
-TF ops. Inference only; no gradient is registered.
+keras.layers.LSTM with sigmoid and tanh. K_in and K_rec are chains of
+block-diagonal stages: K = blockdiag(S_0) @ ... @ blockdiag(S_last), each
+S_i [g, a, b] (a dense matrix is [1, n, m]), the last optionally followed
+by the shuffle mix (output j of group i goes to position j * g + i). At most
+4 stages per chain. No masks: callers with a mask use stock TF ops.
+Inference only; no gradient is registered.
 
 x: [batch, timesteps, features].
 initial_h: [batch, units].
 initial_c: [batch, units].
 bias: [4 * units].
-input_weights: the input scheme's arrays (features -> 4 * units).
-recurrent_weights: the recurrent scheme's arrays (units -> 4 * units).
+input_stages: the stages of K_in (features -> 4 * units).
+recurrent_stages: the stages of K_rec (units -> 4 * units).
 output: [batch, timesteps, units] in processing order if return_sequences,
   else the last output [batch, units].
 final_h: [batch, units].
 final_c: [batch, units].
+input_shuffle: one flag per input stage; only the last may be true.
+recurrent_shuffle: one flag per recurrent stage; only the last may be true,
+  and then its groups must divide units.
 go_backwards: process the steps in reverse.
 num_threads: OpenMP threads; 0 uses the process-wide setting. Small
   problems run on one thread whatever is asked.
@@ -180,14 +190,17 @@ REGISTER_OP("KerasAntman>StructuredGru")
     .Input("x: float")
     .Input("initial_h: float")
     .Input("bias: float")
-    .Input("input_weights: num_input_weights * float")
-    .Input("recurrent_weights: num_recurrent_weights * float")
+    .Input("input_stages: num_input_stages * float")
+    .Input("recurrent_stages: num_recurrent_stages * float")
+    .Input("candidate_stages: num_candidate_stages * float")
     .Output("output: float")
     .Output("final_h: float")
-    .Attr(std::string("input_scheme: ") + kSchemes)
-    .Attr(std::string("recurrent_scheme: ") + kSchemes)
-    .Attr("num_input_weights: int >= 1")
-    .Attr("num_recurrent_weights: int >= 1")
+    .Attr("num_input_stages: int >= 1")
+    .Attr("num_recurrent_stages: int >= 1")
+    .Attr("num_candidate_stages: int >= 0")
+    .Attr("input_shuffle: list(bool)")
+    .Attr("recurrent_shuffle: list(bool)")
+    .Attr("candidate_shuffle: list(bool) = []")
     .Attr("reset_after: bool = true")
     .Attr("go_backwards: bool = false")
     .Attr("return_sequences: bool = false")
@@ -196,12 +209,12 @@ REGISTER_OP("KerasAntman>StructuredGru")
     .Doc(R"doc(
 Whole-sequence GRU inference (float32, CPU) with structured products.
 
-Gates z, r, h as in keras.layers.GRU with sigmoid and tanh. With
-reset_after, bias is [2, 3 * units] and the recurrent scheme maps
-units -> 3 * units. Without it, bias is [3 * units] and recurrent_weights
-holds the arrays of product A (units -> 2 * units, gates z and r) followed
-by those of product B (units -> units, applied to r * h), both of the
-recurrent scheme's kind.
+Gates z, r, h as in keras.layers.GRU with sigmoid and tanh; chains of stages
+as in StructuredLstm. With reset_after, bias is [2, 3 * units],
+recurrent_stages map units -> 3 * units and candidate_stages is empty.
+Without it, bias is [3 * units], recurrent_stages are product A (units ->
+2 * units, gates z and r) and candidate_stages product B (units -> units,
+applied to r * h).
 )doc");
 
 REGISTER_OP("KerasAntman>BlockDiagMatMul")
