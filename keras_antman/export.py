@@ -1,7 +1,7 @@
 """`export`: write a model as a TensorFlow SavedModel for serving.
 
 Two flavours. ``kernel="compiled"`` traces the structured layers with the
-compiled CPU op (fast; loading the SavedModel needs ``import keras_antman``
+compiled CPU op (fast; the loading process calls ``keras_antman.ops.load()``
 first, which registers the op). ``kernel="portable"`` traces them with stock
 TF ops only, so the SavedModel loads in any TensorFlow process (TF Serving)
 and converts to TFLite. The directory is written next to its destination and
