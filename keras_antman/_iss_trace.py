@@ -50,7 +50,7 @@ _ELEMENTWISE = {
 _STOCK_RNN = (keras.layers.LSTM, keras.layers.GRU)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False, repr=False)
 class Space:
     """A set of ``units`` hidden units removed together."""
 
@@ -65,7 +65,7 @@ class Space:
         return s
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False, repr=False)
 class Rnn:
     """One recurrent layer (a ``Bidirectional`` direction is one).
 
@@ -99,7 +99,7 @@ class Rnn:
         return self.layer.units
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False, repr=False)
 class Trace:
     """What `trace` found: recurrent layers, spaces and weight parts.
 
@@ -329,7 +329,7 @@ def trace(model, layers=None):
             seq = args[0] if args else kwargs.get("sequences")
             if kwargs.get("mask") is not None and traced(kwargs["mask"]):
                 untraceable(layer, "a unit tensor is used as a mask.")
-            in_seg = traced(seq) or [(None, _width(seq))]
+            in_seg = traced(seq) or [(None, dirs[0].kernel.shape[0])]
             for r in dirs:
                 r.inputs = tuple(in_seg)
                 add_rows(r.kernel, in_seg)

@@ -268,6 +268,9 @@ class GroupLasso:
         return self._macs_const + self._traced_macs(counts)
 
     def _traced_macs(self, counts):
+        counts = dict(counts)
+        for f, b in _bidirectional_pairs(self.trace):
+            counts[id(f)] = counts[id(b)] = max(counts[id(f)], counts[id(b)])
         total = 0
         for r in self.trace.rnns:
             n = sum(w if s is None else counts[id(s)] for s, w in r.inputs)
@@ -333,6 +336,15 @@ class GroupLasso:
     def logs(self):
         """``{"iss/<layer>": live units}`` for Keras logs."""
         return {f"iss/{k}": v for k, v in self.live_units().items()}
+
+
+def _bidirectional_pairs(tr):
+    """``[(forward space, backward space)]`` of pruned Bidirectionals."""
+    by_owner = {}
+    for r in tr.rnns:
+        if r.space is not None and r.owner is not r.layer:
+            by_owner.setdefault(id(r.owner), []).append(r.space)
+    return [tuple(v) for v in by_owner.values() if len(v) == 2]
 
 
 def _add(parts):
@@ -613,6 +625,12 @@ def shrink(model, layers=None):
         if dead.size == space.units:
             dead = dead[1:]
         removed[id(space)] = dead
+    # Keras's Bidirectional assumes equal widths in both directions: keep
+    # as many units in each (the extra ones have no effect).
+    for f, b in _bidirectional_pairs(tr):
+        keep = max(f.units - len(removed[id(f)]), b.units - len(removed[id(b)]))
+        for sp in (f, b):
+            removed[id(sp)] = removed[id(sp)][: sp.units - keep]
 
     def row_keep(vid, n):
         keep = np.ones(n, bool)
@@ -660,7 +678,8 @@ def shrink(model, layers=None):
     def clone_function(layer):
         rs = by_owner.get(id(layer))
         if rs is None:
-            new = layer.__class__.from_config(layer.get_config())
+            new = layer.__class__.from_config(
+                _unbuilt(layer.get_config()))
         elif isinstance(layer, keras.layers.Bidirectional):
             new = keras.layers.Bidirectional(
                 _stock_rnn(rs[0], units(rs[0])),
@@ -683,6 +702,18 @@ def shrink(model, layers=None):
         elif old.weights:
             new.set_weights([sliced(v) for v in old.weights])
     return new_model
+
+
+def _unbuilt(config):
+    """A config without the build shapes of nested layers (a wrapper such
+    as ``TimeDistributed`` would otherwise rebuild its layer for the old
+    input width)."""
+    if isinstance(config, dict):
+        return {k: _unbuilt(v) for k, v in config.items()
+                if k != "build_config"}
+    if isinstance(config, list):
+        return [_unbuilt(v) for v in config]
+    return config
 
 
 def _stock_rnn(r, units):
