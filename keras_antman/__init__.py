@@ -8,6 +8,7 @@ global changes (no environment variables, no Keras settings).
 """
 
 from keras_antman import datasets
+from keras_antman import iss
 from keras_antman.compress import compress
 from keras_antman.distill import DistillationCoefficients
 from keras_antman.distill import Distiller
@@ -58,5 +59,6 @@ __all__ = [
     "compress",
     "datasets",
     "export",
+    "iss",
     "report",
 ]
