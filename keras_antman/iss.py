@@ -393,10 +393,12 @@ class ISSPruning(keras.callbacks.Callback):
     Args:
         group_lasso: the `GroupLasso` attached to the trained model.
         threshold: L2-norm threshold on a whole component.
-        every: check every this many batches (norms are computed eagerly).
+        every: check every this many batches. The norms are computed
+            eagerly (tens of ms for a 2 x LSTM(650) LM with a 10k head), so
+            check every few batches on large models.
     """
 
-    def __init__(self, group_lasso, threshold=1e-4, every=1):
+    def __init__(self, group_lasso, threshold=1e-4, every=10):
         super().__init__()
         self.group_lasso = group_lasso
         self.threshold = float(threshold)
