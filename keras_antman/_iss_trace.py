@@ -296,9 +296,16 @@ def trace(model, layers=None):
             b.parent = a
             a.rnns += b.rnns
 
+    fed = set()  # layers already called on unit tensors
     for layer, args, kwargs, outs in calls:
         flat_in = _flat((args, kwargs))
         has_traced = [t for t in flat_in if traced(t) is not None]
+        if has_traced:
+            if id(layer) in fed:
+                untraceable(layer, "it is shared: called on the units of "
+                            "recurrent layers more than once, its rows "
+                            "would serve several units at once.")
+            fed.add(id(layer))
         bidi = isinstance(layer, keras.layers.Bidirectional)
         if bidi or is_rnn(layer):
             wanted = layers is None or layer.name in layers

@@ -362,6 +362,18 @@ def test_untraceable_arrangements_raise(case):
         iss.shrink(model)
 
 
+def test_shared_consumer_raises():
+    shared = keras.layers.Dense(V, name="shared_head")
+
+    def tail(x):
+        a = keras.layers.LSTM(4, return_sequences=True)(x)
+        b = keras.layers.LSTM(4, return_sequences=True)(x)
+        return keras.layers.Add()([shared(a), shared(b)])
+
+    with pytest.raises(ValueError, match=r"`shared_head` \(Dense\).*shared"):
+        iss.GroupLasso(_functional(tail))
+
+
 def test_raw_tensor_op_raises():
     model = _functional(lambda x: keras.layers.Dense(V)(
         ops.flip(keras.layers.LSTM(4, name="l")(x), axis=-1)))
