@@ -9,6 +9,7 @@ TensorFlow.
 """
 
 from keras_antman import datasets
+from keras_antman import iss
 from keras_antman.compress import compress
 from keras_antman.distill import DistillationCoefficients
 from keras_antman.distill import DistillationTerm
@@ -59,5 +60,6 @@ __all__ = [
     "compress",
     "datasets",
     "export",
+    "iss",
     "report",
 ]
