@@ -23,6 +23,8 @@ import dataclasses
 
 import keras
 
+from keras_antman import _keras
+from keras_antman import schemes as schemes_lib
 from keras_antman.layers import StructuredGRUCell
 from keras_antman.layers import StructuredLSTMCell
 
@@ -128,7 +130,7 @@ def rnn_weights(layer, context):
     if isinstance(cell, (StructuredLSTMCell, StructuredGRUCell)):
         bad = {
             name: m.describe() for name, m in cell.products().items()
-            if type(m).__name__ != "Dense"
+            if not isinstance(m.scheme, schemes_lib.Dense)
         }
         if bad:
             raise ValueError(
@@ -168,9 +170,8 @@ def model_calls(model):
     """The layer calls of a model: ``[(layer, args, kwargs, outputs)]``.
 
     Tensors are compared by identity. A Sequential model is a chain; a
-    Functional one is read from its graph of nodes. This is the one place
-    that reads Keras internals (``_nodes_by_depth``, ``Node.arguments``):
-    Keras has no public API listing the calls of a Functional model.
+    Functional one is read from its graph of nodes (`_keras.layer_calls`:
+    Keras has no public API listing the calls of a Functional model).
 
     Returns:
         ``(calls, inputs, outputs)``.
@@ -182,16 +183,7 @@ def model_calls(model):
             for i, layer in enumerate(model.layers)
         ]
         return calls, [tensors[0]], [tensors[-1]]
-    calls = []
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
-            if node.is_input or node.operation is None:
-                continue
-            calls.append(
-                (node.operation, node.arguments.args,
-                 node.arguments.kwargs, list(node.outputs))
-            )
-    return calls, list(model.inputs), list(model.outputs)
+    return _keras.layer_calls(model), list(model.inputs), list(model.outputs)
 
 
 def _flat(obj):
@@ -222,9 +214,7 @@ def trace(model, layers=None):
         ValueError: naming the layer, for an arrangement that cannot be
             traced.
     """
-    if not isinstance(model, keras.Model) or not hasattr(
-        model, "_nodes_by_depth"
-    ) and not isinstance(model, keras.Sequential):
+    if not _keras.is_graph_model(model):
         raise ValueError(
             "ISS needs a Sequential or Functional keras.Model. Received: "
             f"{type(model).__name__}. For a subclassed model, build it as a "

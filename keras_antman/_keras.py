@@ -3,7 +3,8 @@
 Keras 3 has no public name for three things the package needs: the
 backend's time loop (``rnn``), the dropout-mask mixin of its RNN cells and a
 way to tell a graph-network model (Functional or Sequential) from a
-subclassed one, or to list a layer's direct sub-layers. Everything that
+subclassed one, to list a layer's direct sub-layers, or to list the layer
+calls of a Functional model. Everything that
 reaches past Keras's public API does it here and nowhere else, so a port to
 another Keras flavour (tf_keras) has one module to give counterparts for.
 """
@@ -16,6 +17,7 @@ from keras.src.models.functional import Functional
 __all__ = [
     "DropoutRNNCell",
     "is_graph_model",
+    "layer_calls",
     "rnn",
     "sublayers",
 ]
@@ -36,6 +38,21 @@ def is_graph_model(obj):
     Only those can be cloned layer by layer, since their structure is data.
     """
     return isinstance(obj, (keras.Sequential, Functional))
+
+
+def layer_calls(model):
+    """The layer calls of a Functional model, inputs first:
+    ``[(layer, args, kwargs, output tensors)]`` (tensors by identity)."""
+    calls = []
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.is_input or node.operation is None:
+                continue
+            calls.append(
+                (node.operation, node.arguments.args,
+                 node.arguments.kwargs, list(node.outputs))
+            )
+    return calls
 
 
 def sublayers(layer):

@@ -8,11 +8,12 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from conftest import randomize_weights
 from keras import ops
 
 import keras_antman as am
 from keras_antman import iss
+
+from conftest import randomize_weights
 
 V, T, B = 11, 4, 3  # vocabulary, timesteps, batch
 
