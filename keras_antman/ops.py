@@ -247,24 +247,30 @@ def set_num_threads(num_threads):
 
     Takes effect for every later call with ``num_threads=None`` (or 0),
     including ops inside already traced functions and SavedModels. Does not
-    load the library.
+    load the library. A call never runs more threads than the machine has
+    cores (``os.cpu_count()``), whatever is set.
 
     Args:
-        num_threads: positive integer.
+        num_threads: positive integer, at most 65536.
 
     Raises:
-        ValueError: ``num_threads`` is not a positive integer.
+        ValueError: ``num_threads`` is not an integer in [1, 65536].
     """
     global _pending_threads
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+    if isinstance(num_threads, bool) or not isinstance(
+        num_threads, numbers.Integral
+    ):
         raise ValueError(
             f"`num_threads` must be a positive integer. Received: "
             f"num_threads={num_threads!r}"
         )
-    if num_threads < 1:
+    if not 1 <= num_threads <= _MAX_THREADS:
         raise ValueError(
-            f"`num_threads` must be >= 1. Received: num_threads={num_threads}"
+            f"`num_threads` must be in [1, {_MAX_THREADS}] (calls use at "
+            f"most the {os.cpu_count()} cores of this machine). Received: "
+            f"num_threads={num_threads}"
         )
+    num_threads = int(num_threads)
     with _lock:
         _pending_threads = num_threads
         if _state["cdll"] is not None:
@@ -351,7 +357,10 @@ def threads_used(step_macs, num_threads=None):
     threshold = _state["cdll"].keras_antman_min_parallel_macs_per_step()
     if step_macs < threshold:
         return 1
-    return num_threads or get_num_threads()
+    return min(num_threads or get_num_threads(), os.cpu_count() or 1)
+
+
+_MAX_THREADS = 1 << 16
 
 
 def _set_min_parallel_work(per_step=-1, block_diag=-1):
@@ -379,10 +388,11 @@ def _num_threads_attr(num_threads):
             f"num_threads={num_threads!r} of type "
             f"{type(num_threads).__name__}"
         )
-    if num_threads < 0:
+    if not 0 <= num_threads <= _MAX_THREADS:
         raise ValueError(
-            "`num_threads` must be None or an integer >= 0. Received: "
-            f"num_threads={num_threads}"
+            f"`num_threads` must be None or an integer in [0, "
+            f"{_MAX_THREADS}] (a call uses at most the machine's cores). "
+            f"Received: num_threads={num_threads}"
         )
     return int(num_threads)
 

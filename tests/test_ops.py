@@ -15,6 +15,8 @@ import ast
 import importlib.util
 import itertools
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -664,8 +666,13 @@ def test_in_tf_function_and_threads_setting():
     np.testing.assert_allclose(
         fn(tf.constant(case["x"]))[0], out[0], rtol=1e-6, atol=1e-7
     )
-    with pytest.raises(ValueError, match="must be >= 1"):
-        ops.set_num_threads(0)
+    for bad in (0, 2**16 + 1, 2**32, 2**32 + 2):  # ctypes would wrap these
+        with pytest.raises(ValueError, match=r"must be in \[1, 65536\]"):
+            ops.set_num_threads(bad)
+    assert ops.get_num_threads() == 2
+    for bad in (2.0, True, "2"):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            ops.set_num_threads(bad)
 
 
 @needs_op
@@ -1110,8 +1117,13 @@ BAD_PY = [
     (
         dict(num_threads=-1),
         ValueError,
-        r"`num_threads` must be None or an integer >= 0. Received: "
-        r"num_threads=-1",
+        r"`num_threads` must be None or an integer in \[0, 65536\] .*"
+        r"Received: num_threads=-1",
+    ),
+    (
+        dict(num_threads=2**63),
+        ValueError,
+        r"integer in \[0, 65536\] .*Received: num_threads=9223372036854775808",
     ),
 ]
 
@@ -1227,7 +1239,9 @@ def test_threads_used_follows_the_per_step_threshold():
     ops.set_num_threads(2)
     assert ops.threads_used(128 * 1024 - 1) == 1  # the default threshold
     assert ops.threads_used(128 * 1024) == 2
-    assert ops.threads_used(10**6, num_threads=3) == 3
+    cores = os.cpu_count()
+    assert ops.threads_used(10**6, num_threads=3) == min(3, cores)
+    assert ops.threads_used(10**6, num_threads=1000) == cores
     ops._set_min_parallel_work(per_step=1000)
     assert ops.threads_used(999) == 1 and ops.threads_used(1000) == 2
 
@@ -1235,8 +1249,38 @@ def test_threads_used_follows_the_per_step_threshold():
 def test_set_num_threads_validates():
     with pytest.raises(ValueError, match="positive integer"):
         ops.set_num_threads(1.5)
-    with pytest.raises(ValueError, match="must be >= 1"):
+    with pytest.raises(ValueError, match=r"must be in \[1, 65536\]"):
         ops.set_num_threads(-2)
+
+
+_MANY_THREADS = """
+import numpy as np
+from keras_antman import ops
+ops._set_min_parallel_work(0, 0)
+x = np.ones((1, 8), "float32")
+blocks = np.ones((2, 4, 1000000), "float32")  # 1 row: a small scratch
+y = ops.block_diag_matmul(x, blocks, shuffle=True, num_threads=1000)
+assert y.shape == (1, 2000000)
+h = np.zeros((1, 8), "float32")
+ops.structured_lstm(np.ones((1, 3, 8), "float32"), h, h,
+                    np.zeros(32, "float32"),
+                    [ops.Stage(np.ones((1, 8, 32), "float32"))],
+                    [ops.Stage(np.ones((1, 8, 32), "float32"))],
+                    num_threads=1000)
+threads = [line for line in open("/proc/self/status")
+           if line.startswith("Threads:")]
+print(int(threads[0].split()[1]))
+"""
+
+
+@needs_op
+def test_huge_thread_counts_are_capped_at_the_cores():
+    proc = subprocess.run([sys.executable, "-c", _MANY_THREADS],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # TensorFlow's own pools plus at most one OpenMP team of `cores`.
+    assert int(proc.stdout.split()[-1]) < 200
 
 
 # -- the build description ---------------------------------------------------

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "custom_ops/cc/kernels/chain_checks.h"
@@ -17,6 +18,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/util/overflow.h"
 
 namespace keras_antman {
 namespace {
@@ -90,11 +92,51 @@ std::atomic<int64_t> min_parallel_macs_per_step{128 * 1024};
 // The same for one block-diagonal product (a region per call, no barrier).
 std::atomic<int64_t> min_parallel_macs_block_diag{512 * 1024};
 
+// More OpenMP threads than cores only adds barrier waits, and a huge count
+// asked by mistake would start that many OS threads.
+int64_t CoreCount() {
+  static const int64_t cores =
+      std::max<int64_t>(1, std::thread::hardware_concurrency());
+  return cores;
+}
+
+// Threads for one call: the attr (> 0) or the process-wide setting, one
+// below the work threshold, never more than the cores or than `max_tasks`.
 int ThreadsFor(int64_t attr, int64_t work,
-               const std::atomic<int64_t>& threshold) {
+               const std::atomic<int64_t>& threshold,
+               int64_t max_tasks = INT64_MAX) {
   int64_t n = attr > 0 ? attr : ThreadSetting().load();
   if (work < threshold.load()) n = 1;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, 1024)));
+  n = std::min({n, CoreCount(), max_tasks});
+  return static_cast<int>(std::max<int64_t>(1, n));
+}
+
+// Every tensor the ops allocate is capped far above any machine's memory
+// (32 Ti floats), so that sizes are exact int64 arithmetic and an absurd
+// shape gets a clear error instead of an overflowed size.
+constexpr int64_t kMaxFloats = int64_t{1} << 45;
+
+// The element count of `dims`, or -1 if it overflows or exceeds kMaxFloats.
+int64_t CheckedCount(std::initializer_list<int64_t> dims) {
+  int64_t n = 1;
+  for (int64_t d : dims) {
+    n = tensorflow::MultiplyWithoutOverflow(n, d);
+    if (n < 0 || n > kMaxFloats) return -1;
+  }
+  return n;
+}
+
+std::string DimsText(std::initializer_list<int64_t> dims) {
+  std::string s = "[";
+  for (int64_t d : dims) s += (s.size() > 1 ? ", " : "") + std::to_string(d);
+  return s + "]";
+}
+
+absl::Status CheckSize(const char* what, std::initializer_list<int64_t> dims) {
+  if (CheckedCount(dims) < 0)
+    return InvalidArgument(what, " would have shape ", DimsText(dims),
+                           ": more than 2^45 elements (or an int64 overflow)");
+  return absl::OkStatus();
 }
 
 std::string Shape(const Tensor& t) { return t.shape().DebugString(); }
@@ -372,6 +414,11 @@ class StructuredRnnOp : public OpKernel {
           "]", traits_.cell == kGru ? " without reset_after" : "",
           "; received ", Shape(bias));
     }
+    // The largest buffers, checked before any size arithmetic uses them.
+    TF_RETURN_IF_ERROR(CheckSize(
+        "output", {in->batch, return_sequences_ ? in->steps : 1, in->units}));
+    TF_RETURN_IF_ERROR(CheckSize("the input projection of all steps (from x)",
+                                 {in->batch, in->steps, width}));
     return absl::OkStatus();
   }
 
@@ -606,17 +653,25 @@ class BlockDiagMatMulOp : public OpKernel {
     const int64_t g = blocks.dim_size(0), a = blocks.dim_size(1);
     const int64_t b = blocks.dim_size(2);
     const int64_t n = x.dim_size(x.dims() - 1);
-    OP_REQUIRES(ctx, g * a == n,
+    // Division, not g * a: the dims of an empty tensor are unbounded.
+    OP_REQUIRES(ctx, n % g == 0 && n / g == a,
                 InvalidArgument("blocks must have shape [g, n/g, m/g] with "
                                 "n = x.shape[-1] = ", n, " and g dividing n; "
                                 "received ", Shape(blocks)));
+    const int64_t m = CheckedCount({g, b});
+    int64_t rows = 1;  // x's elements over its last dim, overflow-checked
+    for (int d = 0; d + 1 < x.dims(); ++d)
+      rows = rows < 0 ? -1 : CheckedCount({rows, x.dim_size(d)});
+    OP_REQUIRES(ctx, m >= 0 && rows >= 0 && CheckedCount({rows, m}) >= 0,
+                InvalidArgument("y = x @ blockdiag(blocks) would have more "
+                                "than 2^45 elements (or overflow int64): x ",
+                                Shape(x), ", blocks ", Shape(blocks)));
     TensorShape out_shape = x.shape();
-    out_shape.set_dim(x.dims() - 1, g * b);
+    out_shape.set_dim(x.dims() - 1, m);
     Tensor* y = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &y));
-    const int64_t rows = n == 0 ? 0 : x.NumElements() / n;
     if (y->NumElements() == 0) return;
-    if (rows == 0) {  // n == 0: an empty sum
+    if (n == 0) {  // an empty sum
       std::fill_n(y->flat<float>().data(), y->NumElements(), 0.0f);
       return;
     }
@@ -629,14 +684,18 @@ class BlockDiagMatMulOp : public OpKernel {
     p.a = a;
     p.b = b;
     p.shuffle = shuffle_;
-    p.num_threads =
-        ThreadsFor(num_threads_, rows * a * b * g,
-                   min_parallel_macs_block_diag);
+    // Each thread takes (64-row chunk, group) items; more threads than
+    // items would only hold scratch.
+    const int64_t items = (rows + kRowChunk - 1) / kRowChunk * g;
+    const int64_t macs = CheckedCount({rows, a, b, g});
+    p.num_threads = ThreadsFor(num_threads_, macs < 0 ? INT64_MAX : macs,
+                               min_parallel_macs_block_diag, items);
     Tensor ws;
     if (shuffle_) {
       OP_REQUIRES_OK(ctx, ctx->allocate_temp(
                               tensorflow::DT_FLOAT,
-                              TensorShape({p.num_threads * kRowChunk * b}),
+                              TensorShape({p.num_threads *
+                                           std::min(rows, kRowChunk) * b}),
                               &ws));
       p.scratch = ws.flat<float>().data();
     }

@@ -140,7 +140,7 @@ struct BlockDiagPlan {
   int64_t rows, g, a, b;
   bool shuffle;
   int num_threads;
-  float* scratch;  // shuffle: num_threads * kRowChunk * b floats
+  float* scratch;  // shuffle: num_threads * min(rows, kRowChunk) * b floats
 };
 
 // One entry point per instruction set.

@@ -659,7 +659,8 @@ void BlockDiagBody(const BlockDiagPlan& p, int tid, int nt) {
   const int64_t chunks = (p.rows + kRowChunk - 1) / kRowChunk;
   const int64_t items = chunks * p.g;  // (row chunk, group), chunk-major
   const int64_t i0 = items * tid / nt, i1 = items * (tid + 1) / nt;
-  float* tmp = p.scratch + tid * kRowChunk * p.b;
+  // Shuffle: one chunk's unshuffled block product, at most kRowChunk rows.
+  float* tmp = p.scratch + tid * Min(kRowChunk, p.rows) * p.b;
   for (int64_t it = i0; it < i1; ++it) {
     const int64_t r = (it / p.g) * kRowChunk, gi = it % p.g;
     const int64_t rc = Min(kRowChunk, p.rows - r);
