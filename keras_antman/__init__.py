@@ -18,9 +18,9 @@ from keras_antman.distill import LogitsKLDivergence
 from keras_antman.distill import LogitsMeanSquaredError
 from keras_antman.distill import Perplexity
 from keras_antman.distill import calibrate_coefficients
+from keras_antman.distill import coefficients_from_losses
 from keras_antman.doping import Doped
 from keras_antman.doping import DopingSchedule
-from keras_antman.distill import coefficients_from_losses
 from keras_antman.export import export
 from keras_antman.layers import StructuredGRU
 from keras_antman.layers import StructuredGRUCell
@@ -30,8 +30,8 @@ from keras_antman.report import Report
 from keras_antman.report import report
 from keras_antman.schemes import HMD
 from keras_antman.schemes import Dense
-from keras_antman.schemes import LGPDense
 from keras_antman.schemes import Kronecker
+from keras_antman.schemes import LGPDense
 from keras_antman.schemes import LGPShuffle
 from keras_antman.schemes import LowRank
 from keras_antman.schemes import LowRankLGP

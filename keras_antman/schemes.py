@@ -104,6 +104,13 @@ class Scheme:
     dims) and `kernel_stages` (run on the compiled op). A class attribute
     ``spec_name`` registers the scheme under that name for `get` and the
     command line (``"lgp_shuffle:10"``).
+
+    A composite scheme (`keras_antman.doping.Doped`) also uses the optional
+    hooks: `weight_options` (a non-trainable weight, its own initializer),
+    `training_product` with ``random_in_training`` (a training-only
+    dropout; the matrix then owns a seed generator), `serving_arrays` and
+    `serving_product` (constants written into an exported graph) and
+    `cost_parts` (sub-rows of the report).
     """
 
     spec_name = None

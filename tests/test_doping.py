@@ -413,9 +413,13 @@ def test_cmr_is_active_in_training_only(rng):
     # In a layer: training differs, inference is deterministic.
     model = _doped_lm(rng, am.Doped(am.Kronecker(), cmr_rate=0.5, seed=1),
                       am.Doped(am.HMD(2), cmr_rate=0.5))
-    xs, _ = _data(rng, 2)
+    xs, ys = _data(rng)
     np.testing.assert_array_equal(model(xs), model(xs))
     assert not np.allclose(model(xs, training=True), model(xs))
+    # Dropout draws inside the compiled time loop of `fit`.
+    model.compile("adam", "mse")
+    loss = model.fit(xs, ys, batch_size=8, epochs=2, verbose=0).history
+    assert np.all(np.isfinite(loss["loss"]))
 
 
 # -- in the layers, compress, files, report, export ---------------------
