@@ -223,11 +223,12 @@ class Doped(schemes_lib.Scheme):
         """``S * mask`` as CSR of ``S^T``, for the exported graph.
 
         Returns:
-            ``{"values", "inputs", "outputs"}``: the non-zeros ordered by
-            output (CSR row of ``S^T``) then input, their input indices
-            (the CSR column indices) and their output indices (the CSR row
-            pointers expanded to one per entry, which is what
-            ``UnsortedSegmentSum`` takes; TFLite has no CSR product).
+            ``{"values", "inputs", "outputs", "shape"}``: the non-zeros
+            ordered by output (CSR row of ``S^T``) then input, their input
+            indices (the CSR column indices), their output indices (the CSR
+            row pointers expanded to one per entry, which is what
+            ``UnsortedSegmentSum`` takes; TFLite has no CSR product) and
+            ``(n, m)``.
         """
         s = (arrays["sparse"] * arrays["mask"]).astype("float32")
         outputs, inputs = np.nonzero(s.T)

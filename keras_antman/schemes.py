@@ -1074,7 +1074,7 @@ class HMD(Scheme):
                 n, m,
                 f"between 1 and n - 1 = {n - 1} dense rows (dense_rows = "
                 f"{self.dense_rows} gives {nd})",
-                f"dense_rows from {0.5 / n:.3g} to {1 - 0.5 / n:.3g}"
+                f"dense_rows in [{0.5 / n:.3g}, {1 - 0.5 / n:.3g})"
                 if n > 1 else "none (n = 1)",
             )
         if self.rank > min(n - nd, m):

@@ -171,7 +171,7 @@ def test_hmd_forward_cost_and_from_dense(rng):
 @pytest.mark.parametrize("make,n,pattern", [
     (lambda: am.HMD(2, 0.01), 10,
      r"between 1 and n - 1 = 9 dense rows \(dense_rows = 0.01 gives 0\).*"
-     r"dense_rows from 0.05 to 0.95"),
+     r"dense_rows in \[0.05, 0.95\)"),
     (lambda: am.HMD(6, 0.5), 10,
      r"rank <= min\(n - n_d, m\) = 5 \(n_d = 5 dense rows\).*rank in 1\.\.5"),
 ])
