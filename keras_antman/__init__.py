@@ -9,6 +9,7 @@ TensorFlow.
 """
 
 from keras_antman import datasets
+from keras_antman import doping
 from keras_antman import iss
 from keras_antman.compress import compress
 from keras_antman.distill import DistillationCoefficients
@@ -19,6 +20,8 @@ from keras_antman.distill import LogitsMeanSquaredError
 from keras_antman.distill import Perplexity
 from keras_antman.distill import calibrate_coefficients
 from keras_antman.distill import coefficients_from_losses
+from keras_antman.doping import Doped
+from keras_antman.doping import DopingSchedule
 from keras_antman.export import export
 from keras_antman.layers import StructuredGRU
 from keras_antman.layers import StructuredGRUCell
@@ -26,7 +29,9 @@ from keras_antman.layers import StructuredLSTM
 from keras_antman.layers import StructuredLSTMCell
 from keras_antman.report import Report
 from keras_antman.report import report
+from keras_antman.schemes import HMD
 from keras_antman.schemes import Dense
+from keras_antman.schemes import Kronecker
 from keras_antman.schemes import LGPDense
 from keras_antman.schemes import LGPShuffle
 from keras_antman.schemes import LowRank
@@ -41,6 +46,10 @@ __all__ = [
     "DistillationCoefficients",
     "DistillationTerm",
     "Distiller",
+    "Doped",
+    "DopingSchedule",
+    "HMD",
+    "Kronecker",
     "LGPDense",
     "LGPShuffle",
     "LogitsKLDivergence",
@@ -59,6 +68,7 @@ __all__ = [
     "coefficients_from_losses",
     "compress",
     "datasets",
+    "doping",
     "export",
     "iss",
     "report",

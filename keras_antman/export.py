@@ -4,7 +4,11 @@ Two flavours. ``kernel="compiled"`` traces the structured layers with the
 compiled CPU op (fast; the loading process calls ``keras_antman.ops.load()``
 first, which registers the op). ``kernel="portable"`` traces them with stock
 TF ops only, so the SavedModel loads in any TensorFlow process (TF Serving)
-and converts to TFLite. The directory is written next to its destination and
+and converts to TFLite. Either way, a scheme may write some weights as
+constants of the graph instead (`Scheme.serving_arrays`): a `Doped`
+matrix's sparse part is exported as CSR arrays (values, indices) and a
+Gather / UnsortedSegmentSum product, not as a dense masked matrix. The
+directory is written next to its destination and
 renamed into place, so a failure never leaves a half-written SavedModel.
 """
 
@@ -15,8 +19,30 @@ import tempfile
 
 from keras_antman import _keras
 from keras_antman import layers as layers_lib
+from keras_antman import schemes as schemes_lib
 
 EXPORT_KERNELS = ("compiled", "portable")
+
+
+@contextlib.contextmanager
+def serving_constants(model):
+    """Trace every `StructuredMatrix` of ``model`` with its scheme's
+    serving constants (`Scheme.serving_arrays`: e.g. a doped matrix's
+    sparse part as constant CSR arrays instead of a dense masked weight).
+    """
+    found = []
+
+    def walk(layer):
+        if isinstance(layer, schemes_lib.StructuredMatrix) and layer.built:
+            found.append(layer)
+        for sub in _keras.sublayers(layer):
+            walk(sub)
+
+    walk(model)
+    with contextlib.ExitStack() as stack:
+        for matrix in found:
+            stack.enter_context(matrix.serving_constants())
+        yield found
 
 
 def _structured_layers(model):
@@ -113,7 +139,7 @@ def export(model, path, kernel="portable", batch_size=None, overwrite=False,
     tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
     try:
         staged = os.path.join(tmp, "saved_model")
-        with kernel_mode(model, kernel):
+        with kernel_mode(model, kernel), serving_constants(model):
             model.export(
                 staged,
                 format="tf_saved_model",

@@ -30,6 +30,7 @@ class Cost:
     params: int
     macs: int
     recurrent: bool
+    detail: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Row:
     macs_before: int
     macs_after: int
     recurrent: bool
+    detail: bool = False
 
     @property
     def param_reduction(self):
@@ -68,7 +70,11 @@ class Report:
     """Per-part costs of two models; ``str()`` prints a table.
 
     Attributes:
-        rows: one `Row` per layer part, in model order.
+        rows: one `Row` per layer part, in model order. A product whose
+            scheme has several cost parts (`Scheme.cost_parts`, e.g. a
+            doped matrix's base, sparse values and sparse indices) is
+            followed by one ``detail`` row per part (``input/base``...),
+            which the totals leave out.
         total: the sum over every row.
         recurrent_total: the sum over the recurrent layers only (the
             paper's "LSTM computation reduction").
@@ -103,6 +109,13 @@ class Report:
         for row in (*self.rows, None, self.recurrent_total, self.total):
             if row is None:
                 lines.append(None)
+                continue
+            if row.detail:  # a part of the product above: after only
+                lines.append(
+                    ("", f"  {row.part}", "", row.scheme_after, "",
+                     f"{row.params_after:,}", "", "",
+                     f"{row.macs_after:,}", "")
+                )
                 continue
             lines.append(
                 (
@@ -143,6 +156,7 @@ def _fmt_ratio(x):
 
 
 def _sum_rows(name, rows):
+    rows = [r for r in rows if not r.detail]
     return Row(
         layer=name, part="", scheme_before="", scheme_after="",
         params_before=sum(r.params_before for r in rows),
@@ -158,7 +172,9 @@ def report(original, compressed=None, print_fn=None):
 
     Layers are matched by name (``compress`` keeps names) and recurrent
     layers are broken down into their products (``input``, ``recurrent``,
-    ``candidate`` for a GRU with ``reset_after=False``) and ``bias``.
+    ``candidate`` for a GRU with ``reset_after=False``) and ``bias``. A
+    product made of several parts (a `Doped` matrix: ``base``, ``sparse``
+    values, ``sparse_index``) gets one sub-row per part after it.
 
     Args:
         original: the model (or layer) before compression.
@@ -174,15 +190,28 @@ def report(original, compressed=None, print_fn=None):
     before = _costs(original)
     after = _costs(compressed if compressed is not None else original)
     after_by_key = {(c.layer, c.part): c for c in after}
+    before_keys = {(c.layer, c.part) for c in before}
     rows = []
     seen = set()
+
+    def add(b, a):
+        ref = b or a
+        seen.add((ref.layer, ref.part))
+        rows.append(_row(b, a))
+        # Parts of a product the original lacks go right after it.
+        for c in after:
+            if (c.detail and c.layer == ref.layer
+                    and c.part.startswith(ref.part + "/")
+                    and (c.layer, c.part) not in before_keys
+                    and (c.layer, c.part) not in seen):
+                seen.add((c.layer, c.part))
+                rows.append(_row(None, c))
+
     for c in before:
-        a = after_by_key.get((c.layer, c.part))
-        seen.add((c.layer, c.part))
-        rows.append(_row(c, a))
+        add(c, after_by_key.get((c.layer, c.part)))
     for c in after:
         if (c.layer, c.part) not in seen:
-            rows.append(_row(None, c))
+            add(None, c)
     result = Report(rows=tuple(rows))
     if print_fn is not None:
         print_fn(str(result))
@@ -200,6 +229,7 @@ def _row(b, a):
         macs_before=b.macs if b else 0,
         macs_after=a.macs if a else 0,
         recurrent=(b or a).recurrent,
+        detail=ref.detail,
     )
 
 
@@ -256,6 +286,13 @@ def _cell_costs(cell, name, prefix):
         for part, matrix in cell.products().items():
             p, m = matrix.params(), matrix.macs()
             out.append(Cost(name, prefix + part, matrix.describe(), p, m, True))
+            parts = matrix.cost_parts()
+            if len(parts) > 1:
+                out += [
+                    Cost(name, f"{prefix}{part}/{sub}", text, sp, sm, True,
+                         detail=True)
+                    for sub, text, sp, sm in parts
+                ]
     else:
         n, m = cell.kernel.shape
         h = cell.units

@@ -15,6 +15,7 @@ paper writes ``A x`` with ``A = W^T`` of shape ``m x n``; its Table 1
 formulas are quoted below in its own ``m`` (output) and ``n`` (input).
 """
 
+import contextlib
 import inspect
 import math
 
@@ -103,6 +104,13 @@ class Scheme:
     dims) and `kernel_stages` (run on the compiled op). A class attribute
     ``spec_name`` registers the scheme under that name for `get` and the
     command line (``"lgp_shuffle:10"``).
+
+    A composite scheme (`keras_antman.doping.Doped`) also uses the optional
+    hooks: `weight_options` (a non-trainable weight, its own initializer),
+    `training_product` with ``random_in_training`` (a training-only
+    dropout; the matrix then owns a seed generator), `serving_arrays` and
+    `serving_product` (constants written into an exported graph) and
+    `cost_parts` (sub-rows of the report).
     """
 
     spec_name = None
@@ -129,7 +137,8 @@ class Scheme:
         name = type(self).__name__
         return f"{name}({args})" if args else name
 
-    __repr__ = describe
+    def __repr__(self):
+        return self.describe()
 
     def __eq__(self, other):
         return type(self) is type(other) and (
@@ -169,6 +178,18 @@ class Scheme:
         """
         raise NotImplementedError
 
+    def cost_parts(self, n, m):
+        """The cost broken into named parts, for `report`.
+
+        Returns:
+            A list of ``(part, description, params, macs)`` that sums to
+            `cost`; a scheme made of one part (the default) returns
+            ``[("", describe(), params, macs)]``. A composite scheme (e.g.
+            `keras_antman.doping.Doped`) lists its parts, which `report`
+            shows as sub-rows of the product.
+        """
+        return [("", self.describe(), *self.cost(n, m))]
+
     def params(self, n=None, m=None):
         """Number of weights of an ``n -> m`` product."""
         return self.cost(*self._dims(n, m))[0]
@@ -192,10 +213,51 @@ class Scheme:
         """``{weight name: shape}`` for an ``n -> m`` product."""
         raise NotImplementedError
 
+    def weight_options(self, n, m):
+        """Per-weight `add_weight` arguments that replace the matrix's own.
+
+        Returns:
+            ``{weight name: {argument: value}}`` for the weights that need
+            something else than the matrix's initializer, regularizer and
+            constraint, e.g. ``{"mask": {"trainable": False, "initializer":
+            "ones", "regularizer": None, "constraint": None}}``. Default:
+            none.
+        """
+        return {}
+
     def product(self, x, w):
         """``x @ W`` in plain TF ops; ``x`` [..., n], ``w`` the weights by
         name (variables or tensors)."""
         raise NotImplementedError
+
+    # Whether `training_product` draws random numbers: the matrix then
+    # owns a `keras.random.SeedGenerator` seeded with ``self.seed``.
+    random_in_training = False
+
+    def training_product(self, x, w, seed_generator):
+        """The product in training (``training=True``); default `product`.
+
+        A scheme with a training-only regulariser (dropout on part of the
+        product) overrides this and sets ``random_in_training``.
+        """
+        return self.product(x, w)
+
+    def serving_arrays(self, arrays):
+        """Constants that an exported graph uses instead of some weights.
+
+        Args:
+            arrays: the weight arrays (numpy) by name.
+
+        Returns:
+            ``None`` (the default: the graph reads the weights) or a dict
+            of numpy arrays handed to `serving_product` while `export`
+            traces the model.
+        """
+        return None
+
+    def serving_product(self, x, w, constants):
+        """The product in an exported graph, given `serving_arrays`."""
+        return self.product(x, w)
 
     def dense_from_arrays(self, arrays):
         """The dense ``[n, m]`` matrix of the given weight arrays (numpy)."""
@@ -315,6 +377,14 @@ class StructuredMatrix(keras.layers.Layer):
         self.input_dim = None
         # Applied position by position, so a sequence mask passes through.
         self.supports_masking = True
+        # Only schemes that are random in training own a generator, so the
+        # variables (and saved files) of the others are unchanged.
+        self.seed_generator = (
+            keras.random.SeedGenerator(getattr(self.scheme, "seed", None))
+            if self.scheme.random_in_training else None
+        )
+        # Set by `serving_constants` while `export` traces the model.
+        self._serving = None
 
     def describe(self):
         return self.scheme.describe()
@@ -328,14 +398,15 @@ class StructuredMatrix(keras.layers.Layer):
             raise ValueError(f"{where}{e}") from None
         self.input_dim = n
         shapes = self.scheme.weight_shapes(n, self.output_dim)
+        options = self.scheme.weight_options(n, self.output_dim)
         for wname, shape in shapes.items():
-            var = self.add_weight(
-                shape=shape,
-                name=wname,
+            kwargs = dict(
                 initializer=self.initializer,
                 regularizer=self.regularizer,
                 constraint=self.constraint,
             )
+            kwargs.update(options.get(wname, {}))
+            var = self.add_weight(shape=shape, name=wname, **kwargs)
             setattr(self, wname, var)
         self.built = True
 
@@ -350,8 +421,28 @@ class StructuredMatrix(keras.layers.Layer):
         return {k: ops.convert_to_numpy(v)
                 for k, v in self.scheme_weights().items()}
 
-    def call(self, x):
-        return self.scheme.product(x, self.scheme_weights())
+    def call(self, x, training=False):
+        w = self.scheme_weights()
+        if training and self.seed_generator is not None:
+            return self.scheme.training_product(x, w, self.seed_generator)
+        if self._serving is not None and not training:
+            return self.scheme.serving_product(x, w, self._serving)
+        return self.scheme.product(x, w)
+
+    @contextlib.contextmanager
+    def serving_constants(self):
+        """Trace inference with the scheme's `Scheme.serving_arrays`.
+
+        `keras_antman.export` enters this for every matrix of the model,
+        so e.g. a doped matrix's sparse part is written into the graph as
+        constant sparse arrays. Outside it nothing changes.
+        """
+        self._require_built("serving_constants")
+        self._serving = self.scheme.serving_arrays(self.weight_arrays())
+        try:
+            yield self
+        finally:
+            self._serving = None
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.output_dim)
@@ -373,6 +464,11 @@ class StructuredMatrix(keras.layers.Layer):
         """Multiply-adds of one product for one vector (Table 1)."""
         self._require_built("macs")
         return self.scheme.macs(self.input_dim, self.output_dim)
+
+    def cost_parts(self):
+        """``[(part, description, params, macs)]`` (`Scheme.cost_parts`)."""
+        self._require_built("cost_parts")
+        return self.scheme.cost_parts(self.input_dim, self.output_dim)
 
     def to_dense(self):
         """The equivalent dense matrix ``W`` [n, m] as a numpy array."""
@@ -763,6 +859,258 @@ class LowRankLGP(Scheme):
                 _stage(w["out_blocks"])]
 
 
+def _factor_pair(k):
+    """Near-square ``(k1, k2)`` with ``k1 * k2 = k``: ``k1`` is the largest
+    divisor of ``k`` not above ``sqrt(k)`` (so ``k1 <= k2``)."""
+    k1 = max(d for d in _divisors(k) if d * d <= k)
+    return k1, k // k1
+
+
+def _shape_pair(name, value, cls):
+    if value is None:
+        return None
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                   or v < 1 for v in value)):
+        raise ValueError(
+            f"{cls}: `{name}` must be None or a pair of positive integers "
+            f"(rows, columns). Received: {name}={value!r}"
+        )
+    return tuple(int(v) for v in value)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Kronecker(Scheme):
+    """Kronecker product ``W = A kron B`` (the Doping paper's KP).
+
+    ``A`` is ``[n1, m1]``, ``B`` is ``[n2, m2]``, ``n = n1 n2`` and
+    ``m = m1 m2``; ``A`` indexes the outer blocks, as in NumPy:
+    ``W[i1 n2 + i2, j1 m2 + j2] = A[i1, j1] B[i2, j2]`` and
+    ``W == np.kron(A, B)``. With ``terms = r`` the matrix is a sum of
+    ``r`` such products; the weights are ``a`` [r, n1, m1] and ``b``
+    [r, n2, m2].
+
+    The forward pass never forms ``W``: with ``X`` the input viewed as
+    ``[n1, n2]``, ``y = A^T X B`` (as ``[m1, m2]``), two small matmuls in
+    the cheaper order. ``B`` first costs ``n1 n2 m2 + n1 m2 m1 =
+    n1 m2 (n2 + m1)`` multiply-adds per vector and term, ``A`` first
+    ``m1 n2 (n1 + m2)``; MACs are ``r * min`` of the two (ties: ``B``
+    first). Params: ``r (n1 m1 + n2 m2)``; unlike Table 1's schemes,
+    params and MACs differ.
+
+    Factor shapes: give ``a_shape``, ``b_shape`` or both; the missing one
+    follows from ``n`` and ``m``. With neither, each dimension is split
+    near-square: ``n1`` is the largest divisor of ``n`` not above
+    ``sqrt(n)``, ``n2 = n / n1`` (likewise ``m1``, ``m2``), e.g.
+    ``800 = 25 x 32``, ``200 = 10 x 20``; a prime dimension gives
+    ``1 x p``.
+
+    `from_dense` takes the nearest Kronecker product in Frobenius norm
+    (Van Loan and Pitsianis): the rank-``r`` truncated SVD of the
+    rearrangement ``R[(i1, j1), (i2, j2)] = W[i1 n2 + i2, j1 m2 + j2]``,
+    singular values split evenly between ``A`` and ``B``.
+
+    The compiled op has no Kronecker stage yet (`kernel_stages` raises), so
+    the layers run this scheme on stock TF ops.
+
+    Args:
+        a_shape: ``(n1, m1)`` or ``None``.
+        b_shape: ``(n2, m2)`` or ``None``.
+        terms: ``r``, the number of Kronecker products summed (default 1).
+    """
+
+    spec_name = "kronecker"
+
+    def __init__(self, a_shape=None, b_shape=None, terms=1):
+        super().__init__(
+            a_shape=_shape_pair("a_shape", a_shape, "Kronecker"),
+            b_shape=_shape_pair("b_shape", b_shape, "Kronecker"),
+            terms=_positive_int("terms", terms, "Kronecker"),
+        )
+
+    def describe(self):
+        """``Kronecker(a_shape=(4, 8))``; ``terms`` shown when not 1."""
+        args = ", ".join(
+            f"{k}={v}" for k, v in self.get_config().items()
+            if not (k == "terms" and v == 1)
+        )
+        return f"Kronecker({args})" if args else "Kronecker"
+
+    def factors(self, n, m):
+        """``((n1, m1), (n2, m2))`` of an ``n -> m`` product."""
+        self.check(n, m)
+        return self._factors(n, m)
+
+    def _factors(self, n, m):
+        if self.a_shape is None and self.b_shape is None:
+            (n1, n2), (m1, m2) = _factor_pair(n), _factor_pair(m)
+            return (n1, m1), (n2, m2)
+        if self.a_shape is not None:
+            n1, m1 = self.a_shape
+            return (n1, m1), self.b_shape or (n // n1, m // m1)
+        n2, m2 = self.b_shape
+        return (n // n2, m // m2), (n2, m2)
+
+    def check(self, n, m):
+        (n1, m1), (n2, m2) = self._factors(n, m)
+        if n1 * n2 != n or m1 * m2 != m:
+            self._fail(
+                n, m,
+                f"A [n1, m1] and B [n2, m2] with n1 n2 = n = {n} and "
+                f"m1 m2 = m = {m}",
+                f"a_shape (n1, m1) with n1 in {_divisors(n)} and m1 in "
+                f"{_divisors(m)}, b_shape = (n / n1, m / m1)",
+            )
+        if self.terms > min(n1 * m1, n2 * m2):
+            self._fail(
+                n, m, f"terms <= min(n1 m1, n2 m2) = {min(n1 * m1, n2 * m2)}",
+                f"terms in 1..{min(n1 * m1, n2 * m2)}",
+            )
+
+    @staticmethod
+    def _b_first(n1, m1, n2, m2):
+        return n1 * m2 * (n2 + m1) <= m1 * n2 * (n1 + m2)
+
+    def cost(self, n, m):
+        (n1, m1), (n2, m2) = self._factors(n, m)
+        r = self.terms
+        macs = r * min(n1 * m2 * (n2 + m1), m1 * n2 * (n1 + m2))
+        return r * (n1 * m1 + n2 * m2), macs
+
+    def weight_shapes(self, n, m):
+        (n1, m1), (n2, m2) = self._factors(n, m)
+        return {"a": (self.terms, n1, m1), "b": (self.terms, n2, m2)}
+
+    def product(self, x, w):
+        a, b = w["a"], w["b"]
+        r, n1, m1 = a.shape
+        _, n2, m2 = b.shape
+        lead = ops.shape(x)[:-1]
+        if self._b_first(n1, m1, n2, m2):
+            # [N n1, n2] @ [n2, r m2] -> [N, n1, r, m2] -> [N m2, r n1]
+            b_cat = ops.reshape(ops.transpose(b, (1, 0, 2)), (n2, r * m2))
+            z = ops.matmul(ops.reshape(x, (-1, n2)), b_cat)
+            z = ops.transpose(ops.reshape(z, (-1, n1, r, m2)), (0, 3, 2, 1))
+            y = ops.matmul(ops.reshape(z, (-1, r * n1)),
+                           ops.reshape(a, (r * n1, m1)))
+            y = ops.transpose(ops.reshape(y, (-1, m2, m1)), (0, 2, 1))
+        else:
+            # [N n2, n1] @ [n1, r m1] -> [N, n2, r, m1] -> [N m1, r n2]
+            xt = ops.transpose(ops.reshape(x, (-1, n1, n2)), (0, 2, 1))
+            a_cat = ops.reshape(ops.transpose(a, (1, 0, 2)), (n1, r * m1))
+            z = ops.matmul(ops.reshape(xt, (-1, n1)), a_cat)
+            z = ops.transpose(ops.reshape(z, (-1, n2, r, m1)), (0, 3, 2, 1))
+            y = ops.matmul(ops.reshape(z, (-1, r * n2)),
+                           ops.reshape(b, (r * n2, m2)))
+        return ops.reshape(y, (*lead, m1 * m2))
+
+    def dense_from_arrays(self, arrays):
+        return sum(np.kron(a, b) for a, b in zip(arrays["a"], arrays["b"]))
+
+    def arrays_from_dense(self, w):
+        n, m = w.shape
+        (n1, m1), (n2, m2) = self._factors(n, m)
+        r = self.terms
+        rearranged = (w.astype("float64").reshape(n1, n2, m1, m2)
+                      .transpose(0, 2, 1, 3).reshape(n1 * m1, n2 * m2))
+        u, s, vt = np.linalg.svd(rearranged, full_matrices=False)
+        root = np.sqrt(s[:r])
+        a = (u[:, :r] * root).T.reshape(r, n1, m1)
+        b = (root[:, None] * vt[:r]).reshape(r, n2, m2)
+        return {"a": a, "b": b}
+
+
+def _dense_rows(n, fraction):
+    """``round(fraction * n)``, halves up."""
+    return int(math.floor(fraction * n + 0.5))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class HMD(Scheme):
+    """Hybrid matrix decomposition: some rows of ``W`` dense, the rest low
+    rank.
+
+    The first ``n_d = round(dense_rows * n)`` input rows of ``W`` [n, m]
+    (halves rounded up) are kept as a dense ``[n_d, m]`` block ``D``; the
+    other ``n - n_d`` rows are ``U V`` with ``U`` [n - n_d, k] and ``V``
+    [k, m]: ``y = x[:n_d] D + (x[n_d:] U) V``. Params = MACs =
+    ``n_d m + (n - n_d) k + k m``. (Thakker et al.'s HMD splits the rows of
+    the paper's ``A = W^T``, i.e. the outputs; splitting the inputs is the
+    same construction on the other side, and adds the two parts instead of
+    concatenating them.) `from_dense` copies the dense rows and takes the
+    truncated SVD of the rest (singular values split evenly). The Doping
+    paper's LMF is `LowRank`. The compiled op has no stage for the split
+    yet (`kernel_stages` raises): the layers use stock TF ops.
+
+    Args:
+        rank: ``k``, the rank of the low-rank rows
+            (``k <= min(n - n_d, m)``).
+        dense_rows: fraction of the input rows kept dense, in (0, 1);
+            ``n_d`` must come out between 1 and ``n - 1``.
+    """
+
+    spec_name = "hmd"
+
+    def __init__(self, rank, dense_rows=0.5):
+        rank = _positive_int("rank", rank, "HMD")
+        if (isinstance(dense_rows, bool)
+                or not isinstance(dense_rows, (int, float, np.number))
+                or not 0.0 < float(dense_rows) < 1.0):
+            raise ValueError(
+                "HMD: `dense_rows` must be a fraction in (0, 1) of the input "
+                f"rows kept dense. Received: dense_rows={dense_rows!r}"
+            )
+        super().__init__(rank=rank, dense_rows=float(dense_rows))
+
+    def split(self, n):
+        """``n_d``, the number of dense input rows of an ``n -> m``
+        product."""
+        return _dense_rows(n, self.dense_rows)
+
+    def check(self, n, m):
+        nd = self.split(n)
+        if not 1 <= nd <= n - 1:
+            self._fail(
+                n, m,
+                f"between 1 and n - 1 = {n - 1} dense rows (dense_rows = "
+                f"{self.dense_rows} gives {nd})",
+                f"dense_rows in [{0.5 / n:.3g}, {1 - 0.5 / n:.3g})"
+                if n > 1 else "none (n = 1)",
+            )
+        if self.rank > min(n - nd, m):
+            self._fail(
+                n, m,
+                f"rank <= min(n - n_d, m) = {min(n - nd, m)} (n_d = {nd} "
+                f"dense rows)",
+                f"rank in 1..{min(n - nd, m)}",
+            )
+
+    def cost(self, n, m):
+        nd, k = self.split(n), self.rank
+        c = nd * m + (n - nd) * k + k * m
+        return c, c
+
+    def weight_shapes(self, n, m):
+        nd, k = self.split(n), self.rank
+        return {"dense": (nd, m), "u": (n - nd, k), "v": (k, m)}
+
+    def product(self, x, w):
+        nd = w["dense"].shape[0]
+        return (ops.matmul(x[..., :nd], w["dense"])
+                + ops.matmul(ops.matmul(x[..., nd:], w["u"]), w["v"]))
+
+    def dense_from_arrays(self, arrays):
+        return np.concatenate(
+            [arrays["dense"], arrays["u"] @ arrays["v"]], axis=0)
+
+    def arrays_from_dense(self, w):
+        nd, k = self.split(w.shape[0]), self.rank
+        u, s, vt = np.linalg.svd(w[nd:].astype("float64"), full_matrices=False)
+        root = np.sqrt(s[:k])
+        return {"dense": w[:nd], "u": u[:, :k] * root,
+                "v": root[:, None] * vt[:k]}
+
+
 def registry():
     """``{spec name: Scheme class}`` of every registered scheme."""
     return dict(Scheme._registry)
@@ -773,11 +1121,17 @@ def _spec_key(name):
 
 
 def _spec_value(text):
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(
-            f"scheme arguments are integers; received {text!r}") from None
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    parts = text.lower().split("x")
+    if len(parts) > 1 and all(p.strip().isdigit() for p in parts):
+        return tuple(int(p) for p in parts)
+    raise ValueError(
+        f"scheme arguments are integers, decimals or shapes such as 4x8; "
+        f"received {text!r}") from None
 
 
 def from_spec(spec):
@@ -785,9 +1139,12 @@ def from_spec(spec):
 
     ``name`` is a registered ``spec_name`` (underscores optional:
     ``lgp_shuffle`` or ``lgpshuffle``); ``args`` are the constructor's
-    integer arguments, positional or ``key=value``, separated by commas:
-    ``dense``, ``low_rank:4``, ``low_rank:rank=16``, ``lgp_shuffle:10``,
-    ``lgp_dense:4``, ``low_rank_lgp:10,10,2``.
+    arguments (integers, decimals, or shapes written ``4x8``), positional
+    or ``key=value``, separated by commas: ``dense``, ``low_rank:4``,
+    ``low_rank:rank=16``, ``lgp_shuffle:10``, ``lgp_dense:4``,
+    ``low_rank_lgp:10,10,2``, ``kronecker``, ``kronecker:a_shape=4x8``,
+    ``hmd:8,dense_rows=0.25``. `keras_antman.doping.Doped` has no spec: its
+    argument is another scheme, which this grammar cannot nest.
 
     Raises:
         ValueError: unknown name or arguments the scheme rejects; the
