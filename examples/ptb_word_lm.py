@@ -5,15 +5,21 @@ trained as the teacher; students at the same LSTM computation reduction
 (LGP-Shuffle, LowRank-LGP, SVD and a smaller dense LSTM) and LGP-Shuffle at
 larger reductions are distilled from it with `keras_antman.Distiller`; the
 paper's coefficient method (`calibrate_coefficients`) and a small
-coefficient grid like its Table 3 follow.
+coefficient grid like its Table 3 follow. ``--iss-reductions`` adds the
+paper's ISS baseline (`keras_antman.iss.prune_to`, with and without the
+teacher), shrunk to smaller stock LSTMs; ``--embed`` sets the embedding
+width apart from the hidden size (``--embed 800 --hidden 100``: the
+"input >> hidden" shape of the paper's Table 4).
 
 Every stage is resumable: results go to ``RUN_DIR/results.json`` as they
 are produced, a model whose result exists is skipped, and every model in
 training (teacher, students, grid) trains in chunks of ``--chunk-steps``
 steps with ``BackupAndRestore`` (weights and optimizer state) and resumes at
 the start of the chunk it was in, on the same batches. Calibration (three
-short runs) restarts if interrupted. ``--stages report`` writes the tables
-and the plot from ``results.json``.
+short runs) and an ISS student (one ``prune_to`` call: its schedule and
+masks are not checkpointed) restart if interrupted. ``--stages report``
+writes the tables and the plot from ``results.json`` (``--report-name``
+names the files).
 
 Usage:
     python examples/ptb_word_lm.py --data ../shared/data/ptb \\
@@ -40,6 +46,7 @@ import keras  # noqa: E402
 
 import keras_antman as am  # noqa: E402
 from keras_antman import datasets  # noqa: E402
+from keras_antman import iss  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("teacher", "students", "calibrate", "grid", "report")
@@ -67,16 +74,22 @@ def language_model(vocab, hidden, embed, name, dropout=0.0, scheme=None):
     return keras.Model(inputs, logits, name=name)
 
 
-def small_hidden(hidden, reduction=10.0):
+def small_hidden(hidden, reduction=10.0, embed=None):
     """Units of the dense "direct design" student with ``reduction`` x fewer
-    LSTM MACs than the teacher, its embedding staying ``hidden`` wide.
+    LSTM MACs than the teacher, its embedding staying ``embed`` (default
+    ``hidden``) wide.
 
-    Teacher: 2 layers x 4 x (H H + H H) = 16 H^2 MACs per token; student
-    with h units: 4 (H h + h h) + 4 (h h + h h) = 4 H h + 12 h^2.
+    Teacher: 4 (E H + H H) + 4 (H H + H H) = 4 E H + 12 H^2 MACs per token
+    (16 H^2 at E = H); student with h units: 4 E h + 12 h^2.
     """
-    h = hidden
-    root = math.sqrt(16 * h * h + 48 * 16 * h * h / reduction)
-    return max(2, round((-4 * h + root) / 24))
+    h, e = hidden, embed or hidden
+    teacher = 4 * e * h + 12 * h * h
+    root = math.sqrt(16 * e * e + 48 * teacher / reduction)
+    return max(2, round((-4 * e + root) / 24))
+
+
+def embed_width(args):
+    return args.embed or args.hidden
 
 
 def student_specs(args):
@@ -93,7 +106,7 @@ def student_specs(args):
     """
     g = args.groups
     gi, go, r = args.lowrank_lgp
-    h = args.small_hidden or small_hidden(args.hidden)
+    h = args.small_hidden or small_hidden(args.hidden, embed=args.embed)
     if args.svd_rank:
         svd_name = f"SVD (LowRank) rank={args.svd_rank}"
         svd = am.LowRank(rank=args.svd_rank)
@@ -119,6 +132,19 @@ def student_specs(args):
                  ("structured" if kind == "compress" else kind, arg)
                  for name, (kind, arg) in specs.items()}
     return specs
+
+
+def iss_specs(args):
+    """``name -> (reduction, with teacher)``: the ISS students, one per
+    ``--iss-reductions`` entry and ``--iss-trainers`` entry ("teacher":
+    a `Distiller` with the calibrated coefficients; "label": the label
+    loss alone). Kept by ``--students`` only if it names ``iss``."""
+    if args.students and "iss" not in args.students:
+        return {}
+    return {
+        f"ISS {r:g}x " + ("(distilled)" if t == "teacher"
+                          else "(label loss)"): (r, t == "teacher")
+        for r in args.iss_reductions for t in args.iss_trainers}
 
 
 def lstm_cost(model):
@@ -243,8 +269,8 @@ def stage_teacher(run):
     if "teacher" in run.results and os.path.exists(path):
         return keras.models.load_model(path)
     keras.utils.set_random_seed(args.seed)
-    teacher = language_model(run.vocab, args.hidden, args.hidden, "teacher",
-                             args.dropout)
+    teacher = language_model(run.vocab, args.hidden, embed_width(args),
+                             "teacher", args.dropout)
     teacher.compile(
         optimizer=optimizer(args.lr, args),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -267,9 +293,10 @@ def make_student(run, teacher, kind, arg):
     if kind == "compress":
         return am.compress(teacher, input_scheme=arg, recurrent_scheme=arg)
     if kind == "structured":
-        return language_model(run.vocab, run.args.hidden, run.args.hidden,
-                              "student", run.args.dropout, scheme=arg)
-    return language_model(run.vocab, arg, run.args.hidden, "small",
+        return language_model(run.vocab, run.args.hidden,
+                              embed_width(run.args), "student",
+                              run.args.dropout, scheme=arg)
+    return language_model(run.vocab, arg, embed_width(run.args), "small",
                           run.args.dropout)
 
 
@@ -310,6 +337,7 @@ def stage_students(run, teacher):
         steps, seconds = distill(run, teacher, student, coeffs,
                                  run.args.student_steps, "student " + name,
                                  lr=lr)
+        student.save(run.file(f"student_{_slug(name)}.keras"))
         val, test = run.perplexities(student)
         params, macs = lstm_cost(student)
         run.results.setdefault("students", {})[name] = dict(
@@ -324,6 +352,71 @@ def stage_students(run, teacher):
         run.save()
         finish(run, "student " + name)
         print(f"{name}: val {val:.2f} test {test:.2f}", flush=True)
+    stage_iss(run, teacher)
+
+
+def stage_iss(run, teacher):
+    """ISS students (Wen et al.; the AntMan paper's baseline).
+
+    Each starts from the teacher's dense weights and runs
+    `keras_antman.iss.prune_to` for ``--student-steps`` steps: lambda
+    (``--iss-strength``) warms up over the first ``--iss-warmup`` of the
+    steps, the recurrent-MAC budget ramps down to 1 / reduction over the
+    next ``--iss-ramp`` (zeroing the weakest components), the rest
+    fine-tunes with lambda 0; the optimizer (and cosine schedule) is the
+    other students'. Then `shrink` gives a model of stock LSTMs, which is
+    what is evaluated, measured (`report(teacher, shrunk)`) and saved.
+    """
+    args = run.args
+    for name, (reduction, distilled) in iss_specs(args).items():
+        if name in run.results.get("students", {}):
+            continue
+        keras.utils.set_random_seed(args.seed)
+        student = language_model(run.vocab, args.hidden, embed_width(args),
+                                 "iss", args.dropout)
+        student.set_weights(teacher.get_weights())
+        chunks = max(1, math.ceil(args.student_steps / args.chunk_steps))
+        chunk = math.ceil(args.student_steps / chunks)
+        steps = chunks * chunk
+        decay = steps if args.student_schedule == "cosine" else 0
+        opt = optimizer(args.student_lr, args, decay)
+        coeffs = coefficients(run) if distilled else None
+        if distilled:
+            trainer = am.Distiller(student=student, teacher=teacher)
+            trainer.compile(optimizer=opt, **coeffs)
+        else:
+            trainer = student
+            student.compile(optimizer=opt,
+                            loss=keras.losses.SparseCategoricalCrossentropy(
+                                from_logits=True))
+        t0 = time.time()
+        shrunk, _ = iss.prune_to(
+            student, run.train.repeat(), reduction=reduction,
+            strength=args.iss_strength, epochs=chunks, steps_per_epoch=chunk,
+            trainer=trainer, warmup=args.iss_warmup, ramp=args.iss_ramp,
+            shuffle=False, verbose=args.verbose)
+        seconds = time.time() - t0
+        shrunk.save(run.file(f"student_{_slug(name)}.keras"))
+        val, test = run.perplexities(shrunk)
+        cost = am.report(teacher, shrunk).recurrent_total
+        units = [layer.units for layer in shrunk.layers
+                 if isinstance(layer, keras.layers.LSTM)]
+        run.results.setdefault("students", {})[name] = dict(
+            lstm_params=cost.params_after, lstm_macs=cost.macs_after,
+            mac_reduction=cost.mac_reduction, val_ppl=val, test_ppl=test,
+            train_seconds=seconds, steps=steps,
+            epochs=steps / run.epoch_steps,
+            scheme=f"ISS -> LSTM({', '.join(map(str, units))}), "
+                   f"lambda {args.iss_strength:g}",
+            init="teacher (dense weights)", units=units,
+            target_reduction=reduction, strength=args.iss_strength,
+            warmup=args.iss_warmup, ramp=args.iss_ramp,
+            trainer="Distiller" if distilled else "label loss",
+            coefficients=coeffs, lr=args.student_lr,
+            schedule=args.student_schedule)
+        run.save()
+        print(f"{name}: LSTM units {units}, {cost.mac_reduction:.2f}x, "
+              f"val {val:.2f} test {test:.2f}", flush=True)
 
 
 def stage_calibrate(run, teacher):
@@ -433,8 +526,34 @@ def _setup_text(res):
     tokens = c.get("train_tokens")
     epoch_steps = c.get("epoch_steps")
     commands = "\n".join(f"    {x}" for x in c.get("commands", []))
+    embed = getattr(a, "embed", 0) or a.hidden
+    iss_rows = [r for r in res.get("students", {}).values()
+                if "target_reduction" in r]
+    iss_text = ""
+    if iss_rows:
+        lams = sorted({r["strength"] for r in iss_rows})
+        r0 = iss_rows[0]
+        iss_text = (
+            "ISS rows (Wen et al., the paper's baseline): "
+            "`keras_antman.iss.prune_to` from the teacher's dense weights, "
+            "group Lasso lambda = "
+            + ", ".join(f"{x:g}" for x in lams)
+            + f" (warmed up over the first {r0['warmup']:.0%} of the steps"
+            f"; the recurrent-MAC budget then ramps to 1 / reduction over "
+            f"the next {r0['ramp']:.0%}, zeroing the components of "
+            "smallest RMS norm; the rest fine-tunes with lambda 0), "
+            "trained by the `Distiller` (coefficients below) or by the "
+            "label loss alone, same optimizer and lr schedule as the "
+            "other students; then `shrink` to stock LSTMs (units in the "
+            "scheme column), and the reduction is measured on the shrunk "
+            "model, `report(teacher, shrunk).recurrent_total`. Keras "
+            f"averages the loss over the {a.num_steps} steps of a window, "
+            f"so lambda here is lambda_ref / {a.num_steps} in the "
+            "reference code's scale (which sums over the window). ")
     return (
-        f"**Scale.** Teacher 2 x LSTM({a.hidden}) trained "
+        f"**Scale.** Teacher 2 x LSTM({a.hidden}) "
+        + (f"on a {embed}-wide embedding " if embed != a.hidden else "")
+        + "trained "
         f"{a.teacher_epochs} epoch(s) ({epoch_steps} steps per epoch, "
         f"{tokens:,} training tokens); each student {a.student_steps} "
         f"distillation steps ({a.student_steps / epoch_steps:.2f} epoch); "
@@ -454,7 +573,8 @@ def _setup_text(res):
         "students are not trained to convergence.\n\n"
         f"**Setup.** Batch {a.batch_size}, {a.num_steps} steps, stateless "
         "truncated BPTT (every window starts from a zero state; Zaremba "
-        "carries the state across windows), embedding width = hidden, "
+        "carries the state across windows), embedding width "
+        + ("= hidden, " if embed == a.hidden else f"{embed}, ") +
         f"dropout {a.dropout} after the embedding and after the LSTMs. "
         f"{getattr(a, 'optimizer', 'adam').upper()}, teacher lr {a.lr}, "
         f"students initialised from the teacher lr {a.student_lr}"
@@ -469,6 +589,7 @@ def _setup_text(res):
         "temperature 1. Compressed students start from the teacher's "
         "weights (`compress`, `from_dense`) unless their init column says "
         "random; the dense direct-design student from a random init. "
+        + iss_text +
         "LSTM params / MACs count both LSTM "
         "layers (`keras_antman.report`), MAC reduction = teacher's LSTM "
         "MACs / student's. Loss is the mean over tokens, so SGD lr 35 and "
@@ -493,9 +614,10 @@ def stage_report(run, out_dir):
     t_ppl = res.get("teacher", {}).get("test_ppl")
     cfg = res.get("config", {})
     lr0 = (cfg.get("args") or cfg.get("reused_args") or {}).get("lr", "-")
+    iss_rows = any("target_reduction" in r for _, r in rows)
     lines = [
-        "# PTB word LM: teacher and distilled students (paper Tables 2, 6)"
-        "\n", _setup_text(res),
+        "# PTB word LM: teacher and distilled students (paper Tables 2, 6"
+        + (", ISS baseline" if iss_rows else "") + ")\n", _setup_text(res),
         "| model | scheme | LSTM params | LSTM MAC reduction | init | "
         "lr | val ppl | test ppl | test ppl vs teacher | train time (s) | "
         "steps (epochs) |",
@@ -515,7 +637,8 @@ def stage_report(run, out_dir):
             f"{r['val_ppl']:.2f} | {r['test_ppl']:.2f} | {delta} | "
             f"{r['train_seconds']:.0f} | {r['steps']} "
             f"({r.get('epochs', 0):.2f}) |")
-    with open(os.path.join(out_dir, "ptb_results.md"), "w") as f:
+    name = run.args.report_name
+    with open(os.path.join(out_dir, f"{name}_results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
     calib = res.get("calibration")
@@ -555,14 +678,14 @@ def stage_report(run, out_dir):
                              if g else "-")
             lines.append(f"| {m:g} | " + " | ".join(cells) + " |")
         lines.append("\n(0, 0) is the label loss alone.\n")
-    with open(os.path.join(out_dir, "ptb_coefficients.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{name}_coefficients.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out_dir, "ptb_results.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{name}_results.json"), "w") as f:
         json.dump(res, f, indent=1)
     if rows:
-        _plot(rows, os.path.join(out_dir, "ptb_ppl_vs_params.png"))
-    print(f"wrote {out_dir}/ptb_results.md, ptb_coefficients.md, "
-          "ptb_results.json, ptb_ppl_vs_params.png", flush=True)
+        _plot(rows, os.path.join(out_dir, f"{name}_ppl_vs_params.png"))
+    print(f"wrote {out_dir}/{name}_results.md, {name}_coefficients.md, "
+          f"{name}_results.json, {name}_ppl_vs_params.png", flush=True)
 
 
 def _plot(rows, path):
@@ -592,7 +715,8 @@ def _plot(rows, path):
     for i, (name, r) in enumerate(sorted(rows,
                                          key=lambda nr: nr[1]["test_ppl"])):
         color = ("black" if name == "Teacher" else "tab:blue"
-                 if name.startswith("LGP-Shuffle") else "tab:red")
+                 if name.startswith("LGP-Shuffle") else "tab:green"
+                 if name.startswith("ISS") else "tab:red")
         ax.scatter(r["lstm_params"], r["test_ppl"], zorder=2,
                    color=color if name in current else "none",
                    edgecolors=color)
@@ -618,6 +742,18 @@ def _ints(text):
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _floats(text):
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _trainers(text):
+    out = [x for x in text.split(",") if x.strip()]
+    if set(out) - {"teacher", "label"}:
+        raise argparse.ArgumentTypeError(
+            f"--iss-trainers takes teacher and/or label, got {text!r}")
+    return out
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True,
@@ -626,9 +762,16 @@ def build_parser():
                    help="checkpoints and results.json (resumable)")
     p.add_argument("--out", default=os.path.join(HERE, "results"),
                    help="where the report stage writes its files")
+    p.add_argument("--report-name", default="ptb",
+                   help="the report's files are NAME_results.md, "
+                        "NAME_coefficients.md, NAME_results.json, "
+                        "NAME_ppl_vs_params.png")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--hidden", type=int, default=200)
+    p.add_argument("--embed", type=int, default=0,
+                   help="embedding width (0: --hidden); --embed 800 "
+                        "--hidden 100 is the paper's input >> hidden shape")
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--num-steps", type=int, default=35)
     p.add_argument("--dropout", type=float, default=0.0,
@@ -656,7 +799,8 @@ def build_parser():
                         "exactly 10x at hidden 200)")
     p.add_argument("--students", type=lambda t: t.split(","), default=[],
                    help="comma-separated subset of the students: lgp, "
-                        "lowrank_lgp, svd, dense, lgp<G> (default: all)")
+                        "lowrank_lgp, svd, dense, lgp<G>, iss (default: "
+                        "all)")
     p.add_argument("--student-init", choices=("teacher", "random"),
                    default="teacher",
                    help="structured students start from the teacher's "
@@ -672,6 +816,25 @@ def build_parser():
                    help="units of the dense student (0: ~10x fewer MACs)")
     p.add_argument("--extra-groups", type=_ints, default=[25, 50],
                    help="LGP-Shuffle students at larger reductions")
+    p.add_argument("--iss-reductions", type=_floats, default=[],
+                   help="ISS students at these LSTM-MAC reductions, e.g. "
+                        "5,10 (default: none)")
+    p.add_argument("--iss-trainers", type=_trainers,
+                   default=["teacher", "label"],
+                   help="ISS with the teacher (Distiller) and/or the label "
+                        "loss alone: teacher,label")
+    p.add_argument("--iss-strength", type=float, default=2e-3,
+                   help="ISS group Lasso lambda (Keras mean loss: the "
+                        "reference code's lambda / --num-steps). 2e-3 lets "
+                        "the penalty alone shrink a typical first-layer "
+                        "component of the H=200 teacher (L2 norm ~10) by "
+                        "~7 over the warm-up and ramp of 1000 steps at lr "
+                        "10 (cosine): sum over those steps of lr * lambda")
+    p.add_argument("--iss-warmup", type=float, default=0.25,
+                   help="fraction of the ISS steps warming lambda up")
+    p.add_argument("--iss-ramp", type=float, default=0.5,
+                   help="fraction of the ISS steps ramping the MAC budget "
+                        "down to the target")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                    help="for the teacher and the students")
     p.add_argument("--lr", type=float, default=2e-3)

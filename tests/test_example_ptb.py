@@ -206,3 +206,93 @@ def test_cosine_schedule_decays_to_zero(example):
     assert float(lr(0)) == pytest.approx(2.0)
     assert float(lr(5)) == pytest.approx(1.0)
     assert float(lr(10)) == pytest.approx(0.0)
+
+
+def test_iss_students_shrink_to_stock_lstms_at_their_reduction(
+        example, tmp_path):
+    """--iss-reductions: ISS students with and without the teacher, from
+    the teacher's weights; each row is the shrunk model, a stock-LSTM
+    model (saved, loads without keras_antman's layers) whose measured
+    LSTM-MAC reduction reaches the target."""
+    import keras
+
+    import keras_antman as am
+
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    out = tmp_path / "out"
+    run_dir = tmp_path / "run"
+    results = example.main([
+        "--data", str(data), "--run-dir", str(run_dir), "--out", str(out),
+        "--report-name", "iss", "--hidden", "12", "--embed", "16",
+        "--groups", "4", "--batch-size", "4", "--num-steps", "5",
+        "--teacher-epochs", "0.5",
+        "--chunk-steps", "4", "--student-steps", "8", "--calib-steps", "2",
+        "--calib-eval", "2", "--eval-batches", "2", "--verbose", "0",
+        "--eager", "--students", "iss", "--iss-reductions", "2,4",
+        "--iss-strength", "1e-2", "--optimizer", "sgd", "--lr", "1",
+        "--student-lr", "1", "--student-schedule", "cosine",
+        "--stages", "teacher,calibrate,students,report"])
+    names = {"ISS 2x (distilled)", "ISS 2x (label loss)",
+             "ISS 4x (distilled)", "ISS 4x (label loss)"}
+    assert set(results["students"]) == names
+    teacher = keras.models.load_model(run_dir / "teacher.keras")
+    assert teacher.get_layer("embedding").output_dim == 16
+    for name, r in results["students"].items():
+        assert r["mac_reduction"] >= r["target_reduction"]
+        assert np.isfinite(r["test_ppl"]) and r["steps"] == 8
+        assert r["trainer"] == ("Distiller" if "distilled" in name
+                                else "label loss")
+        path = run_dir / f"student_{example._slug(name)}.keras"
+        shrunk = keras.models.load_model(path)
+        lstms = [lay for lay in shrunk.layers if "lstm" in lay.name]
+        assert [type(lay) for lay in lstms] == [keras.layers.LSTM] * 2
+        assert [lay.units for lay in lstms] == r["units"]
+        assert max(r["units"]) < 12
+        got = am.report(teacher, shrunk).recurrent_total
+        assert got.mac_reduction == pytest.approx(r["mac_reduction"])
+        assert got.params_after == r["lstm_params"]
+    table = (out / "iss_results.md").read_text()
+    assert all(name in table for name in names)
+    assert "ISS baseline" in table and "lambda" in table
+    assert (out / "iss_results.json").stat().st_size > 0
+    # A rerun finds every ISS row done.
+    again = example.main([
+        "--data", str(data), "--run-dir", str(run_dir), "--out", str(out),
+        "--report-name", "iss", "--hidden", "12", "--embed", "16",
+        "--batch-size", "4", "--num-steps", "5", "--eval-batches", "2",
+        "--verbose", "0", "--eager", "--students", "iss",
+        "--iss-reductions", "2,4", "--stages", "students"])
+    assert again["students"] == results["students"]
+
+
+def test_input_wide_shape_reductions(example):
+    """At --embed 800 --hidden 100 (the paper's Table 4 shape) LGP-Shuffle
+    g gives g x, and LowRank-LGP (10, 2, 5) / (10, 20, 5) about 5x / 10x
+    (measured with `report` on untrained models, as for H = 200)."""
+    import keras
+
+    import keras_antman as am
+
+    teacher = example.language_model(31, 100, 800, "teacher")
+    before = am.report(teacher).recurrent_total.macs_before
+    assert before == 4 * 100 * (800 + 100) + 4 * 100 * 200
+
+    def reduction(scheme):
+        student = example.language_model(31, 100, 800, "s", scheme=scheme)
+        return before / am.report(student).recurrent_total.macs_before
+
+    assert reduction(am.LGPShuffle(5)) == pytest.approx(5.0)
+    assert reduction(am.LGPShuffle(10)) == pytest.approx(10.0)
+    assert reduction(am.LowRankLGP(10, 2, 5)) == pytest.approx(5.226, 1e-3)
+    assert reduction(am.LowRankLGP(10, 20, 5)) == pytest.approx(9.865, 1e-3)
+    args = example.build_parser().parse_args(
+        ["--data", "unused", "--embed", "800", "--hidden", "100"])
+    h = example.small_hidden(100, embed=800)
+    small = example.language_model(31, h, 800, "small")
+    assert before / am.report(small).recurrent_total.macs_before == (
+        pytest.approx(10.0, rel=0.1))
+    assert f"Small dense LSTM h={h} (direct design)" in (
+        example.student_specs(args))
+    del keras
