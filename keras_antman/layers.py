@@ -59,6 +59,21 @@ def _zeros(shape):
     return ops.zeros(shape, dtype="float32")
 
 
+def _schemes_from_config(config, cls):
+    """``config`` with its scheme entries deserialized; a bad scheme entry
+    (an edited file) raises a ValueError naming the layer and the entry."""
+    config = dict(config)
+    for key in ("input_scheme", "recurrent_scheme"):
+        try:
+            config[key] = schemes_lib.get(config.get(key))
+        except ValueError as e:
+            raise ValueError(
+                f"{cls.__name__} '{config.get('name')}': `{key}` of its "
+                f"config is invalid: {e}"
+            ) from None
+    return config
+
+
 def _check_rate(name, value):
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(
@@ -236,10 +251,7 @@ class _StructuredCell(keras.layers.Layer, _keras.DropoutRNNCell):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        for key in ("input_scheme", "recurrent_scheme"):
-            config[key] = schemes_lib.get(config[key])
-        return cls(**config)
+        return cls(**_schemes_from_config(config, cls))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -613,10 +625,7 @@ class _StructuredRNN(keras.layers.RNN):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        for key in ("input_scheme", "recurrent_scheme"):
-            config[key] = schemes_lib.get(config[key])
-        return cls(**config)
+        return cls(**_schemes_from_config(config, cls))
 
 
 def _cell_property(name):

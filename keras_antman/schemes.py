@@ -157,7 +157,11 @@ class Scheme:
         # Configs of the earlier layer-based schemes carry layer keys
         # (name, output_dim, initializer...): only hyper-parameters count.
         names = inspect.signature(cls.__init__).parameters
-        return cls(**{k: v for k, v in config.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in config.items() if k in names})
+        except TypeError as e:  # a missing or mistyped hyper-parameter
+            raise ValueError(
+                f"Invalid {cls.__name__} config {config!r}: {e}") from None
 
     def check(self, n, m):
         """Raise `ValueError` if this scheme cannot map ``n`` to ``m``."""
@@ -506,6 +510,30 @@ class StructuredMatrix(keras.layers.Layer):
                 f"{self.describe()} must be built before `{what}()`: call it "
                 f"on an input or use `from_dense`."
             )
+
+    def load_own_variables(self, store):
+        # Keras would report a bare count or shape mismatch; say which
+        # product and weight disagree with the (possibly edited) config.
+        variables = self._trainable_variables + self._non_trainable_variables
+        saved = [tuple(store[str(i)].shape) for i in range(len(store.keys()))]
+        expected = [tuple(v.shape) for v in variables]
+        if saved != expected:
+            if not saved and getattr(self, "_load_error", None):
+                # After a failure Keras retries through the layer's alias
+                # attributes (an empty store) and reports the last error.
+                raise ValueError(self._load_error)
+            where = f"`{self.context}`" if self.context else repr(self.name)
+            names = [v.name for v in variables]
+            self._load_error = (
+                f"{where}: the saved weights do not fit the config's "
+                f"{self.describe()} on a {self.input_dim} -> "
+                f"{self.output_dim} product: it needs {names} of shapes "
+                f"{expected}, the file holds shapes {saved}. The config "
+                "and the weights disagree (an edited config, or weights "
+                "saved with another scheme)."
+            )
+            raise ValueError(self._load_error)
+        super().load_own_variables(store)
 
     def get_config(self):
         config = super().get_config()
@@ -1201,7 +1229,18 @@ def get(identifier):
                 f"'lgp_shuffle:10'). {e}"
             ) from None
     if isinstance(identifier, dict):
-        obj = keras.saving.deserialize_keras_object(identifier)
+        try:
+            obj = keras.saving.deserialize_keras_object(identifier)
+        except TypeError as e:  # Keras: a class it cannot locate
+            name = identifier.get("registered_name") or identifier.get(
+                "class_name")
+            raise ValueError(
+                f"Unknown scheme {name!r} in a saved config. Known: "
+                f"{sorted(c.__name__ for c in Scheme._registry.values())}. "
+                "A custom Scheme must be imported, and registered with "
+                "@keras.saving.register_keras_serializable, before loading."
+                f" ({str(e).splitlines()[0][:200]})"
+            ) from None
         if isinstance(obj, Scheme):
             return obj
     raise ValueError(

@@ -1342,3 +1342,35 @@ def test_bazel_build_matches_setup():
     assert sorted(lib["defines"]) == sorted(setup.DEFINES + tf_defines)
     for path in setup.SOURCES + setup.HEADERS:
         assert os.path.exists(os.path.join(ROOT, path)), path
+
+
+# -- concurrency --------------------------------------------------------------
+
+
+@needs_op
+@pytest.mark.parametrize("callers,num_threads", [(8, 1), (2, 2)])
+def test_concurrent_calls_equal_serial_calls_bit_for_bit(callers,
+                                                         num_threads):
+    import concurrent.futures
+
+    ops._set_min_parallel_work(0, 0)  # the OpenMP team runs at tiny sizes
+    cases = [
+        lstm_case("blocks_shuffle", "blocks4_blocks2_shuffle", seed=s,
+                  batch=2, steps=30, units=40)
+        for s in range(callers)
+    ]
+
+    def run(case):
+        out, h, c = ops.structured_lstm(
+            **case, return_sequences=True, num_threads=num_threads)
+        return out.numpy(), h.numpy(), c.numpy()
+
+    serial = [run(case) for case in cases]
+    with concurrent.futures.ThreadPoolExecutor(callers) as pool:
+        for _ in range(3):
+            together = list(pool.map(run, cases))
+            for got, want in zip(together, serial, strict=True):
+                for a, b in zip(got, want, strict=True):
+                    np.testing.assert_array_equal(a, b)
+    # The cases differ, so a mixed-up buffer would show.
+    assert not np.array_equal(serial[0][0], serial[1][0])
