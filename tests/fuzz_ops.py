@@ -12,8 +12,8 @@ A call may succeed or be rejected. A rejection must be a
 ``tf.errors.InvalidArgumentError`` whose message names an argument (or
 TensorFlow's own input dtype check), a ``TypeError`` / ``ValueError`` from
 TensorFlow's generated wrapper (attr types, before the kernel runs), or,
-for a legal but huge output, TensorFlow's ``ResourceExhaustedError``. Anything else, or a crash of
-the process, is a failure. `tests/test_fuzz_ops.py` runs a seeded subset
+for a legal but huge output, TensorFlow's ``ResourceExhaustedError``.
+Anything else, or a crash of the process, is a failure. `tests/test_fuzz_ops.py` runs a seeded subset
 in subprocesses; the full run:
 
     python tests/fuzz_ops.py --calls 10000 --batch 1000
