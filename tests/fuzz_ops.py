@@ -13,8 +13,9 @@ A call may succeed or be rejected. A rejection must be a
 TensorFlow's own input dtype check), a ``TypeError`` / ``ValueError`` from
 TensorFlow's generated wrapper (attr types, before the kernel runs), or,
 for a legal but huge output, TensorFlow's ``ResourceExhaustedError``.
-Anything else, or a crash of the process, is a failure. `tests/test_fuzz_ops.py` runs a seeded subset
-in subprocesses; the full run:
+Anything else, or a crash of the process, is a failure.
+`tests/test_fuzz_ops.py` runs a seeded subset in subprocesses; the full
+run:
 
     python tests/fuzz_ops.py --calls 10000 --batch 1000
 
