@@ -1,10 +1,11 @@
 """The one seam between keras-antman and Keras internals.
 
-Keras 3 has no public name for three things the package needs: the
-backend's time loop (``rnn``), the dropout-mask mixin of its RNN cells and a
+Keras 3 has no public name for the things the package needs here: the
+backend's time loop (``rnn``), the dropout-mask mixin of its RNN cells, a
 way to tell a graph-network model (Functional or Sequential) from a
-subclassed one, to list a layer's direct sub-layers, or to list the layer
-calls of a Functional model. Everything that
+subclassed one, to list a layer's direct sub-layers or the layer calls of a
+Functional model; and its TF trainer fails under
+``MultiWorkerMirroredStrategy`` (`MultiWorkerFit`). Everything that
 reaches past Keras's public API does it here and nowhere else, so a port to
 another Keras flavour (tf_keras) has one module to give counterparts for.
 """
@@ -16,6 +17,7 @@ from keras.src.models.functional import Functional
 
 __all__ = [
     "DropoutRNNCell",
+    "MultiWorkerFit",
     "is_graph_model",
     "layer_calls",
     "rnn",
@@ -38,6 +40,59 @@ def is_graph_model(obj):
     Only those can be cloned layer by layer, since their structure is data.
     """
     return isinstance(obj, (keras.Sequential, Functional))
+
+
+class MultiWorkerFit:
+    """Mixin of a `keras.Model` that lets it `fit` under
+    `tf.distribute.MultiWorkerMirroredStrategy`.
+
+    Keras 3's TF trainer fails there twice (keras-team/keras#20585), so
+    plain Keras models cannot `fit` under it at all:
+
+    - Before the first step it learns a batch's shapes by averaging the
+      first distributed batch over the replicas, a reduce that fails for a
+      ``PerReplica`` under this strategy. Only the shapes matter, and a
+      replica's local batch has them: this takes it instead.
+    - After each step it averages the logs with ``strategy.reduce("MEAN",
+      v, axis=0)``, which needs a leading axis that scalar logs lack. The
+      step's logs are given one (shape ``[1]``), so that reduce is the
+      mean over the replicas, a scalar again.
+    """
+
+    def _multi_worker(self):
+        import tensorflow as tf
+
+        return isinstance(getattr(self, "_distribute_strategy", None),
+                          tf.distribute.MultiWorkerMirroredStrategy)
+
+    def _with_leading_axis(self, logs):
+        if not self._multi_worker():
+            return logs
+        return {k: keras.ops.reshape(v, (1,)) if len(v.shape) == 0 else v
+                for k, v in logs.items()}
+
+    def train_step(self, data):
+        return self._with_leading_axis(super().train_step(data))
+
+    def test_step(self, data):
+        return self._with_leading_axis(super().test_step(data))
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        import tensorflow as tf
+
+        strategy = getattr(self, "_distribute_strategy", None)
+        if iterator is None or not self._multi_worker():
+            return super()._maybe_symbolic_build(iterator, data_batch)
+        for _, _, it in iterator:
+            batch = next(it)
+            data_batch = keras.tree.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues) else v,
+                batch,
+            )
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
 
 
 def layer_calls(model):

@@ -22,6 +22,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from keras_antman import _keras
+
 _PACKAGE = "keras_antman"
 
 
@@ -427,7 +429,7 @@ def _check_student_trains(student):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class Distiller(keras.Model):
+class Distiller(_keras.MultiWorkerFit, keras.Model):
     """Trains a student model from labels and a frozen teacher (paper eq. 1).
 
     The loss is
