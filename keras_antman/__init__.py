@@ -9,6 +9,8 @@ TensorFlow.
 """
 
 from keras_antman import datasets
+from keras_antman import grow_prune
+from keras_antman import hardware
 from keras_antman import iss
 from keras_antman.compress import compress
 from keras_antman.distill import DistillationCoefficients
@@ -60,6 +62,8 @@ __all__ = [
     "compress",
     "datasets",
     "export",
+    "grow_prune",
+    "hardware",
     "iss",
     "report",
 ]
