@@ -8,12 +8,15 @@ steps (1, 8 and 16) around 256 and 512 and at the sizes where the fused
 recurrent weights of a Dense, g=4 and g=8 LSTM cross this machine's L2
 and L3 caches; paths: stock ``keras.layers.LSTM`` and the compiled op
 with Dense, LGP-Shuffle g=4 and g=8 schemes, each called as a layer in a
-``tf.function``. Valleys are named with a 5% tolerance (a configuration
-is a valley when some smaller one of the same path and scheme is more
-than 5% slower).
+``tf.function``. The sweep runs in 3 passes (8 calls per configuration
+each, alternating direction) so that bursts of load from other processes
+spread over all sizes. Valleys are named with a 5% tolerance and beyond
+the spreads (a configuration is a valley when some smaller one of the
+same path and scheme is more than 5% slower, and their interquartile
+bands, centred on the medians, do not overlap).
 
 Usage:
-    python bench/latency_curve.py [--repeats 21] [--around 256 512]
+    python bench/latency_curve.py [--repeats 24] [--passes 3]
 
 Writes bench/results/latency_curve.{json,md,png}. Rows are also kept in
 the profile cache (~/.cache/keras_antman), so an interrupted run resumes.
@@ -40,10 +43,40 @@ from keras_antman import hardware as hw  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOLERANCE = 0.05
+VALLEYS = dict(tolerance=TOLERANCE, beyond_spread=True)
 
 
 def _load():
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _confirm(p, found, repeats):
+    """Each valley and the smaller configuration it beats by the most,
+    timed again together (interleaved, ``repeats`` calls each)."""
+    if not found:
+        return []
+    pairs = [(v.row, max(v.beats, key=lambda b: b.median_ms))
+             for v in found]
+    unique = list({r.config: r for pair in pairs for r in pair}.values())
+    again = {r.config: r for r in p.remeasure(unique, repeats=repeats)}
+    lines = [
+        f"Each valley and the smaller size it beats by the most, timed "
+        f"again together: {repeats} interleaved calls each, right after "
+        "the sweep.",
+        "",
+        "| valley | beats | sweep (ms) | again (ms) | confirmed |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for v, b in pairs:
+        va, ba = again[v.config], again[b.config]
+        ok = ba.median_ms > (1 + TOLERANCE) * va.median_ms
+        lines.append(
+            f"| {v.path} {v.scheme} {v.hidden} | {b.hidden} | "
+            f"{v.median_ms:.3f} vs {b.median_ms:.3f} | "
+            f"{va.median_ms:.3f} (IQR {va.spread_ms:.3f}) vs "
+            f"{ba.median_ms:.3f} (IQR {ba.spread_ms:.3f}) | "
+            f"{'yes' if ok else 'no'} |")
+    return lines
 
 
 def _choices(p):
@@ -74,7 +107,9 @@ def main():
     parser.add_argument("--low", type=int, default=64)
     parser.add_argument("--high", type=int, default=1024)
     parser.add_argument("--coarse", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=24)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--confirm-repeats", type=int, default=61)
     parser.add_argument("--cache", default=None,
                         help="profile cache directory (default: "
                         "~/.cache/keras_antman)")
@@ -91,7 +126,9 @@ def main():
     p = hw.profile(sizes, batch_size=1, steps=100, threads=1,
                    schemes=[am.Dense(), am.LGPShuffle(4), am.LGPShuffle(8)],
                    paths=("keras", "op"), repeats=args.repeats,
-                   cache=args.cache)
+                   passes=args.passes, cache=args.cache)
+    found = p.valleys(**VALLEYS)
+    confirmation = _confirm(p, found, args.confirm_repeats)
     minutes = (time.time() - t0) / 60
     load_end = _load()
     command = "python bench/latency_curve.py " + " ".join(sys.argv[1:])
@@ -105,7 +142,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, "latency_curve")
     p.to_json(base + ".json")
-    p.plot(base + ".png", tolerance=TOLERANCE)
+    p.plot(base + ".png", **VALLEYS)
     caches = ", ".join(f"{k} {v // 1024} KiB"
                        for k, v in p.meta.get("caches", {}).items())
     header = [
@@ -123,24 +160,26 @@ def main():
         "Batch 1, 100 timesteps, input = hidden, float32 inference, one "
         "layer called in a `tf.function` on a constant input (TF dispatch "
         "included). One thread: TF intra/inter-op 1, the op's OpenMP team "
-        f"1. Median of {args.repeats} calls after 2 warm-up calls, "
-        "configurations of neighbouring sizes interleaved round-robin in "
-        "chunks of 12; IQR = interquartile range. Paths: `keras` = stock "
+        f"1. Median of {args.repeats} calls in {args.passes} passes over "
+        "the sweep (alternating direction), each pass with 2 warm-up calls "
+        "and configurations of neighbouring sizes interleaved round-robin "
+        "in chunks of 12; IQR = interquartile range. Paths: `keras` = stock "
         "`keras.layers.LSTM`; `op` = `StructuredLSTM(kernel=\"compiled\")` "
         "with the scheme on both products.",
         "",
         "## Valleys",
         "",
         f"A configuration that some smaller configuration of the same path "
-        f"and scheme is more than {TOLERANCE:.0%} slower than "
-        "(`keras_antman.hardware.valleys(rows, tolerance=0.05)`):",
+        f"and scheme is more than {TOLERANCE:.0%} slower than, with the "
+        "interquartile bands apart (`keras_antman.hardware.valleys(rows, "
+        "tolerance=0.05, beyond_spread=True)`):",
         "",
     ]
-    found = p.valleys(tolerance=TOLERANCE)
     header += [f"- {v.describe()}" for v in found] or ["- none"]
+    header += [""] + confirmation
     header += ["", "## What `choose` picks", ""] + _choices(p)
     header += ["", "## All rows", ""]
-    text = "\n".join(header) + "\n" + p.to_markdown(tolerance=TOLERANCE)
+    text = "\n".join(header) + "\n" + p.to_markdown(**VALLEYS)
     with open(base + ".md", "w") as f:
         f.write(text)
     print("\n".join(header[:12]))

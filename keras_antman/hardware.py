@@ -252,8 +252,9 @@ class Timing:
     repeats: int
 
 
-def time_round_robin(fns, repeats=21, warmup=2):
-    """Time callables interleaved: every repeat calls each once, in turn.
+def round_robin_samples(fns, repeats=21, warmup=2):
+    """Latencies (ms) of callables timed interleaved: every repeat calls
+    each once, in turn.
 
     Each callable is called ``warmup`` times first. Repeat ``r`` starts at
     callable ``r mod len(fns)``, so no callable always follows the same
@@ -261,7 +262,7 @@ def time_round_robin(fns, repeats=21, warmup=2):
     over all of them instead of biasing the last ones.
 
     Returns:
-        One `Timing` per callable.
+        One list of ``repeats`` latencies per callable.
     """
     for fn in fns:
         for _ in range(warmup):
@@ -273,12 +274,19 @@ def time_round_robin(fns, repeats=21, warmup=2):
             i = (r + k) % n
             t0 = time.perf_counter()
             fns[i]()
-            times[i].append(time.perf_counter() - t0)
-    out = []
-    for t in times:
-        q25, q50, q75 = np.percentile(np.asarray(t) * 1e3, [25, 50, 75])
-        out.append(Timing(float(q50), float(q75 - q25), repeats))
-    return out
+            times[i].append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def _timing(samples):
+    q25, q50, q75 = np.percentile(np.asarray(samples), [25, 50, 75])
+    return Timing(float(q50), float(q75 - q25), len(samples))
+
+
+def time_round_robin(fns, repeats=21, warmup=2):
+    """`round_robin_samples` reduced to one `Timing` (median, IQR) per
+    callable."""
+    return [_timing(t) for t in round_robin_samples(fns, repeats, warmup)]
 
 
 class _QuietRetracing:
@@ -339,9 +347,34 @@ class Profile:
     measured: int = 0
     file: str = None
 
-    def valleys(self, tolerance=0.0):
+    def valleys(self, tolerance=0.0, beyond_spread=False):
         """`valleys` of the rows."""
-        return valleys(self.rows, tolerance=tolerance)
+        return valleys(self.rows, tolerance=tolerance,
+                       beyond_spread=beyond_spread)
+
+    def remeasure(self, rows, repeats=61, warmup=2, seed=0):
+        """Times ``rows`` again, all interleaved in one round robin, on
+        this machine with this profile's batch and steps (to confirm a
+        valley: give it the valley and the smaller rows it beats).
+
+        Returns:
+            New `Row` s (same configurations, new timings), in order; the
+            profile itself is unchanged.
+        """
+        rows = [_as_row(r) for r in rows]
+        b, t = self.key.get("batch_size", 1), self.key.get("steps", 100)
+        fns = []
+        for i, r in enumerate(rows):
+            layer = _make_layer(r.path, r.make_scheme(), r.input, r.hidden,
+                                b, t, seed + i)
+            x = np.random.default_rng(seed).normal(
+                size=(b, t, r.input)).astype("float32")
+            fns.append(_layer_fn(layer, x))
+        with _QuietRetracing():
+            times = time_round_robin(fns, repeats, warmup)
+        return [dataclasses.replace(r, median_ms=m.median_ms,
+                                    spread_ms=m.spread_ms, repeats=m.repeats)
+                for r, m in zip(rows, times)]
 
     def to_json(self, path=None):
         """The profile as JSON text; also written to ``path`` if given."""
@@ -364,10 +397,11 @@ class Profile:
         return cls(key=data["key"], meta=data.get("meta", {}),
                    rows=[Row(**r) for r in data["rows"]])
 
-    def to_markdown(self, tolerance=0.0):
+    def to_markdown(self, tolerance=0.0, beyond_spread=False):
         """A Markdown table of the rows (valleys in bold), then the list of
-        valleys."""
-        found = valleys(self.rows, tolerance=tolerance)
+        valleys (`valleys` with these arguments)."""
+        found = valleys(self.rows, tolerance=tolerance,
+                        beyond_spread=beyond_spread)
         valley_configs = {v.row.config for v in found}
         k = self.key
         lines = [
@@ -389,13 +423,14 @@ class Profile:
                 f"| {r.path} | {r.scheme} | {r.hidden} | {r.input} | "
                 f"{r.params:,} | {r.macs:,} | {ms} | {r.spread_ms:.3f} | "
                 f"{'yes' if v else ''} |")
-        lines += ["", f"Valleys (tolerance {tolerance:g}): a configuration "
-                  "that a smaller one of the same path and scheme is slower "
-                  "than.", ""]
+        lines += ["", f"Valleys (tolerance {tolerance:g}"
+                  f"{', beyond the spreads' if beyond_spread else ''}): a "
+                  "configuration that a smaller one of the same path and "
+                  "scheme is slower than.", ""]
         lines += [f"- {v.describe()}" for v in found] or ["- none"]
         return "\n".join(lines) + "\n"
 
-    def plot(self, path, tolerance=0.0):
+    def plot(self, path, tolerance=0.0, beyond_spread=False):
         """Writes a PNG of latency against hidden size, one line per path
         and scheme, valleys circled and the sizes where Dense recurrent
         weights cross L2 and L3 marked. Needs matplotlib."""
@@ -416,7 +451,8 @@ class Profile:
                             lw=1, label=label)
             ax2.plot([r.params for r in rows], [r.median_ms for r in rows],
                      marker=".", lw=1, color=line.get_color(), label=label)
-        found = valleys(self.rows, tolerance=tolerance)
+        found = valleys(self.rows, tolerance=tolerance,
+                        beyond_spread=beyond_spread)
         if found:
             kw = dict(s=90, facecolors="none", edgecolors="red", zorder=5)
             ax.scatter([v.row.hidden for v in found],
@@ -483,8 +519,8 @@ def profile_file(key, cache_dir=None):
 
 def profile(hidden_sizes=None, input_size=None, batch_size=1, steps=100,
             threads=1, schemes=DEFAULT_SCHEMES, paths=("keras", "op"),
-            repeats=21, warmup=2, cache=None, chunk=12, progress=True,
-            seed=0):
+            repeats=21, warmup=2, cache=None, chunk=12, passes=1,
+            progress=True, seed=0):
     """Measures LSTM inference latency on this machine.
 
     For every hidden size, path and scheme (configurations a scheme cannot
@@ -494,7 +530,12 @@ def profile(hidden_sizes=None, input_size=None, batch_size=1, steps=100,
     ``chunk`` (neighbouring sizes together): ``warmup`` calls each, then
     ``repeats`` rounds that call every configuration of the chunk once, in
     rotating order (`time_round_robin`); a row keeps the median and the
-    interquartile range.
+    interquartile range. With ``passes > 1`` the whole sweep runs
+    ``passes`` times (alternately from small to large sizes and back), each
+    pass timing every configuration ``ceil(repeats / passes)`` times, and
+    a row keeps the median and IQR of all its calls: a burst of load from
+    another process then lands on every size instead of on one chunk of
+    neighbouring sizes (where it would draw false valleys).
 
     Persistence: rows are kept in a JSON file per `machine_key` (CPU model,
     the op's instruction set, thread counts, TF, Keras and package
@@ -525,6 +566,7 @@ def profile(hidden_sizes=None, input_size=None, batch_size=1, steps=100,
         cache: a directory for the persisted file; ``None``: the default
             (`default_cache_dir`); ``False``: do not persist.
         chunk: configurations timed together.
+        passes: sweeps over all configurations (see above).
         progress: show a `keras.utils.Progbar` over the configurations.
         seed: of the random weights.
 
@@ -572,8 +614,6 @@ def profile(hidden_sizes=None, input_size=None, batch_size=1, steps=100,
             stored = {r.config: r for r in old.rows}
             meta = old.meta
     meta.setdefault("caches", cache_sizes())
-    meta["load_average_start"] = list(os.getloadavg())
-    meta["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
     def cfg_key(c):
         return (c[0], _spec(c[1]), c[2], c[3])
@@ -581,42 +621,56 @@ def profile(hidden_sizes=None, input_size=None, batch_size=1, steps=100,
     todo = [c for c in configs
             if cfg_key(c) not in stored
             or stored[cfg_key(c)].repeats < repeats]
-    bar = keras.utils.Progbar(len(todo)) if progress and todo else None
+    if todo:
+        # Load and date of the latest call that measured something.
+        meta["load_average_start"] = list(os.getloadavg())
+        meta["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                        time.gmtime())
+    passes = max(int(passes), 1)
+    bar = (keras.utils.Progbar(len(todo) * passes)
+           if progress and todo else None)
     with _QuietRetracing():
-        _measure_chunks(todo, chunk, stored, meta, key, file, bar,
+        _measure_chunks(todo, chunk, passes, stored, meta, key, file, bar,
                         batch_size, steps, repeats, warmup, seed)
-    meta["load_average_end"] = list(os.getloadavg())
     rows = [stored[cfg_key(c)] for c in configs]
     return Profile(key, rows, meta, measured=len(todo), file=file)
 
 
-def _measure_chunks(todo, chunk, stored, meta, key, file, bar, batch_size,
-                    steps, repeats, warmup, seed):
+def _measure_chunks(todo, chunk, passes, stored, meta, key, file, bar,
+                    batch_size, steps, repeats, warmup, seed):
+    per_pass = -(-repeats // passes)
+    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
+    samples = {}
     done = 0
-    for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
-        fns = []
-        for i, (p, s, h, n) in enumerate(part):
-            layer = _make_layer(p, s, n, h, batch_size, steps, seed + i)
-            x = np.random.default_rng(seed).normal(
-                size=(batch_size, steps, n)).astype("float32")
-            fns.append(_layer_fn(layer, x))
-        for (p, s, h, n), t in zip(part, time_round_robin(
-                fns, repeats=repeats, warmup=warmup)):
-            params, macs = _cost(s, n, h)
-            row = Row(p, s.describe(), _spec(s), h, n, params, macs,
-                      t.median_ms, t.spread_ms, t.repeats)
-            stored[row.config] = row
-        done += len(part)
-        meta["load_average_end"] = list(os.getloadavg())
-        meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                         time.gmtime())
-        if file:
-            os.makedirs(os.path.dirname(file), exist_ok=True)
-            Profile(key, list(stored.values()), meta).to_json(file)
-        if bar is not None:
-            bar.update(done)
-        del fns
+    for p in range(passes):
+        for part in (chunks if p % 2 == 0 else chunks[::-1]):
+            fns = []
+            for i, (path, s, h, n) in enumerate(part):
+                layer = _make_layer(path, s, n, h, batch_size, steps,
+                                    seed + i)
+                x = np.random.default_rng(seed).normal(
+                    size=(batch_size, steps, n)).astype("float32")
+                fns.append(_layer_fn(layer, x))
+            for c, t in zip(part, round_robin_samples(fns, per_pass,
+                                                      warmup)):
+                path, s, h, n = c
+                acc = samples.setdefault((path, _spec(s), h, n), [])
+                acc.extend(t)
+                params, macs = _cost(s, n, h)
+                timing = _timing(acc)
+                row = Row(path, s.describe(), _spec(s), h, n, params, macs,
+                          timing.median_ms, timing.spread_ms, timing.repeats)
+                stored[row.config] = row
+            done += len(part)
+            meta["load_average_end"] = list(os.getloadavg())
+            meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                             time.gmtime())
+            if file:
+                os.makedirs(os.path.dirname(file), exist_ok=True)
+                Profile(key, list(stored.values()), meta).to_json(file)
+            if bar is not None:
+                bar.update(done)
+            del fns
 
 
 # -- reading the curve ----------------------------------------------------
@@ -658,21 +712,24 @@ def _capacity_fn(capacity):
         f"Received: capacity={capacity!r}")
 
 
-def valleys(rows, tolerance=0.0, capacity="params"):
+def valleys(rows, tolerance=0.0, capacity="params", beyond_spread=False):
     """The non-monotonic points of latency curves (pure function).
 
     Rows are grouped into curves by path and scheme (and input size). A
     configuration is a valley if some configuration of the same curve
     with less capacity is slower by more than ``tolerance``:
     ``smaller.median_ms > (1 + tolerance) * row.median_ms``. Measurements
-    are noisy: give a ``tolerance`` (0.05: 5% slower) to keep only clear
-    valleys.
+    are noisy: give a ``tolerance`` (0.05: 5% slower) and/or
+    ``beyond_spread=True`` (also ``smaller.median_ms - smaller.spread_ms / 2
+    > row.median_ms + row.spread_ms / 2``: the interquartile bands, taken
+    as centred on the medians, do not overlap) to keep only clear valleys.
 
     Args:
         rows: `Row` s (or their dicts).
         tolerance: relative margin, >= 0.
         capacity: ``"params"``, ``"macs"`` or ``callable(row)``: what
             "smaller" means.
+        beyond_spread: require the spreads to be apart too (see above).
 
     Returns:
         List of `Valley`, in the order of the rows.
@@ -687,7 +744,10 @@ def valleys(rows, tolerance=0.0, capacity="params"):
         curve = curves[_curve(r)]
         beats = sorted(
             (o for o in curve if cap(o) < cap(r)
-             and o.median_ms > (1.0 + tolerance) * r.median_ms),
+             and o.median_ms > (1.0 + tolerance) * r.median_ms
+             and (not beyond_spread
+                  or o.median_ms - o.spread_ms / 2
+                  > r.median_ms + r.spread_ms / 2)),
             key=cap)
         if beats:
             out.append(Valley(r, tuple(beats)))

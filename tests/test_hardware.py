@@ -85,9 +85,15 @@ def test_profile_table_persists_and_is_reused(tmp_path, monkeypatch):
     assert more.rows[:6] == p.rows
     assert (OP, "lgp_shuffle:groups=3", 24) in [
         (r.path, r.spec, r.hidden) for r in more.rows]
-    # Another key (batch 2): another file, measured afresh.
-    other = hw.profile([8], **{**kw, "repeats": 2}, batch_size=2)
+    # Another key (batch 2): another file, measured afresh, here in two
+    # passes of ceil(3 / 2) calls each (every configuration built twice).
+    other = hw.profile([8], **kw, batch_size=2, passes=2)
     assert other.file != p.file and other.measured == 3
+    assert len(built) == 16 and {r.repeats for r in other.rows} == {4}
+    # Timing some rows again: same configurations, new timings.
+    again = p.remeasure(p.rows[:2], repeats=3, warmup=1)
+    assert [r.config for r in again] == [r.config for r in p.rows[:2]]
+    assert len(built) == 18 and {r.repeats for r in again} == {3}
 
 
 def test_profile_markdown_and_plot(tmp_path):
@@ -125,6 +131,12 @@ def test_valleys_on_synthetic_curves():
     # Another path or scheme is another curve.
     mixed = [row(8, 5.0, path="keras", spec="dense"), row(16, 1.0)]
     assert hw.valleys(mixed) == []
+    # Beyond the spreads: 2.0 - 0.05 is not above 1.8 + 0.25.
+    noisy = [row(8, 2.0, spread=0.1), row(16, 1.8, spread=0.5)]
+    assert len(hw.valleys(noisy)) == 1
+    assert hw.valleys(noisy, beyond_spread=True) == []
+    clear = [row(8, 2.0, spread=0.1), row(16, 1.8, spread=0.1)]
+    assert len(hw.valleys(clear, beyond_spread=True)) == 1
     # Dicts (from JSON) work too.
     assert hw.valleys([vars(r) for r in curve])[0].row.hidden == 24
 
@@ -352,3 +364,57 @@ def test_measure_and_fastest_path():
     assert times[min(times, key=lambda k: times[k].median_ms)] is not None
     np.testing.assert_allclose(best.predict(x, verbose=0),
                                model.predict(x, verbose=0), atol=1e-5)
+
+
+# -- errors ------------------------------------------------------------------
+
+
+def test_profile_and_choose_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"no configuration to measure "
+                       r"\(every scheme is invalid for the sizes \[9\]\)"):
+        hw.profile([9], schemes=["lgp_shuffle:2"], paths=(OP,),
+                   cache=False)
+    rows = [row(8, 1.0, spec="dense"), row(16, 2.0)]
+    with pytest.raises(ValueError, match=r"`reduction` must be > 0"):
+        hw.choose(rows, reduction=0)
+    with pytest.raises(ValueError, match=r"no measured configuration "
+                       r"reaches reduction=1000"):
+        hw.choose(rows, reduction=1000, baseline_hidden=8)
+    with pytest.raises(ValueError, match=r"`capacity` must be 'params', "
+                       r"'macs' or a callable"):
+        hw.choose(rows, budget_ms=3, capacity="flops")
+    assert hw.choose(rows, budget_ms=3, capacity=lambda r: -r.hidden
+                     ).hidden == 8
+    with pytest.raises(ValueError, match=r"`on_missing` must be 'raise' or "
+                       r"'nearest'. Received: on_missing='skip'"):
+        hw.policy(synthetic_profile(), budget_ms=1, on_missing="skip")
+
+
+def test_policy_without_a_fitting_scheme_raises():
+    inp = keras.Input((T, 6))
+    model = keras.Model(inp, keras.layers.LSTM(6, name="d")(inp))
+    prof = hw.Profile({}, [row(8, 1.0, spec="lgp_shuffle:groups=4")])
+    with pytest.raises(ValueError, match=r"no measured scheme at hidden 8 "
+                       r"fits layer 'd' \(6 -> 4 x 6\)"):
+        am.compress(model, layers=hw.policy(prof, budget_ms=2,
+                                            on_missing="nearest"))
+
+
+def test_grow_prune_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"`initial_density` must be in "
+                       r"\[0, 1\]. Received: initial_density=1.5"):
+        gp.KernelMasks(lstm_model(), initial_density=1.5)
+    dense_only = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match=r"has no kernel to mask"):
+        gp.KernelMasks(dense_only)
+    masks = gp.KernelMasks(lstm_model())
+    with pytest.raises(ValueError, match=r"`frequency` must be >= 1"):
+        gp.Prune(masks, 0.5, frequency=0)
+    with pytest.raises(ValueError, match=r"`end_step` \(1\) must be >= "
+                       r"`begin_step` \(5\)"):
+        gp.Prune(masks, 0.5, begin_step=5, end_step=1)
+    with pytest.raises(ValueError, match=r"`target_sparsity` must be in "
+                       r"\[0, 1\). Received: target_sparsity=1.0"):
+        gp.Prune(masks, 1.0)
+    with pytest.raises(ValueError, match=r"`fraction` must be in \[0, 1\]"):
+        gp.Grow(masks, data(), fraction=2)
