@@ -542,9 +542,10 @@ def profile(hidden_sizes=None, input_size=None, batch_size=1, steps=100,
     versions, batch, steps) under ``cache``. A configuration already in
     that file with at least ``repeats`` timed calls is not measured again;
     the file is rewritten after every chunk, so an interrupted profile
-    resumes where it stopped. Rows of different calls were measured at
-    different times (and machine loads): compare rows of one call when
-    the difference matters.
+    resumes where it stopped (with ``passes > 1``, configurations whose
+    passes were not all done are measured again from scratch). Rows of
+    different calls were measured at different times (and machine loads):
+    compare rows of one call when the difference matters.
 
     Threads: the op uses ``threads`` OpenMP threads
     (`keras_antman.ops.set_num_threads`, left set afterwards). TF's
