@@ -10,6 +10,8 @@ TensorFlow.
 
 from keras_antman import datasets
 from keras_antman import doping
+from keras_antman import grow_prune
+from keras_antman import hardware
 from keras_antman import iss
 from keras_antman.compress import compress
 from keras_antman.distill import DistillationCoefficients
@@ -70,6 +72,8 @@ __all__ = [
     "datasets",
     "doping",
     "export",
+    "grow_prune",
+    "hardware",
     "iss",
     "report",
 ]
