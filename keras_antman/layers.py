@@ -552,9 +552,17 @@ class _StructuredRNN(keras.layers.RNN):
             reasons.append(f"dtype is {self.compute_dtype}, not float32")
         for name, matrix in cell.products().items():
             try:
-                matrix.kernel_stages()
+                stages = matrix.kernel_stages()
             except NotImplementedError as e:
                 reasons.append(f"the {name} product: {e}")
+                continue
+            groups = int(stages[-1].blocks.shape[0])
+            if name != "input" and stages[-1].shuffle and cell.units % groups:
+                # The op gives each group of a shuffling last stage every
+                # gate of its units.
+                reasons.append(
+                    f"the {name} product's last stage shuffles {groups} "
+                    f"groups, which do not divide units = {cell.units}")
         return reasons
 
     def _compiled_loop(self, sequences, initial_state, mask):

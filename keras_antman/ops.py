@@ -24,7 +24,7 @@ scheme's lowering produces: ``W = blockdiag(S_0) @ ... @ blockdiag(S_k)``,
 each ``S_i`` a float32 [g, a, b] array (a dense [n, m] matrix is
 [1, n, m]), the last optionally followed by the shuffle mix. A chain holds 1
 to 4 stages; stage i's output ``g * b`` is stage i + 1's input ``g * a``;
-only the last stage may shuffle.
+any stage may shuffle.
 
 =====================  ======================================================
 argument               product
@@ -85,11 +85,11 @@ Attributes:
         diagonal, mapping g * a inputs to g * b outputs. A dense [n, m]
         matrix is [1, n, m].
     shuffle: bool, default False. Apply the shuffle mix after this stage:
-        output j of group i goes to position j * g + i. Only the last stage
-        of a chain may shuffle.
+        output j of group i goes to position j * g + i. A recurrent
+        product's last stage may shuffle only if g divides the units.
 """
 Stage.blocks.__doc__ = "float32 [g, a, b]; a dense [n, m] matrix is [1, n, m]."
-Stage.shuffle.__doc__ = "bool: shuffle-mix the output (last stage only)."
+Stage.shuffle.__doc__ = "bool: shuffle-mix the output of this stage."
 
 _PORTABLE_ENV = "KERAS_ANTMAN_PORTABLE"
 _TRUE_VALUES = ("1", "true", "yes", "on")

@@ -938,8 +938,14 @@ class Kronecker(Scheme):
     rearrangement ``R[(i1, j1), (i2, j2)] = W[i1 n2 + i2, j1 m2 + j2]``,
     singular values split evenly between ``A`` and ``B``.
 
-    The compiled op has no Kronecker stage yet (`kernel_stages` raises), so
-    the layers run this scheme on stock TF ops.
+    On the compiled op (`kernel_stages`) it is two shuffling block stages,
+    ``B`` first: ``n1`` copies of ``B`` (all terms side by side) act on the
+    ``n1`` input groups, the shuffle gathers each output column ``j2`` of
+    every group, then ``m2`` copies of the stacked ``A`` map them to the
+    ``m1`` outputs and the last shuffle puts output ``j1 m2 + j2`` in
+    place: ``r n1 m2 (n2 + m1)`` multiply-adds, the "B first" count. As a
+    recurrent product the last shuffle needs ``m2`` to divide the units;
+    otherwise the layer runs it on stock TF ops.
 
     Args:
         a_shape: ``(n1, m1)`` or ``None``.
@@ -1034,6 +1040,19 @@ class Kronecker(Scheme):
 
     def dense_from_arrays(self, arrays):
         return sum(np.kron(a, b) for a, b in zip(arrays["a"], arrays["b"]))
+
+    def kernel_stages(self, w):
+        a, b = w["a"], w["b"]
+        r, n1, m1 = a.shape
+        _, n2, m2 = b.shape
+        # Column j2 * r + t of b_cat is term t's column j2 of B, so that
+        # after the shuffle each group j2 holds (term, i1) in A's order.
+        b_cat = ops.reshape(ops.transpose(b, (1, 2, 0)), (n2, m2 * r))
+        a_stack = ops.reshape(a, (r * n1, m1))
+        return [
+            _stage(ops.tile(b_cat[None], (n1, 1, 1)), shuffle=True),
+            _stage(ops.tile(a_stack[None], (m2, 1, 1)), shuffle=True),
+        ]
 
     def arrays_from_dense(self, w):
         n, m = w.shape

@@ -572,3 +572,54 @@ def test_compress_keras_file_report_export_and_tflite(tmp_path, rng):
         assert (str(count), "INT32") in tensors  # indices
     ops = set(re.findall(r"Op#\d+ (\w+)", text.getvalue()))
     assert {"GATHER", "UNSORTED_SEGMENT_SUM", "WHILE"} <= ops
+
+
+@pytest.mark.parametrize("terms", [1, 2])
+def test_kronecker_runs_on_the_compiled_op(terms, rng):
+    from keras_antman import ops
+
+    if not ops.is_available():
+        pytest.fail("the compiled op library is not built")
+    scheme = am.Kronecker(terms=terms)
+    x = rng.normal(size=(3, 6, 8)).astype("float32")
+    # units 8: m = 32 = 4 x 8, and m2 = 8 divides the units.
+    layer = am.StructuredLSTM(8, input_scheme=scheme,
+                              recurrent_scheme=scheme, return_sequences=True,
+                              kernel="compiled")
+    layer(x)
+    r = np.random.default_rng(terms)
+    for v in layer.weights:
+        v.assign(r.normal(scale=0.5, size=v.shape).astype("float32"))
+    assert layer.compiled_blockers() == []
+    kernel = sum(np.kron(a, b) for a, b in zip(
+        layer.input_matrix.a.numpy(), layer.input_matrix.b.numpy()))
+    rec = sum(np.kron(a, b) for a, b in zip(
+        layer.recurrent_matrix.a.numpy(), layer.recurrent_matrix.b.numpy()))
+    expected, _, _ = reference.lstm(x, kernel, rec, layer.bias.numpy())
+    for threads in (1, 2):
+        ops.set_num_threads(threads)
+        ops._set_min_parallel_work(per_step=0)
+        try:
+            np.testing.assert_allclose(layer(x), expected, rtol=1e-5,
+                                       atol=1e-5)
+        finally:
+            ops.set_num_threads(1)
+            ops._set_min_parallel_work(per_step=128 * 1024)
+
+
+def test_kronecker_whose_groups_miss_the_units_runs_on_tf_ops(rng):
+    # units 12: m = 48 = 6 x 8, and m2 = 8 does not divide 12.
+    x = rng.normal(size=(2, 4, 12)).astype("float32")
+    auto = am.StructuredLSTM(12, recurrent_scheme=am.Kronecker())
+    auto(x)
+    assert auto.compiled_blockers() == [
+        "the recurrent product's last stage shuffles 8 groups, which do not "
+        "divide units = 12"]
+    portable = am.StructuredLSTM(12, recurrent_scheme=am.Kronecker(),
+                                 kernel="portable")
+    portable(x)
+    portable.set_weights(auto.get_weights())
+    np.testing.assert_allclose(auto(x), portable(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="do not divide units = 12"):
+        am.StructuredLSTM(12, recurrent_scheme=am.Kronecker(),
+                          kernel="compiled")(x)

@@ -42,6 +42,7 @@ KINDS = (
     "blocks_mix_blocks",
     "blocks4_blocks2_shuffle",
     "four_stages",
+    "shuffle_between",
 )
 
 
@@ -125,6 +126,12 @@ def make_chain(kind, n, m, rng, g=4, r=2, g_in=2, g_out=2, k=16):
         return [
             Stage(w(4, n // 4, k // 4), False),
             Stage(w(2, k // 2, m // 2), True),
+        ]
+    if kind == "shuffle_between":
+        # A shuffle after an intermediate stage too (Kronecker lowers so).
+        return [
+            Stage(w(4, n // 4, 4), True),
+            Stage(w(2, 8, m // 2), True),
         ]
     if kind == "four_stages":
         return [
@@ -822,12 +829,6 @@ BAD_LSTM = [
     ),
     # Shuffle flags.
     (
-        dict(recurrent_shuffle=[True, False]),
-        r"recurrent_shuffle\[0\] is true, but only the last stage of a chain "
-        r"may shuffle: the engine has no shuffle between stages \(received "
-        r"recurrent_shuffle = \[true, false\]\)",
-    ),
-    (
         dict(
             recurrent_stages=[f(1, 20, 16), f(8, 2, 10)],
             recurrent_shuffle=[False, True],
@@ -965,12 +966,6 @@ BAD_GRU = [
         r"\(applied to r \* h\)\); received \[1,20,40\]",
     ),
     (
-        False,
-        dict(candidate_stages=[f(2, 10, 10), f(1, 20, 20)],
-             candidate_shuffle=[True, False]),
-        r"candidate_shuffle\[0\] is true, but only the last stage",
-    ),
-    (
         True,
         dict(recurrent_stages=[f(1, 20, 80)]),
         r"with g \* b = 60 \(the output size of the recurrent product, "
@@ -1056,10 +1051,11 @@ def test_graph_mode_shape_errors():
         raw(spec)
     with pytest.raises(ValueError, match=r"recurrent_stages\[1\] must be a "):
         raw([tf.TensorSpec([1, 20, 10]), tf.TensorSpec([10, 80])])
-    with pytest.raises(ValueError, match=r"recurrent_shuffle\[0\] is true"):
+    with pytest.raises(ValueError, match=r"recurrent_shuffle must hold one "
+                       r"flag per stage"):
         raw(
             [tf.TensorSpec([1, 20, 10]), tf.TensorSpec([1, 10, 80])],
-            recurrent_shuffle=[True, False],
+            recurrent_shuffle=[True, False, False],
         )
     # Unknown dims are left to run time.
     raw([tf.TensorSpec([None, 20, None]), tf.TensorSpec([None, None, 80])])

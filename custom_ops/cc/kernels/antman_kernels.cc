@@ -218,6 +218,15 @@ int64_t MaxIntermediateWidth(const Chain& ch) {
   return w;
 }
 
+// The widest intermediate stage that shuffles (0 if none does).
+int64_t MaxShufflingIntermediateWidth(const Chain& ch) {
+  int64_t w = 0;
+  for (int s = 0; s + 1 < ch.num_stages; ++s)
+    if (ch.stages[s].shuffle)
+      w = std::max(w, ch.stages[s].g * ch.stages[s].b);
+  return w;
+}
+
 int64_t ProductMacs(const Chain& ch) {
   int64_t macs = 0;
   for (int s = 0; s < ch.num_stages; ++s)
@@ -546,7 +555,15 @@ class StructuredRnnOp : public OpKernel {
     const int64_t task_product =
         RoundUp16(batch * traits_.recurrent_gates * task_units);
     const int64_t recurrent_need = task_product + 4 * RoundUp16(task_units);
-    p->scratch_stride = std::max(input_need, recurrent_need);
+    // A shuffling intermediate stage needs room for its unshuffled rows: a
+    // row chunk in the input phase, the batch in the recurrent phase.
+    int64_t shuffle_floats =
+        kRowChunk * MaxShufflingIntermediateWidth(p->input);
+    for (const Product* pr : {&p->recurrent, &p->candidate})
+      shuffle_floats = std::max(
+          shuffle_floats, batch * MaxShufflingIntermediateWidth(pr->chain));
+    p->off_shuffle = std::max(input_need, recurrent_need);
+    p->scratch_stride = p->off_shuffle + RoundUp16(shuffle_floats);
     p->off_stage[0] = 0;
     p->off_stage[1] = stage_floats;
     p->off_row_copy = 2 * stage_floats;

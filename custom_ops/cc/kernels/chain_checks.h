@@ -7,9 +7,9 @@
 // A chain is 1 to kMaxStages arrays [g, a, b] (a dense matrix is [1, n, m])
 // with one shuffle flag each. It is valid when the first stage's input
 // g * a is the product's input size, each stage's output g * b is the next
-// stage's input, the last output is the product's width, and only the last
-// stage shuffles. A shuffling last stage of a recurrent product needs g
-// dividing units, so that each group owns every gate of its units
+// stage's input and the last output is the product's width; any stage may
+// shuffle. A shuffling last stage of a recurrent product needs g dividing
+// units, so that each group owns every gate of its units
 // (kGroupOwned in rnn_engine.h).
 //
 // Unlike rnn_engine.h, this header uses TensorFlow's status types; it is
@@ -116,12 +116,6 @@ inline absl::Status CheckChainAttrs(const ChainSpec& spec, int64_t num_stages,
                            "of ", spec.list, " (", num_stages,
                            "); received ", shuffle.size(), " flags ",
                            FlagsText(shuffle));
-  for (int64_t i = 0; i + 1 < num_stages; ++i)
-    if (shuffle[i])
-      return InvalidArgument(
-          spec.shuffle_attr, "[", i, "] is true, but only the last stage of ",
-          "a chain may shuffle: the engine has no shuffle between stages ",
-          "(received ", spec.shuffle_attr, " = ", FlagsText(shuffle), ")");
   return absl::OkStatus();
 }
 

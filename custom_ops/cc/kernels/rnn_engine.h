@@ -131,6 +131,10 @@ struct RnnPlan {
   int64_t off_task_product;
   // ... and 4 vectors of max_task_units for its gate math.
   int64_t off_task_vectors;
+  // Both phases: an intermediate stage that shuffles is computed here,
+  // unshuffled, then scattered into its output ([kRowChunk or batch,
+  // widest shuffling intermediate stage]; 0 floats without one).
+  int64_t off_shuffle;
 };
 
 struct BlockDiagPlan {

@@ -294,6 +294,19 @@ void StageColumns(const Stage& s, const float* x, int64_t ldx, int64_t rows,
   }
 }
 
+// The shuffle of a stage's unshuffled columns [c0, c1): column c = i * b + j
+// (output j of group i) goes to j * g + i. `u` holds them from column 0,
+// `y` is the whole shuffled output.
+void ShuffleColumns(const Stage& s, const float* u, int64_t ldu, int64_t rows,
+                    int64_t c0, int64_t c1, float* y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* ur = u + r * ldu - c0;
+    float* yr = y + r * ldy;
+    for (int64_t c = c0; c < c1; ++c)
+      yr[(c % s.b) * s.g + c / s.b] = ur[c];
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The whole-sequence RNN.
 
@@ -342,6 +355,7 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
                          thread_scratch + p.off_stage[1]};
   float* row_copy = thread_scratch + p.off_row_copy;
   float* pack = thread_scratch + p.off_pack;
+  float* unshuffled = thread_scratch + p.off_shuffle;
   for (int64_t r = r0; r < r1; r += kRowChunk) {
     const int64_t rc = Min(kRowChunk, r1 - r);
     const float* in = p.x + r * ch.n;
@@ -352,7 +366,13 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
       const bool last = s == ch.num_stages - 1;
       float* out = last ? p.x_proj + r * zw : stage_buf[s & 1];
       const int64_t ldy = last ? zw : ms;
-      StageColumns(stage, in, ldx, rc, 0, ms, out, ldy, pack);
+      // The last stage's shuffle is folded into the gather below.
+      if (!last && stage.shuffle) {
+        StageColumns(stage, in, ldx, rc, 0, ms, unshuffled, ms, pack);
+        ShuffleColumns(stage, unshuffled, ms, rc, 0, ms, out, ldy);
+      } else {
+        StageColumns(stage, in, ldx, rc, 0, ms, out, ldy, pack);
+      }
       in = out;
       ldx = ldy;
     }
@@ -377,9 +397,12 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
 }
 
 // Intermediate stages of a recurrent product, columns split over threads,
-// a barrier after each. Returns the last stage's input and its stride.
+// a barrier after each. Returns the last stage's input and its stride. A
+// shuffling stage's columns are computed into the thread's `unshuffled`
+// buffer and scattered to their shuffled places.
 const float* Intermediate(const Product& pr, const float* in, int64_t batch,
-                          int tid, int nt, int64_t* ldx_out) {
+                          int tid, int nt, float* unshuffled,
+                          int64_t* ldx_out) {
   int64_t ldx = pr.chain.n;
   for (int s = 0; s + 1 < pr.chain.num_stages; ++s) {
     const Stage& stage = pr.chain.stages[s];
@@ -387,7 +410,12 @@ const float* Intermediate(const Product& pr, const float* in, int64_t batch,
     float* out = pr.stage_out[s & 1];
     int64_t c0, c1;
     Split(ms, tid, nt, 2 * V, &c0, &c1);
-    if (c0 < c1) StageColumns(stage, in, ldx, batch, c0, c1, out + c0, ms);
+    if (c0 < c1 && stage.shuffle) {
+      StageColumns(stage, in, ldx, batch, c0, c1, unshuffled, c1 - c0);
+      ShuffleColumns(stage, unshuffled, c1 - c0, batch, c0, c1, out, ms);
+    } else if (c0 < c1) {
+      StageColumns(stage, in, ldx, batch, c0, c1, out + c0, ms);
+    }
     Barrier(nt);
     in = out;
     ldx = ms;
@@ -616,6 +644,7 @@ void RecurrentPhase(const RnnPlan& p, int tid, int nt) {
   const int64_t batch = p.batch, units = p.units;
   float* thread_scratch = p.scratch + tid * p.scratch_stride;
   float* task_product = thread_scratch + p.off_task_product;
+  float* unshuffled = thread_scratch + p.off_shuffle;
   const int64_t max_units =
       Max(p.recurrent.max_task_units, p.candidate.max_task_units);
   TaskVectors v;
@@ -630,12 +659,14 @@ void RecurrentPhase(const RnnPlan& p, int tid, int nt) {
     const bool rev = (s & 1) != 0;
     int64_t ldx;
     const float* in =
-        Intermediate(p.recurrent, st.h_prev, batch, tid, nt, &ldx);
+        Intermediate(p.recurrent, st.h_prev, batch, tid, nt, unshuffled,
+                     &ldx);
     LastStage(p.recurrent, in, ldx, batch, units, tid, nt, rev, task_product,
               Gates{st});
     if constexpr (Candidate::kPresent) {
       Barrier(nt);  // every unit's r * h_prev is written
-      in = Intermediate(p.candidate, p.reset_h_prev, batch, tid, nt, &ldx);
+      in = Intermediate(p.candidate, p.reset_h_prev, batch, tid, nt,
+                        unshuffled, &ldx);
       LastStage(p.candidate, in, ldx, batch, units, tid, nt, rev,
                 task_product, Candidate{st});
     }

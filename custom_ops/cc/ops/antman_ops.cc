@@ -178,9 +178,9 @@ output: [batch, timesteps, units] in processing order if return_sequences,
   else the last output [batch, units].
 final_h: [batch, units].
 final_c: [batch, units].
-input_shuffle: one flag per input stage; only the last may be true.
-recurrent_shuffle: one flag per recurrent stage; only the last may be true,
-  and then its groups must divide units.
+input_shuffle: one flag per input stage: shuffle-mix that stage's output.
+recurrent_shuffle: one flag per recurrent stage; if the last is true, its
+  groups must divide units.
 go_backwards: process the steps in reverse.
 num_threads: OpenMP threads; 0 uses the process-wide setting. Small
   problems run on one thread whatever is asked.
