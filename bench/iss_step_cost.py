@@ -14,7 +14,6 @@ ratio, measured in one run.
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -25,17 +24,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_antman import iss  # noqa: E402
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from keras_antman.hardware import cpu_model  # noqa: E402
 
 
 def build(d, vocab, steps):
