@@ -31,6 +31,18 @@ G must divide both dims of a product (for an LSTM: input n_x -> 4h,
 recurrent h -> 4h); an impossible G fails with the valid choices."""
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and appends each option's default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or not action.option_strings
+                or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class UsageError(Exception):
     """A user error: printed as one line, exit code 2."""
 
@@ -330,7 +342,7 @@ def build_parser():
         description="Structured (AntMan) compression of Keras LSTM/GRU "
                     "models: compress, report, distill, export, bench.",
         epilog=SCHEME_GRAMMAR,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     sub = parser.add_subparsers(dest="command", required=True,
                                 metavar="COMMAND")
@@ -338,7 +350,7 @@ def build_parser():
     def command(name, func, help, description=None):
         p = sub.add_parser(name, help=help, description=description or help,
                            epilog=SCHEME_GRAMMAR,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=_Formatter)
         p.set_defaults(func=func)
         return p
 
@@ -354,16 +366,15 @@ def build_parser():
     c.add_argument("-o", "--output", metavar="OUT.keras",
                    help="output file (default: MODEL_antman.keras)")
     c.add_argument("--input-scheme", default="lgp_shuffle:8", metavar="SPEC",
-                   help="scheme of the input products (default: "
-                        "%(default)s)")
+                   help="scheme of the input products")
     c.add_argument("--recurrent-scheme", default="lgp_shuffle:8",
-                   metavar="SPEC", help="scheme of the recurrent products "
-                   "(default: %(default)s)")
+                   metavar="SPEC", help="scheme of the recurrent products")
     c.add_argument("--layers", metavar="POLICY.json",
                    help='compress only these layers: {"lstm_1": '
                         '["lgp_shuffle:10", "low_rank:2"], "lstm_2": null}; '
                         "null keeps a layer as it is")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file")
 
     r = command("report", cmd_report,
                 "parameters and multiply-adds per layer, before and after")
@@ -375,8 +386,10 @@ def build_parser():
     s = command("distill", cmd_distill,
                 "distil a compressed student from its teacher (coefficients "
                 "calibrated by the paper's method unless given)")
-    s.add_argument("--teacher", required=True, metavar="T.keras")
-    s.add_argument("--student", required=True, metavar="S.keras")
+    s.add_argument("--teacher", required=True, metavar="T.keras",
+                   help="the trained model")
+    s.add_argument("--student", required=True, metavar="S.keras",
+                   help="its compressed version (keras-antman compress)")
     s.add_argument("--data", required=True, metavar="FILE",
                    help="a UTF-8 text file, or an .npz of token ids (keys "
                         "train and optionally valid)")
@@ -389,20 +402,24 @@ def build_parser():
                         "--data by count; saved as OUT/vocabulary.json)")
     s.add_argument("-o", "--out", default="antman_distill", metavar="DIR",
                    help="output folder: student.keras, history.json, "
-                        "vocabulary.json, backup/ (default: %(default)s)")
+                        "vocabulary.json, backup/ ")
     s.add_argument("--coefficients", metavar="C_TARGET,C_MSE,C_KL",
                    help="skip calibration, e.g. 1,30,1000")
-    s.add_argument("--calibrate-steps", type=int, default=50)
-    s.add_argument("--epochs", type=int, default=1)
+    s.add_argument("--calibrate-steps", type=int, default=50,
+                   help="training steps per loss term when calibrating")
+    s.add_argument("--epochs", type=int, default=1, help="epochs")
     s.add_argument("--steps", type=int, default=0,
                    help="steps per epoch (default: the whole data)")
-    s.add_argument("--batch-size", type=int, default=20)
+    s.add_argument("--batch-size", type=int, default=20,
+                   help="sequences per batch")
     s.add_argument("--num-steps", type=int, default=35,
-                   help="BPTT sequence length (default: %(default)s)")
-    s.add_argument("--lr", type=float, default=1e-3)
+                   help="BPTT sequence length ")
+    s.add_argument("--lr", type=float, default=1e-3,
+                   help="Adam learning rate (gradient norm clipped at 5)")
     s.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT/backup")
-    s.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    s.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
+                   help="Keras progress: 0 none, 1 bar, 2 a line per epoch")
 
     e = command("export", cmd_export,
                 "write a SavedModel for serving, and optionally TFLite")
@@ -417,18 +434,21 @@ def build_parser():
                    help="also write a TFLite model (built-in ops) here")
     e.add_argument("--batch-size", type=int,
                    help="fix the batch size (TFLite: default 1)")
-    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DIR")
 
     b = command("bench", cmd_bench,
                 "time a model on this machine through each path it runs: "
                 "stock Keras (stock models), compiled op, portable TF ops, "
                 "TFLite")
     b.add_argument("model", metavar="MODEL.keras")
-    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--batch", type=int, default=1, help="batch size")
     b.add_argument("--steps", type=int, default=35,
-                   help="sequence length (default: %(default)s)")
-    b.add_argument("--threads", type=int, default=1)
-    b.add_argument("--repeats", type=int, default=50)
+                   help="sequence length ")
+    b.add_argument("--threads", type=int, default=1,
+                   help="threads of TensorFlow, the op and TFLite")
+    b.add_argument("--repeats", type=int, default=50,
+                   help="timed calls per path (the median is reported)")
     b.add_argument("--paths", metavar="P1,P2",
                    help="subset of keras,compiled,portable,tflite")
     b.add_argument("--tflite", metavar="FILE",

@@ -144,6 +144,15 @@ def run(args):
             if getattr(args, key) == DEFAULTS[key]:
                 setattr(args, key, value)
     out = os.path.abspath(args.out)
+    if os.path.exists(out) and (
+            not os.path.isdir(out) or os.listdir(out)
+            and not os.path.isfile(os.path.join(out, "summary.json"))):
+        # The run replaces its output folder as a whole: never one that
+        # holds anything but an earlier demo run (say, `--out .`).
+        raise ValueError(
+            f"--out {args.out}: {out} exists and is not the folder of an "
+            "earlier demo run (no summary.json); choose a new folder"
+        )
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-",
@@ -470,7 +479,7 @@ def _plot(s, path):
 def add_arguments(parser):
     """The demo's options on an argparse (sub)parser."""
     parser.add_argument("--out", "-o", metavar="DIR", default="antman_demo",
-                        help="output folder (default: %(default)s)")
+                        help="output folder ")
     parser.add_argument("--ptb", metavar="DIR",
                         help="run on Penn Treebank: a directory with "
                              "ptb.{train,valid,test}.txt (default: the "
@@ -478,43 +487,44 @@ def add_arguments(parser):
     parser.add_argument("--max-tokens", type=int, default=0,
                         help="use only this many PTB training tokens (0: all)")
     parser.add_argument("--vocab", type=int, default=DEFAULTS["vocab"],
-                        help="synthetic corpus vocabulary (default: "
-                             "%(default)s)")
+                        help="synthetic corpus vocabulary")
     parser.add_argument("--tokens", type=int, default=DEFAULTS["tokens"],
-                        help="synthetic training tokens (default: "
-                             "%(default)s)")
-    parser.add_argument("--hidden", type=int, default=DEFAULTS["hidden"])
-    parser.add_argument("--embed", type=int, default=DEFAULTS["embed"])
+                        help="synthetic training tokens")
+    parser.add_argument("--hidden", type=int, default=DEFAULTS["hidden"],
+                        help="LSTM units")
+    parser.add_argument("--embed", type=int, default=DEFAULTS["embed"],
+                        help="embedding size")
     parser.add_argument("--layers", type=int, default=DEFAULTS["layers"],
-                        help="LSTM layers (default: %(default)s)")
+                        help="LSTM layers ")
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
-                        help="teacher epochs (default: %(default)s)")
+                        help="teacher epochs ")
     parser.add_argument("--distill-epochs", type=int,
-                        default=DEFAULTS["distill_epochs"])
+                        default=DEFAULTS["distill_epochs"],
+                        help="distillation epochs")
     parser.add_argument("--calibrate-steps", type=int,
                         default=DEFAULTS["calibrate_steps"],
                         help="training steps per loss term when calibrating "
-                             "the coefficients (default: %(default)s)")
+                             "the coefficients ")
     parser.add_argument("--batch-size", type=int,
-                        default=DEFAULTS["batch_size"])
+                        default=DEFAULTS["batch_size"],
+                        help="training sequences per batch")
     parser.add_argument("--num-steps", type=int,
                         default=DEFAULTS["num_steps"],
-                        help="sequence length for training and timing "
-                             "(default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+                        help="sequence length for training and timing")
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"],
+                        help="Adam learning rate, teacher and student")
     parser.add_argument("--input-scheme", default="lgp_shuffle:8",
                         metavar="SPEC", help="scheme of the input products "
-                        "(default: %(default)s; grammar: see `--help` of "
-                        "the compress command)")
+                        "(default: %(default)s; grammar below)")
     parser.add_argument("--recurrent-scheme", default="lgp_shuffle:8",
                         metavar="SPEC", help="scheme of the recurrent "
-                        "products (default: %(default)s)")
+                        "products")
     parser.add_argument("--threads", type=int, default=DEFAULTS["threads"],
-                        help="threads for the latency measurement (default: "
-                             "%(default)s)")
+                        help="threads for the latency measurement")
     parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"],
-                        help="timed runs per path (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="timed runs per path ")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the corpus and the weights")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny sizes and a few steps (a smoke test, "
                              "seconds; the numbers mean nothing)")

@@ -233,6 +233,13 @@ def test_demo_tiny_writes_its_summary(capsys, tmp_path):
     assert os.listdir(tmp_path) == ["demo"]  # staging folder renamed
 
 
+def test_demo_never_replaces_a_foreign_folder(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    _assert_one_line_error(capsys, ["demo", "--tiny", "--out", tmp_path],
+                           "is not the folder of an earlier demo run")
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
 def test_demo_failure_leaves_nothing(capsys, tmp_path):
     # lgp_shuffle:3 cannot split the tiny LSTM's 8 -> 64 input product:
     # the run fails after training the teacher, and no folder appears.
