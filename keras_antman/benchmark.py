@@ -167,13 +167,25 @@ def has_recurrent(model):
     return any(isinstance(layer, keras.layers.RNN) for layer in _walk(model))
 
 
+def compiled_blockers(model):
+    """Why the compiled op cannot run ``model``'s structured layers, e.g.
+    a Kronecker product, which it has no stage for (empty if it can)."""
+    from keras_antman.export import _structured_layers
+
+    return [f"{layer.name}: {reason}"
+            for layer in _structured_layers(model)
+            for reason in layer.compiled_blockers(None)]
+
+
 def available_paths(model):
     """The paths of `PATHS` that ``model`` can be timed through."""
     from keras_antman import ops
 
     structured = is_structured(model)
     paths = ["portable"] if structured else ["keras"]
-    if (structured or has_recurrent(model)) and ops.is_available():
+    runs_on_op = not compiled_blockers(model) if structured else \
+        has_recurrent(model)
+    if runs_on_op and ops.is_available():
         paths.insert(0 if structured else 1, "compiled")
     return paths + ["tflite"]
 
@@ -273,7 +285,8 @@ def time_model(model, batch=1, steps=35, threads=1, repeats=50,
         threads: TFLite interpreter threads (TensorFlow's and the op's come
             from `configure_threads`).
         repeats: timed calls per path; the median is reported.
-        paths: a subset of `available_paths(model)` (default: all of them).
+        paths: a subset of `available_paths(model)` (default: all of
+            them; the compiled op only for a model it can run).
         tflite: an existing ``.tflite`` file to time for the ``tflite``
             path (default: convert the model into a temporary file).
         progress: show a tqdm progress bar.
@@ -291,9 +304,11 @@ def time_model(model, batch=1, steps=35, threads=1, repeats=50,
     paths = possible if paths is None else list(paths)
     for p in paths:
         if p not in possible:
+            blockers = compiled_blockers(model) if p == "compiled" else []
             raise ValueError(
-                f"Model '{model.name}' cannot be timed through {p!r}; it "
-                f"runs through {possible}."
+                f"Model '{model.name}' cannot be timed through {p!r}"
+                + (f" ({'; '.join(blockers)})" if blockers else "")
+                + f"; it runs through {possible}."
             )
     x = sample_input(model, batch, steps, seed)
     results = {}
@@ -361,10 +376,12 @@ def _main(argv=None):
     out = {"machine": machine(), "results": {}}
     for entry in job["models"]:
         model = keras.models.load_model(entry["model"], compile=False)
+        possible = available_paths(model)  # no op for Kronecker, say
         out["results"][entry["name"]] = time_model(
             model, batch=job["batch"], steps=job["steps"],
             threads=job["threads"], repeats=job["repeats"],
-            paths=entry.get("paths"), tflite=entry.get("tflite"),
+            paths=[p for p in entry["paths"] if p in possible],
+            tflite=entry.get("tflite"),
             label=entry["name"])
         print(f"  {entry['name']}: " + ", ".join(
             f"{PATH_TITLES[p]} {ms:.2f} ms"
