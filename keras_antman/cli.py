@@ -184,7 +184,7 @@ def _coefficients(text):
     return dict(zip(("c_target", "c_mse", "c_kl"), values))
 
 
-def _distill_data(args, teacher, out):
+def _distill_data(args, teacher):
     from keras_antman.datasets import text
 
     vocabulary = None
@@ -203,8 +203,6 @@ def _distill_data(args, teacher, out):
                 f"{classes:,} classes; pass the teacher's vocabulary with "
                 "--vocabulary or use --level "
                 + ("char" if args.level == "word" else "word"))
-        text.save_vocabulary(os.path.join(out, "vocabulary.json"), vocabulary,
-                             args.level)
     for name, ids in (("training", train), ("validation", valid)):
         if ids is not None and len(ids) and (ids.min() < 0
                                              or ids.max() >= classes):
@@ -214,7 +212,7 @@ def _distill_data(args, teacher, out):
     if valid is None:  # hold out the last tenth
         cut = len(train) - len(train) // 10
         train, valid = train[:cut], train[cut:]
-    return train, valid
+    return train, valid, vocabulary
 
 
 def cmd_distill(args):
@@ -222,14 +220,13 @@ def cmd_distill(args):
 
     import keras_antman as am
     from keras_antman import datasets
+    from keras_antman.datasets import text
 
     coefficients = _coefficients(args.coefficients) \
         if args.coefficients else None
     teacher = load_model(args.teacher)
     student = load_model(args.student)
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    train, valid = _distill_data(args, teacher, out)
+    train, valid, vocabulary = _distill_data(args, teacher)
     try:
         train_ds = datasets.bptt_dataset(train, args.batch_size,
                                          args.num_steps)
@@ -238,6 +235,11 @@ def cmd_distill(args):
     except ValueError as e:
         raise UsageError(f"{e} (try a smaller --batch-size or --num-steps)") \
             from None
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    if vocabulary is not None:
+        text.save_vocabulary(os.path.join(out, "vocabulary.json"), vocabulary,
+                             args.level)
     print(f"Data: {len(train):,} training and {len(valid):,} validation "
           f"tokens, batches of {args.batch_size} x {args.num_steps}.")
     backup = os.path.join(out, "backup")

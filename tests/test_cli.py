@@ -38,6 +38,11 @@ def files(tmp_path_factory):
     (d / "corpus.txt").write_text("\n".join(lines) + "\n")
     np.savez(d / "ids.npz", train=rng.integers(0, VOCAB, 1500),
              valid=rng.integers(0, VOCAB, 300))
+    np.savez(d / "big_ids.npz", train=rng.integers(0, 2 * VOCAB, 1500))
+    np.savez(d / "matrix.npz", train=np.zeros((4, 4), int))
+    (d / "policy_bad.json").write_text('{"lstm": ["dense"]}')
+    (d / "policy_broken.json").write_text('{"lstm": ')
+    (d / "not_a_model.keras").write_text("hello")
     return d
 
 
@@ -268,11 +273,29 @@ def test_demo_failure_leaves_nothing(capsys, tmp_path):
     (["distill", "--teacher", "{d}/lm.keras", "--student", "{d}/lm.keras",
       "--data", "{d}/ids.npz", "--coefficients", "1,2"],
      "--coefficients takes three numbers"),
+    (["distill", "--teacher", "{d}/lm.keras", "--student", "{d}/lm.keras",
+      "--data", "{d}/big_ids.npz", "--coefficients", "1,1,1"],
+     "training token ids span [0, 31] but the teacher predicts 16 classes"),
+    (["distill", "--teacher", "{d}/lm.keras", "--student", "{d}/lm.keras",
+      "--data", "{d}/matrix.npz", "--coefficients", "1,1,1"],
+     "'train' must be a 1-D array of integer token ids"),
+    (["compress", "{d}/lm.keras", "--layers", "{d}/policy_bad.json"],
+     "layer 'lstm' maps to ['dense']; expected [input spec, recurrent spec]"),
+    (["compress", "{d}/lm.keras", "--layers", "{d}/policy_broken.json"],
+     "policy_broken.json is not valid JSON"),
+    (["compress", "{d}/lm.keras", "-o", "{d}/lm.keras"],
+     "lm.keras exists; pass --overwrite"),
+    (["report", "{d}/not_a_model.keras"], "cannot load"),
+    (["export", "{d}/lm.keras", "{d}/x", "--tflite", "{d}/x.bin"],
+     "must end in .tflite"),
 ])
-def test_errors_are_one_line_with_exit_code_2(files, capsys, argv, match):
+def test_errors_are_one_line_with_exit_code_2(files, capsys, argv, match,
+                                             tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default output folders would land here
     argv = [a.format(d=files) for a in argv]
     _assert_one_line_error(capsys, argv, match)
     assert not (files / "never.keras").exists()
+    assert os.listdir(tmp_path) == []  # nothing written on failure
 
 
 def test_console_error_in_a_fresh_process(files):
