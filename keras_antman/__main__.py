@@ -1,4 +1,4 @@
-"""Run the command line: `python -m keras_antman demo`."""
+"""`python -m keras_antman COMMAND`: the `keras-antman` command line."""
 
 import sys
 

@@ -1,218 +1,501 @@
-"""The ``keras-antman`` command: the package's main job end to end.
+"""The ``keras-antman`` command (also ``python -m keras_antman``).
 
-``keras-antman demo`` trains a small LSTM language model (on an embedded
-synthetic corpus by default, on Penn Treebank with ``--ptb DIR``),
-compresses its LSTMs with AntMan schemes, prints the cost report and the
-perplexity of the teacher, of the compressed model as initialised from the
-teacher's weights, and of the compressed model after a short fine-tuning.
+Subcommands: ``demo`` (the whole pipeline on a small language model,
+`keras_antman.demo`), and for your own models ``compress``, ``report``,
+``distill``, ``export`` and ``bench``. Every user error (a missing file, a
+model without recurrent layers, a bad scheme spec, a group count that does
+not divide a product) is one line on stderr and exit code 2;
+``KERAS_ANTMAN_DEBUG=1`` shows the traceback instead.
 """
 
 import argparse
+import json
 import math
 import os
 import sys
-import time
+import tempfile
+import warnings
 
-SCHEME_HELP = (
-    "dense | low_rank:R | low_rank:rank=K | lgp_shuffle:G | lgp_dense:G | "
-    "low_rank_lgp:G_IN,G_OUT,R (underscores optional: lowrank_lgp:10,10,2)"
-)
+SCHEME_GRAMMAR = """\
+scheme specs (keras_antman.schemes.from_spec): NAME[:ARGS], ARGS separated
+by commas, positional or key=value; integers, decimals or shapes (4x8);
+underscores in NAME optional:
+  dense                      the original dense product
+  low_rank:R | low_rank:rank=K   truncated SVD, rank n/R or K
+  lgp_shuffle:G              G block-diagonal groups + shuffle (G x fewer)
+  lgp_dense:G                G groups + a dense mixing matrix
+  low_rank_lgp:G_IN,G_OUT,R  groups around a rank-n/R factorisation
+  kronecker | kronecker:a_shape=4x8   Kronecker product (Doping base)
+  hmd:K,dense_rows=0.5       dense rows + rank-K rest
+G must divide both dims of a product (for an LSTM: input n_x -> 4h,
+recurrent h -> 4h); an impossible G fails with the valid choices."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and appends each option's default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or not action.option_strings
+                or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class UsageError(Exception):
+    """A user error: printed as one line, exit code 2."""
 
 
 def parse_scheme(text):
-    """A scheme from ``name:args`` text (`keras_antman.schemes.from_spec`).
+    """A `Scheme` from ``name[:args]`` (`keras_antman.schemes.from_spec`).
 
     Raises:
-        ValueError: for an unknown name or malformed arguments.
+        ValueError: an unknown name or malformed arguments.
     """
     from keras_antman import schemes
 
     return schemes.from_spec(text)
 
 
-def synthetic_corpus(vocab=64, tokens=120_000, seed=0):
-    """Token ids from a sparse random second-order Markov chain.
-
-    Each pair of previous tokens allows a handful of next tokens, so an LSTM
-    can learn it well and a compressed one visibly less well at first: a
-    small, offline stand-in for a language-modelling corpus.
-
-    Args:
-        vocab: vocabulary size.
-        tokens: number of tokens in the training split; the validation and
-            test splits get a tenth of that each.
-        seed: random seed.
-
-    Returns:
-        ``(train, valid, test)`` int32 arrays.
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    successors = rng.integers(0, vocab, size=(vocab, vocab, 4))
-    probs = rng.dirichlet(np.ones(4) * 0.5, size=(vocab, vocab))
-    total = tokens + 2 * (tokens // 10)
-    out = np.empty(total, dtype=np.int32)
-    out[:2] = rng.integers(0, vocab, 2)
-    u = rng.random(total)
-    for t in range(2, total):
-        p = probs[out[t - 2], out[t - 1]]
-        k = min(int(np.searchsorted(np.cumsum(p), u[t])), 3)
-        out[t] = successors[out[t - 2], out[t - 1], k]
-    n_eval = tokens // 10
-    return out[:tokens], out[tokens:tokens + n_eval], out[tokens + n_eval:]
+def _existing(path, what="file"):
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path} does not exist")
+    return path
 
 
-def language_model(vocab, hidden, embed, layers=2):
-    """Embedding -> ``layers`` x LSTM(hidden) -> Dense(vocab) logits."""
+def load_model(path):
+    """A `.keras` model (uncompiled); one-line errors for bad files."""
     import keras
 
-    inputs = keras.Input((None,), dtype="int32", name="tokens")
-    h = keras.layers.Embedding(vocab, embed, name="embedding")(inputs)
-    for i in range(layers):
-        h = keras.layers.LSTM(hidden, return_sequences=True,
-                              name=f"lstm_{i}")(h)
-    logits = keras.layers.Dense(vocab, name="logits")(h)
-    return keras.Model(inputs, logits, name="lm")
+    import keras_antman  # noqa: F401 - registers the structured layers
+
+    _existing(path, "model file")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"cannot load {path} as a Keras model: "
+                         f"{type(e).__name__}: {first}") from None
 
 
-def _perplexity(model, data):
-    loss = model.evaluate(data, verbose=0)
-    loss = loss[0] if isinstance(loss, list) else loss
-    return math.exp(loss)
+def _require_recurrent(model, path):
+    from keras_antman.compress import _recurrent_names
+
+    names = _recurrent_names(model) if hasattr(
+        model, "layers") else []
+    if not names:
+        raise UsageError(
+            f"{path}: model '{model.name}' has no LSTM/GRU layers to compress"
+        )
+    return names
 
 
-def _compile(model, lr):
-    import keras
+def _save_model(model, path):
+    """Saves ``model`` to ``path`` (``.keras``) through a temporary file."""
+    path = os.path.abspath(path)
+    if not path.endswith(".keras"):
+        raise UsageError(f"output {path} must end in .keras")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".keras",
+                               prefix=f".{os.path.basename(path)}.")
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
-    model.compile(
-        optimizer=keras.optimizers.Adam(lr, clipnorm=5.0),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+
+def _policy(path):
+    _existing(path, "policy file")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a JSON object {{layer name: "
+                         "[input spec, recurrent spec] or null}")
+    policy = {}
+    for name, spec in raw.items():
+        if spec is None:
+            policy[name] = None
+        elif (isinstance(spec, list) and len(spec) == 2
+              and all(isinstance(s, str) for s in spec)):
+            policy[name] = tuple(parse_scheme(s) for s in spec)
+        else:
+            raise UsageError(
+                f"{path}: layer {name!r} maps to {spec!r}; expected "
+                "[input spec, recurrent spec] or null")
+    return policy
 
 
-def demo(args):
-    """Train, compress, report, fine-tune; returns a dict of results."""
+def cmd_compress(args):
+    import keras_antman as am
+
+    input_scheme = parse_scheme(args.input_scheme)
+    recurrent_scheme = parse_scheme(args.recurrent_scheme)
+    layers = _policy(args.layers) if args.layers else None
+    out = args.output or os.path.splitext(args.model)[0] + "_antman.keras"
+    if os.path.exists(out) and not args.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    model = load_model(args.model)
+    _require_recurrent(model, args.model)
+    print(f"Compressing {args.model}: input {input_scheme.describe()}, "
+          f"recurrent {recurrent_scheme.describe()}"
+          + (f", per-layer policy {args.layers}" if layers else "") + ".")
+    student = am.compress(model, input_scheme=input_scheme,
+                          recurrent_scheme=recurrent_scheme, layers=layers)
+    am.report(model, student, print_fn=print)
+    print(f"Saved {_save_model(student, out)}")
+
+
+def _json_number(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def cmd_report(args):
+    import keras_antman as am
+
+    before = load_model(args.model)
+    after = load_model(args.compressed) if args.compressed else None
+    rep = am.report(before, after)
+    if args.json:
+        rows = [{k: _json_number(v) for k, v in d.items()}
+                for d in rep.to_dicts()]
+        print(json.dumps(rows, indent=1))
+    else:
+        print(rep)
+
+
+def _coefficients(text):
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise UsageError(f"--coefficients takes three numbers C_TARGET,C_MSE,"
+                         f"C_KL such as 1,30,1000; received {text!r}")
+    return dict(zip(("c_target", "c_mse", "c_kl"), values))
+
+
+def _distill_data(args, teacher):
+    from keras_antman.datasets import text
+
+    vocabulary = None
+    if args.vocabulary:
+        vocabulary, _ = text.load_vocabulary(
+            _existing(args.vocabulary, "vocabulary file"))
+    train, valid, vocabulary = text.load_token_ids(
+        _existing(args.data, "data file"), args.level, vocabulary,
+        args.valid and _existing(args.valid, "validation file"))
+    classes = teacher.output_shape[-1]
+    if vocabulary is not None:
+        if len(vocabulary) != classes:
+            raise UsageError(
+                f"{args.data} has a {args.level}-level vocabulary of "
+                f"{len(vocabulary):,} tokens but the teacher predicts "
+                f"{classes:,} classes; pass the teacher's vocabulary with "
+                "--vocabulary or use --level "
+                + ("char" if args.level == "word" else "word"))
+    for name, ids in (("training", train), ("validation", valid)):
+        if ids is not None and len(ids) and (ids.min() < 0
+                                             or ids.max() >= classes):
+            raise UsageError(
+                f"{name} token ids span [{ids.min()}, {ids.max()}] but the "
+                f"teacher predicts {classes:,} classes")
+    if valid is None:  # hold out the last tenth
+        cut = len(train) - len(train) // 10
+        train, valid = train[:cut], train[cut:]
+    return train, valid, vocabulary
+
+
+def cmd_distill(args):
     import keras
 
     import keras_antman as am
     from keras_antman import datasets
+    from keras_antman.datasets import text
 
-    keras.utils.set_random_seed(args.seed)
-    if args.ptb:
-        ptb = datasets.load_ptb(args.ptb)
-        train, valid, test = ptb.train, ptb.valid, ptb.test
-        vocab = len(ptb.vocabulary)
-        source = f"Penn Treebank from {ptb.directory}"
-        if args.max_tokens:
-            train = train[: args.max_tokens]
-    else:
-        vocab = 64
-        train, valid, test = synthetic_corpus(vocab, seed=args.seed)
-        source = "synthetic second-order Markov corpus (embedded default)"
+    coefficients = _coefficients(args.coefficients) \
+        if args.coefficients else None
+    teacher = load_model(args.teacher)
+    student = load_model(args.student)
+    train, valid, vocabulary = _distill_data(args, teacher)
+    try:
+        train_ds = datasets.bptt_dataset(train, args.batch_size,
+                                         args.num_steps)
+        valid_ds = datasets.bptt_dataset(valid, args.batch_size,
+                                         args.num_steps)
+    except ValueError as e:
+        raise UsageError(f"{e} (try a smaller --batch-size or --num-steps)") \
+            from None
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    if vocabulary is not None:
+        text.save_vocabulary(os.path.join(out, "vocabulary.json"), vocabulary,
+                             args.level)
+    print(f"Data: {len(train):,} training and {len(valid):,} validation "
+          f"tokens, batches of {args.batch_size} x {args.num_steps}.")
+    backup = os.path.join(out, "backup")
+    calib_path = os.path.join(out, "coefficients.json")
+    if not args.resume:
+        import shutil
 
-    def batches(ids):
-        return datasets.bptt_dataset(ids, args.batch_size, args.num_steps)
+        shutil.rmtree(backup, ignore_errors=True)
+    elif coefficients is None and os.path.exists(calib_path):
+        with open(calib_path) as f:
+            coefficients = json.load(f)
+        print(f"Resuming with the coefficients of {calib_path}.")
 
-    train_ds, valid_ds, test_ds = batches(train), batches(valid), batches(test)
-    print(f"Data: {source}; vocabulary {vocab}, {len(train):,} training "
-          f"tokens.")
+    def optimizer():
+        return keras.optimizers.Adam(args.lr, clipnorm=5.0)
 
-    teacher = language_model(vocab, args.hidden, args.embed)
-    _compile(teacher, args.lr)
-    print(f"\n[1/4] Training the teacher: 2 x LSTM({args.hidden}), "
-          f"{args.epochs} epoch(s).")
-    t0 = time.time()
-    teacher.fit(train_ds, validation_data=valid_ds, epochs=args.epochs,
-                shuffle=False, verbose=args.verbose)
-    teacher_time = time.time() - t0
+    if coefficients is None:
+        print(f"Calibrating the coefficients: three runs of "
+              f"{args.calibrate_steps} steps (the paper's method).")
+        found = am.calibrate_coefficients(
+            student, teacher, train_ds.repeat(), validation_data=valid_ds,
+            steps=args.calibrate_steps, optimizer=optimizer,
+            reinitialize=True, verbose=args.verbose)
+        coefficients = found.compile_kwargs()
+        with open(calib_path, "w") as f:
+            json.dump(coefficients, f)
+    print("Coefficients: " + ", ".join(f"{k} = {v:g}"
+                                       for k, v in coefficients.items()))
+    distiller = am.Distiller(student=student, teacher=teacher)
+    distiller.compile(optimizer=optimizer(), metrics=[am.Perplexity()],
+                      **coefficients)
+    train_data = train_ds.repeat() if args.steps else train_ds
+    history = distiller.fit(
+        train_data, validation_data=valid_ds, epochs=args.epochs,
+        steps_per_epoch=args.steps or None, verbose=args.verbose,
+        callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    path = _save_model(distiller.student, os.path.join(out, "student.keras"))
+    hist = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    with open(os.path.join(out, "history.json"), "w") as f:
+        json.dump(dict(coefficients=coefficients, history=hist), f, indent=1)
+    last = {k: v[-1] for k, v in hist.items() if v}
+    if "val_perplexity" in last:
+        print(f"Validation perplexity {last['val_perplexity']:.3f}.")
+    print(f"Saved {path} and {os.path.join(out, 'history.json')}")
 
-    input_scheme = parse_scheme(args.input_scheme)
-    recurrent_scheme = parse_scheme(args.recurrent_scheme)
-    print(f"\n[2/4] Compressing: input {input_scheme.describe()}, "
-          f"recurrent {recurrent_scheme.describe()}.")
-    student = am.compress(teacher, input_scheme=input_scheme,
-                          recurrent_scheme=recurrent_scheme)
-    rep = am.report(teacher, student, print_fn=print)
 
-    _compile(student, args.lr)
-    ppl_teacher = _perplexity(teacher, test_ds)
-    ppl_init = _perplexity(student, test_ds)
-    print(f"\n[3/4] Fine-tuning the compressed model, {args.finetune_epochs} "
-          f"epoch(s) (label loss only; see Distiller for distillation).")
-    t0 = time.time()
-    student.fit(train_ds, validation_data=valid_ds,
-                epochs=args.finetune_epochs, shuffle=False,
-                verbose=args.verbose)
-    finetune_time = time.time() - t0
-    ppl_student = _perplexity(student, test_ds)
+def cmd_export(args):
+    import keras_antman as am
+    from keras_antman import benchmark
 
-    print("\n[4/4] Test perplexity")
-    print(f"  teacher                          {ppl_teacher:10.2f}  "
-          f"({teacher_time:.0f} s training)")
-    print(f"  compressed, from teacher weights {ppl_init:10.2f}")
-    print(f"  compressed, fine-tuned           {ppl_student:10.2f}  "
-          f"({finetune_time:.0f} s training)")
-    print(f"  LSTM multiply-add reduction      "
-          f"{rep.recurrent_total.mac_reduction:10.2f}x")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        teacher.save(os.path.join(args.out, "teacher.keras"))
-        student.save(os.path.join(args.out, "student.keras"))
-        print(f"  saved teacher.keras and student.keras in {args.out}")
-    return {
-        "teacher": ppl_teacher,
-        "compressed_init": ppl_init,
-        "compressed_finetuned": ppl_student,
-        "lstm_mac_reduction": rep.recurrent_total.mac_reduction,
-    }
+    if args.tflite and not args.tflite.endswith(".tflite"):
+        raise UsageError(f"--tflite {args.tflite} must end in .tflite")
+    model = load_model(args.model)
+    print(f"Exporting {args.model} ({args.kernel}) to {args.directory}")
+    path = am.export(model, args.directory, kernel=args.kernel,
+                     batch_size=args.batch_size, overwrite=args.overwrite)
+    print(f"Saved {path}")
+    if args.tflite:
+        print(f"Converting a portable export (batch {args.batch_size or 1}) "
+              "to TFLite with built-in ops")
+        benchmark.tflite_convert(model, args.tflite,
+                                 batch_size=args.batch_size or 1)
+        print(f"Saved {os.path.abspath(args.tflite)}")
+
+
+def cmd_bench(args):
+    from keras_antman import benchmark
+
+    fixed = benchmark.configure_threads(args.threads)
+    model = load_model(args.model)
+    if args.tflite:
+        _existing(args.tflite, "TFLite file")
+    paths = args.paths.split(",") if args.paths else None
+    print(f"Timing {args.model}: batch {args.batch}, {args.steps} steps, "
+          f"{args.threads} thread(s), median of {args.repeats} runs.")
+    if not fixed:
+        print("  (TensorFlow was already running: its thread pools keep "
+              "their size; the op and TFLite use --threads)")
+    result = benchmark.time_model(
+        model, batch=args.batch, steps=args.steps, threads=args.threads,
+        repeats=args.repeats, paths=paths, tflite=args.tflite)
+    print(f"Machine: {benchmark.machine()}")
+    print(benchmark.format_table({model.name: result}))
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+def cmd_demo(args):
+    from keras_antman import demo
+
+    parse_scheme(args.input_scheme)
+    parse_scheme(args.recurrent_scheme)
+    return demo.run(args)
 
 
 def build_parser():
+    from keras_antman import demo
+
     parser = argparse.ArgumentParser(
         prog="keras-antman",
-        description="Structured (AntMan) compression of Keras LSTM models.",
+        description="Structured (AntMan) compression of Keras LSTM/GRU "
+                    "models: compress, report, distill, export, bench.",
+        epilog=SCHEME_GRAMMAR,
+        formatter_class=_Formatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser(
-        "demo",
-        help="train a small LSTM language model, compress it, report.",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    d.add_argument("--ptb", metavar="DIR",
-                   help="directory with ptb.{train,valid,test}.txt "
-                        "(default: embedded synthetic corpus)")
-    d.add_argument("--max-tokens", type=int, default=0,
-                   help="use only this many PTB training tokens (0: all)")
-    d.add_argument("--hidden", type=int, default=128)
-    d.add_argument("--embed", type=int, default=64)
-    d.add_argument("--epochs", type=int, default=3)
-    d.add_argument("--finetune-epochs", type=int, default=2)
-    d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--num-steps", type=int, default=20)
-    d.add_argument("--lr", type=float, default=3e-3)
-    d.add_argument("--input-scheme", default="lgp_shuffle:8",
-                   help=f"scheme of the input products ({SCHEME_HELP})")
-    d.add_argument("--recurrent-scheme", default="lgp_shuffle:8",
-                   help="scheme of the recurrent products")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", metavar="DIR",
-                   help="save teacher.keras and student.keras here")
-    d.add_argument("--verbose", type=int, default=2, choices=(0, 1, 2),
-                   help="Keras fit verbosity (1: progress bar)")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="COMMAND")
+
+    def command(name, func, help, description=None):
+        p = sub.add_parser(name, help=help, description=description or help,
+                           epilog=SCHEME_GRAMMAR,
+                           formatter_class=_Formatter)
+        p.set_defaults(func=func)
+        return p
+
+    d = command("demo", cmd_demo,
+                "the whole pipeline on a small LSTM language model",
+                demo.__doc__)
+    demo.add_arguments(d)
+
+    c = command("compress", cmd_compress,
+                "replace the LSTM/GRU layers of a .keras model by "
+                "structured ones and print the report")
+    c.add_argument("model", metavar="MODEL.keras")
+    c.add_argument("-o", "--output", metavar="OUT.keras",
+                   help="output file (default: MODEL_antman.keras)")
+    c.add_argument("--input-scheme", default="lgp_shuffle:8", metavar="SPEC",
+                   help="scheme of the input products")
+    c.add_argument("--recurrent-scheme", default="lgp_shuffle:8",
+                   metavar="SPEC", help="scheme of the recurrent products")
+    c.add_argument("--layers", metavar="POLICY.json",
+                   help='compress only these layers: {"lstm_1": '
+                        '["lgp_shuffle:10", "low_rank:2"], "lstm_2": null}; '
+                        "null keeps a layer as it is")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file")
+
+    r = command("report", cmd_report,
+                "parameters and multiply-adds per layer, before and after")
+    r.add_argument("model", metavar="A.keras")
+    r.add_argument("compressed", metavar="B.keras", nargs="?",
+                   help="the compressed model (default: report A alone)")
+    r.add_argument("--json", action="store_true", help="print JSON rows")
+
+    s = command("distill", cmd_distill,
+                "distil a compressed student from its teacher (coefficients "
+                "calibrated by the paper's method unless given)")
+    s.add_argument("--teacher", required=True, metavar="T.keras",
+                   help="the trained model")
+    s.add_argument("--student", required=True, metavar="S.keras",
+                   help="its compressed version (keras-antman compress)")
+    s.add_argument("--data", required=True, metavar="FILE",
+                   help="a UTF-8 text file, or an .npz of token ids (keys "
+                        "train and optionally valid)")
+    s.add_argument("--valid", metavar="FILE",
+                   help="validation file (default: the last 10%% of --data)")
+    s.add_argument("--level", choices=("word", "char"), default="word",
+                   help="text tokens: words (<eos> per line) or characters")
+    s.add_argument("--vocabulary", metavar="VOCAB.json",
+                   help="the teacher's vocabulary (default: built from "
+                        "--data by count; saved as OUT/vocabulary.json)")
+    s.add_argument("-o", "--out", default="antman_distill", metavar="DIR",
+                   help="output folder: student.keras, history.json, "
+                        "vocabulary.json, backup/ ")
+    s.add_argument("--coefficients", metavar="C_TARGET,C_MSE,C_KL",
+                   help="skip calibration, e.g. 1,30,1000")
+    s.add_argument("--calibrate-steps", type=int, default=50,
+                   help="training steps per loss term when calibrating")
+    s.add_argument("--epochs", type=int, default=1, help="epochs")
+    s.add_argument("--steps", type=int, default=0,
+                   help="steps per epoch (default: the whole data)")
+    s.add_argument("--batch-size", type=int, default=20,
+                   help="sequences per batch")
+    s.add_argument("--num-steps", type=int, default=35,
+                   help="BPTT sequence length ")
+    s.add_argument("--lr", type=float, default=1e-3,
+                   help="Adam learning rate (gradient norm clipped at 5)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/backup")
+    s.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
+                   help="Keras progress: 0 none, 1 bar, 2 a line per epoch")
+
+    e = command("export", cmd_export,
+                "write a SavedModel for serving, and optionally TFLite")
+    e.add_argument("model", metavar="MODEL.keras")
+    e.add_argument("directory", metavar="DIR")
+    e.add_argument("--kernel", choices=("compiled", "portable"),
+                   default="portable",
+                   help="compiled: our CPU op (load it with "
+                        "keras_antman.ops.load() before the SavedModel); "
+                        "portable: stock TF ops (default)")
+    e.add_argument("--tflite", metavar="FILE",
+                   help="also write a TFLite model (built-in ops) here")
+    e.add_argument("--batch-size", type=int,
+                   help="fix the batch size (TFLite: default 1)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DIR")
+
+    b = command("bench", cmd_bench,
+                "time a model on this machine through each path it runs: "
+                "stock Keras (stock models), compiled op, portable TF ops, "
+                "TFLite")
+    b.add_argument("model", metavar="MODEL.keras")
+    b.add_argument("--batch", type=int, default=1, help="batch size")
+    b.add_argument("--steps", type=int, default=35,
+                   help="sequence length ")
+    b.add_argument("--threads", type=int, default=1,
+                   help="threads of TensorFlow, the op and TFLite")
+    b.add_argument("--repeats", type=int, default=50,
+                   help="timed calls per path (the median is reported)")
+    b.add_argument("--paths", metavar="P1,P2",
+                   help="subset of keras,compiled,portable,tflite")
+    b.add_argument("--tflite", metavar="FILE",
+                   help="time this .tflite file (default: convert the model)")
+    b.add_argument("--json", action="store_true",
+                   help="also print the times as JSON")
     return parser
 
 
+def _one_line(error):
+    text = " ".join(str(error).split())
+    if isinstance(error, (FileNotFoundError, FileExistsError)) and \
+            error.filename and str(error.filename) not in text:
+        text = f"{text}: {error.filename}"
+    return text or type(error).__name__
+
+
+def _probe_devices_quietly():
+    """TF's CUDA probe logs an error line from C++ on a machine without a
+    GPU, whatever ``TF_CPP_MIN_LOG_LEVEL`` says; it would sit next to our
+    one-line errors. Probing once with stderr closed avoids it."""
+    import tensorflow as tf
+
+    from keras_antman.benchmark import quiet_stderr
+
+    with quiet_stderr():
+        tf.config.list_physical_devices()  # the probe, not the runtime
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
     try:
-        if args.command == "demo":
-            demo(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"keras-antman: error: {e}", file=sys.stderr)
+        _probe_devices_quietly()
+        args.func(args)
+    except (UsageError, ValueError, OSError, RuntimeError) as e:
+        if os.environ.get("KERAS_ANTMAN_DEBUG"):
+            raise
+        print(f"keras-antman {args.command}: error: {_one_line(e)}",
+              file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("keras-antman: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
