@@ -50,6 +50,7 @@ from keras_antman import iss  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("teacher", "students", "calibrate", "grid", "report")
+ISS_STRENGTH = 2e-3  # --iss-strength's default (see its help)
 
 
 def language_model(vocab, hidden, embed, name, dropout=0.0, scheme=None):
@@ -138,12 +139,15 @@ def iss_specs(args):
     """``name -> (reduction, with teacher)``: the ISS students, one per
     ``--iss-reductions`` entry and ``--iss-trainers`` entry ("teacher":
     a `Distiller` with the calibrated coefficients; "label": the label
-    loss alone). Kept by ``--students`` only if it names ``iss``."""
+    loss alone). Kept by ``--students`` only if it names ``iss``. A
+    lambda other than the default ``ISS_STRENGTH`` is in the name."""
     if args.students and "iss" not in args.students:
         return {}
+    lam = ("" if args.iss_strength == ISS_STRENGTH
+           else f" lambda={args.iss_strength:g}")
     return {
-        f"ISS {r:g}x " + ("(distilled)" if t == "teacher"
-                          else "(label loss)"): (r, t == "teacher")
+        f"ISS {r:g}x " + ("(distilled" if t == "teacher" else "(label loss")
+        + lam + ")": (r, t == "teacher")
         for r in args.iss_reductions for t in args.iss_trainers}
 
 
@@ -823,7 +827,7 @@ def build_parser():
                    default=["teacher", "label"],
                    help="ISS with the teacher (Distiller) and/or the label "
                         "loss alone: teacher,label")
-    p.add_argument("--iss-strength", type=float, default=2e-3,
+    p.add_argument("--iss-strength", type=float, default=ISS_STRENGTH,
                    help="ISS group Lasso lambda (Keras mean loss: the "
                         "reference code's lambda / --num-steps). 2e-3 lets "
                         "the penalty alone shrink a typical first-layer "

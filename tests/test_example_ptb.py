@@ -234,8 +234,10 @@ def test_iss_students_shrink_to_stock_lstms_at_their_reduction(
         "--iss-strength", "1e-2", "--optimizer", "sgd", "--lr", "1",
         "--student-lr", "1", "--student-schedule", "cosine",
         "--stages", "teacher,calibrate,students,report"])
-    names = {"ISS 2x (distilled)", "ISS 2x (label loss)",
-             "ISS 4x (distilled)", "ISS 4x (label loss)"}
+    names = {"ISS 2x (distilled lambda=0.01)",
+             "ISS 2x (label loss lambda=0.01)",
+             "ISS 4x (distilled lambda=0.01)",
+             "ISS 4x (label loss lambda=0.01)"}
     assert set(results["students"]) == names
     teacher = keras.models.load_model(run_dir / "teacher.keras")
     assert teacher.get_layer("embedding").output_dim == 16
@@ -263,8 +265,13 @@ def test_iss_students_shrink_to_stock_lstms_at_their_reduction(
         "--report-name", "iss", "--hidden", "12", "--embed", "16",
         "--batch-size", "4", "--num-steps", "5", "--eval-batches", "2",
         "--verbose", "0", "--eager", "--students", "iss",
-        "--iss-reductions", "2,4", "--stages", "students"])
+        "--iss-reductions", "2,4", "--iss-strength", "1e-2",
+        "--stages", "students"])
     assert again["students"] == results["students"]
+    default = example.build_parser().parse_args(
+        ["--data", "unused", "--iss-reductions", "10"])
+    assert list(example.iss_specs(default)) == [
+        "ISS 10x (distilled)", "ISS 10x (label loss)"]
 
 
 def test_input_wide_shape_reductions(example):
