@@ -5,7 +5,9 @@ Functional model (nested models included) or a single layer, clones it with a
 ``clone_function`` that swaps every recurrent layer (also inside
 ``Bidirectional`` and ``RNN`` of stacked cells) for its structured twin, and
 initialises the structured weights from the trained dense ones with each
-scheme's ``from_dense``. The input model is left untouched.
+scheme's ``from_dense``, or, given calibration data, fits them to the rows
+each product sees in the original (`keras_antman.calibration`). The input
+model is left untouched.
 """
 
 import keras

@@ -195,7 +195,8 @@ class Scheme:
     become attributes, the config, and the `describe` text) and implement
     `weight_shapes`, `product`, `cost`, `dense_from_arrays` and
     `arrays_from_dense`; they may override `check` (reject impossible
-    dims) and `kernel_stages` (run on the compiled op). A class attribute
+    dims), `kernel_stages` (run on the compiled op) and `arrays_from_data`
+    (fit to calibration data; default `arrays_from_dense`). A class attribute
     ``spec_name`` registers the scheme under that name for `get` and the
     command line (``"lgp_shuffle:10"``).
 

@@ -423,3 +423,31 @@ def test_bad_calibration_arguments(kwargs, match):
     kwargs.setdefault("calibration_data", np.zeros((2, 6, 8), "float32"))
     with pytest.raises(ValueError, match=match):
         am.compress(lstm_model(), am.LGPShuffle(2), None, **kwargs)
+
+
+def test_nested_and_shared_layers(rng):
+    inner = keras.Sequential(
+        [keras.Input((5, 8)),
+         keras.layers.LSTM(H, return_sequences=True, name="inner_lstm")],
+        name="inner")
+    shared = keras.layers.LSTM(H, name="shared")
+    a, b = keras.Input((5, 8)), keras.Input((5, 8))
+    out = keras.layers.Concatenate()([shared(inner(a)), shared(b)])
+    model = keras.Model([a, b], out)
+    randomize_weights(model, seed=10)
+    xa, xb = (rng.normal(size=(6, 5, 8)).astype("float32") for _ in "ab")
+    student = am.compress(model, am.LGPShuffle(2), am.LGPShuffle(2),
+                          calibration_data=[xa, xb])
+    parts = {(r.layer, r.part) for r in am.report(model, student).rows}
+    assert set(student.calibration_errors) == {
+        ("inner/inner_lstm", "input"), ("inner/inner_lstm", "recurrent"),
+        ("shared", "input"), ("shared", "recurrent")}
+    assert set(student.calibration_errors) <= parts
+    # The shared layer's rows: both of its calls.
+    rec = calibration.record(model, [shared], [xa, xb])
+    inner_out = np_lstm(xa.astype("float64"),
+                        *weights(inner.get_layer("inner_lstm")))
+    moments = rec.moments_of(shared.cell, "input")
+    assert moments.rows == 2 * 6 * 5
+    np.testing.assert_allclose(
+        moments.xtx, gram(inner_out) + gram(xb), rtol=1e-4, atol=1e-4)
