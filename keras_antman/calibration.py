@@ -339,6 +339,8 @@ def probe_model(model, recorder, wanted):
 
 def _batches(data, steps, batch_size):
     """The model inputs of at most ``steps`` batches of ``data``."""
+    if isinstance(data, tf.Tensor):
+        data = data.numpy()
     if isinstance(data, (np.ndarray, dict)) or (
         isinstance(data, (list, tuple))
         and all(isinstance(d, np.ndarray) for d in data)

@@ -100,7 +100,8 @@ def compress(model, input_scheme=None, recurrent_scheme=None, layers=None,
         ValueError: for a subclassed model, an unbuilt model, names in
             ``layers`` that are not recurrent layers of the model, or a
             scheme that does not fit a layer's dimensions (the message names
-            the layer, the product, the dims and the valid choices).
+            the layer, the product, the dims and the valid choices), or
+            calibration arguments of the wrong kind.
 
     Example:
 

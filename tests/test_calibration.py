@@ -281,23 +281,25 @@ def test_masked_steps_are_excluded(rng):
     model = keras.Sequential([
         keras.Input((7,), dtype="int32"),
         keras.layers.Embedding(20, 6, mask_zero=True, name="emb"),
-        keras.layers.LSTM(H, name="lstm"),
+        keras.layers.Bidirectional(keras.layers.LSTM(H), name="bi"),
     ])
     randomize_weights(model, seed=7)
-    rec = _moments(model, ["lstm"], tokens)
+    rec = _moments(model, ["bi"], tokens)
     table = weights(model.get_layer("emb"))[0]
-    k, r, b = weights(model.get_layer("lstm"))
-    xs, hs = [], []
-    for seq in tokens:  # each sequence without its masked steps
-        kept = table[seq[seq != 0]][None]
-        xs.append(kept[0])
-        hs.append(h_prev(np_lstm(kept, k, r, b))[0])
-    cell = model.get_layer("lstm").cell
-    assert rec.moments_of(cell, "input").rows == int((tokens != 0).sum())
-    np.testing.assert_allclose(rec.moments_of(cell, "input").xtx,
-                               gram(np.concatenate(xs)), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(rec.moments_of(cell, "recurrent").xtx,
-                               gram(np.concatenate(hs)), rtol=1e-4, atol=1e-5)
+    bi = model.get_layer("bi")
+    for sub, order in ((bi.forward_layer, 1), (bi.backward_layer, -1)):
+        xs, hs = [], []
+        for seq in tokens:  # each sequence without its masked steps
+            kept = table[seq[seq != 0]][None, ::order]
+            xs.append(kept[0])
+            hs.append(h_prev(np_lstm(kept, *weights(sub)))[0])
+        moments = rec.moments_of(sub.cell, "input")
+        assert moments.rows == int((tokens != 0).sum())
+        np.testing.assert_allclose(moments.xtx, gram(np.concatenate(xs)),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            rec.moments_of(sub.cell, "recurrent").xtx,
+            gram(np.concatenate(hs)), rtol=1e-4, atol=1e-5)
 
 
 def test_stateful_runs_carry_the_state_and_restore_it(rng):
@@ -451,3 +453,30 @@ def test_nested_and_shared_layers(rng):
     assert moments.rows == 2 * 6 * 5
     np.testing.assert_allclose(
         moments.xtx, gram(inner_out) + gram(xb), rtol=1e-4, atol=1e-4)
+
+
+def test_initial_state_from_another_layer(rng):
+    # Encoder-decoder: the decoder's first h_{t-1} is the encoder's state.
+    a, b = keras.Input((5, 6)), keras.Input((4, 6))
+    _, h, c = keras.layers.LSTM(H, return_state=True, name="enc")(a)
+    out = keras.layers.LSTM(H, return_sequences=True, name="dec")(
+        b, initial_state=[h, c])
+    model = keras.Model([a, b], out)
+    randomize_weights(model, seed=11)
+    xa, xb = (rng.normal(size=(6, t, 6)) for t in (5, 4))
+    rec = calibration.record(model, [model.get_layer("dec")],
+                             [xa.astype("float32"), xb.astype("float32")])
+    enc_w = weights(model.get_layer("enc"))
+    enc = np_lstm(xa, *enc_w)
+    # The encoder's final cell state, from one more NumPy pass.
+    k, r, bias = enc_w
+    hs, cs = np.zeros((6, H)), np.zeros((6, H))
+    for s in range(5):
+        i, f, g, o = np.split(xa[:, s] @ k + hs @ r + bias, 4, axis=-1)
+        cs = _sigmoid(f) * cs + _sigmoid(i) * np.tanh(g)
+        hs = _sigmoid(o) * np.tanh(cs)
+    np.testing.assert_allclose(hs, enc[:, -1], atol=1e-12)
+    dec = np_lstm(xb, *weights(model.get_layer("dec")), hs, cs)
+    np.testing.assert_allclose(
+        rec.moments_of(model.get_layer("dec").cell, "recurrent").xtx,
+        gram(h_prev(dec, hs)), rtol=1e-4, atol=1e-4)
