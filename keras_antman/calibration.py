@@ -193,6 +193,7 @@ class Recorder:
     def __init__(self, cells=None):
         self._wanted = None if cells is None else {id(c) for c in cells}
         self._cells = []  # keep the recorded cells alive: ids stay unique
+        self._loops = {}  # id(cell) -> its compiled time loop
         self.moments = {}
 
     def moments_of(self, cell, product):
@@ -248,17 +249,12 @@ class Recorder:
         """Records one cell over ``x`` [B, T, n] (processing order) and
         returns its output sequence."""
 
-        def step(inputs, step_states):
-            out, new = cell.call(inputs, list(step_states), training=False)
-            return out, list(new) if tree.is_nested(new) else [new]
-
-        _, outputs, _ = _keras.rnn(
-            step, ops.convert_to_tensor(x),
-            [ops.convert_to_tensor(s) for s in states],
-            mask=ops.convert_to_tensor(keep), unroll=False,
-            input_length=x.shape[1], zero_output_for_mask=False,
-            return_all_outputs=True,
-        )
+        run = self._loops.get(id(cell))
+        if run is None:
+            run = self._loops[id(cell)] = _cell_loop(cell)
+        outputs = run(ops.convert_to_tensor(x),
+                      [ops.convert_to_tensor(s) for s in states],
+                      ops.convert_to_tensor(keep))
         outputs = np.asarray(ops.convert_to_numpy(outputs), "float32")
         if self._wanted is not None and id(cell) not in self._wanted:
             return outputs
@@ -292,6 +288,27 @@ class Recorder:
         return np.asarray(ops.convert_to_numpy(r), "float64")
 
 
+def _cell_loop(cell):
+    """A compiled (``tf.function``) run of ``cell`` over a sequence:
+    ``(x [B, T, n], states, mask [B, T]) -> outputs [B, T, h]``, with
+    Keras's own time loop; masked steps keep the state."""
+
+    def step(inputs, step_states):
+        out, new = cell.call(inputs, list(step_states), training=False)
+        return out, list(new) if tree.is_nested(new) else [new]
+
+    @tf.function(reduce_retracing=True)
+    def run(x, states, mask):
+        _, outputs, _ = _keras.rnn(
+            step, x, list(states), mask=mask, unroll=False,
+            input_length=x.shape[1], zero_output_for_mask=False,
+            return_all_outputs=True,
+        )
+        return outputs
+
+    return run
+
+
 class _Probe(keras.layers.Layer):
     """Calls a recurrent layer unchanged, first recording its inputs.
 
@@ -312,6 +329,13 @@ class _Probe(keras.layers.Layer):
         ):
             self.recorder.record_call(self.layer, sequences, initial_state,
                                       mask)
+            # Compiled, as `predict` would run it (eager loops are slow).
+            return self._compiled(sequences, initial_state, mask)
+        return self.layer(sequences, initial_state=initial_state, mask=mask,
+                          training=False)
+
+    @tf.function(reduce_retracing=True)
+    def _compiled(self, sequences, initial_state, mask):
         return self.layer(sequences, initial_state=initial_state, mask=mask,
                           training=False)
 
