@@ -10,9 +10,10 @@ ASVD/SVD-LLM) is much closer at the same cost.
 How the rows are recorded. The *original* model is cloned with its own
 layers (`keras.models.clone_model` with a ``clone_function`` that returns
 each layer itself), except that every recurrent layer being compressed is
-wrapped in a `_Probe`. The clone runs eagerly on the calibration batches;
-each probe receives its layer's call exactly as the layer does (sequences,
-mask, initial state, from the previous layers of the original) and
+wrapped in a `_Probe`. The clone is called eagerly on the calibration
+batches; each probe receives its layer's call exactly as the layer does
+(sequences, mask, initial state, from the previous layers of the original)
+and
 
 - re-runs each cell of the layer with Keras's own time loop
   (`_keras.rnn`, ``return_all_outputs=True``) from the same initial state
@@ -29,6 +30,10 @@ mask, initial state, from the previous layers of the original) and
 - drops the rows of masked timesteps and adds ``X^T X`` of the rest to
   the product's running sum (float64), then returns the wrapped layer's
   own output, so every later layer sees what it sees in the original.
+
+The time loops (the re-run cells and the wrapped layer itself) run as
+``tf.function``s, as `predict` would run them; only the rows and their
+sums are NumPy.
 
 Only ``X^T X`` [n, n] and a row count are kept per product, whatever the
 number of batches: ``X^T Y = X^T X W`` and ``||Y||^2 = tr(W^T X^T X W)``

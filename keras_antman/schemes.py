@@ -169,6 +169,30 @@ def _block_gauss_seidel(gram, cross, right_gram, blocks):
     return blocks
 
 
+def _whitened_low_rank(gram, cross, k, ridge):
+    """Rank-``k`` ``U V`` minimising ``||Y - X U V||^2`` (activation-aware
+    SVD), given ``C = X^T X`` and ``B = X^T Y``.
+
+    With ``C + ridge = L L^T`` (Cholesky), ``||Y - X U V||^2`` is
+    ``||L^-1 B - L^T U V||^2`` up to a constant: truncate the SVD of the
+    whitened target ``L^-1 B`` (Eckart-Young) and un-whiten ``U`` with
+    ``L^-T``; each rank-one term is rescaled so ``U``'s column and ``V``'s
+    row have equal norms.
+    """
+    chol = np.linalg.cholesky(_ridged(gram, ridge))
+    target = np.linalg.solve(chol, np.asarray(cross, "float64"))
+    # The top-k singular subspace from the smaller Gram matrix of the
+    # target (an eigh of min(n, m)^2, much cheaper than the full SVD):
+    # the truncation is the target projected on it.
+    if target.shape[0] <= target.shape[1]:
+        left = np.linalg.eigh(target @ target.T)[1][:, ::-1][:, :k]
+        u_white, v = left, left.T @ target
+    else:
+        right = np.linalg.eigh(target.T @ target)[1][:, ::-1][:, :k]
+        u_white, v = target @ right, right.T
+    return _balance(np.linalg.solve(chol.T, u_white), v)
+
+
 def _balance(u, v):
     """Rescale the rank-one terms of ``u @ v`` so that each column of ``u``
     and row of ``v`` have equal norms (the product is unchanged)."""
@@ -802,17 +826,11 @@ class LowRank(Scheme):
 
         With ``X^T X + ridge = L L^T`` (Cholesky), ``||X (W - U V)||`` is
         ``||L^T W - L^T U V||``: truncate the SVD of the whitened target
-        ``L^-1 X^T Y`` (``= L^T W``) and un-whiten ``U`` with ``L^-T``.
-        Each rank-one term is rescaled so ``U``'s column and ``V``'s row
-        have equal norms.
+        ``L^-1 X^T Y`` (``= L^T W``) and un-whiten ``U`` with ``L^-T``
+        (`_whitened_low_rank`).
         """
-        k = self.rank_for(w.shape[0])
-        chol = np.linalg.cholesky(_ridged(xtx, ridge))
-        target = np.linalg.solve(chol, np.asarray(xty, "float64"))
-        u, s, vt = np.linalg.svd(target, full_matrices=False)
-        u_hat = np.linalg.solve(chol.T, u[:, :k] * s[:k])
-        u_hat, v_hat = _balance(u_hat, vt[:k])
-        return {"u": u_hat, "v": v_hat}
+        u, v = _whitened_low_rank(xtx, xty, self.rank_for(w.shape[0]), ridge)
+        return {"u": u, "v": v}
 
     def kernel_stages(self, w):
         return [_dense_stage(w["u"]), _dense_stage(w["v"])]
@@ -1356,6 +1374,35 @@ class HMD(Scheme):
     def dense_from_arrays(self, arrays):
         return np.concatenate(
             [arrays["dense"], arrays["u"] @ arrays["v"]], axis=0)
+
+    def arrays_from_data(self, w, xtx, xty, ridge=1e-6):
+        """Alternating least squares from `arrays_from_dense`.
+
+        With the rows split as ``X = [X_d, X_r]`` (dense and low-rank
+        inputs), ``ALS_SWEEPS`` sweeps, keeping the best: the dense rows
+        ``D`` by least squares given ``U V``, then ``U V`` by the
+        activation-aware SVD (`LowRank.arrays_from_data`) of what ``X_d D``
+        leaves unexplained.
+        """
+        xtx = np.asarray(xtx, "float64")
+        xty = np.asarray(xty, "float64")
+        nd = self.split(w.shape[0])
+        start = self.arrays_from_dense(w)
+        low = np.asarray(start["u"], "float64") @ start["v"]
+        c_dd = _ridged(xtx[:nd, :nd], ridge)
+        best, best_obj = start, _objective(
+            xtx, xty, self.dense_from_arrays(start).astype("float64"))
+        for _ in range(ALS_SWEEPS):
+            dense = _solve(c_dd, xty[:nd] - xtx[:nd, nd:] @ low)
+            u, v = _whitened_low_rank(
+                xtx[nd:, nd:], xty[nd:] - xtx[nd:, :nd] @ dense, self.rank,
+                ridge)
+            low = u @ v
+            arrays = {"dense": dense, "u": u, "v": v}
+            obj = _objective(xtx, xty, self.dense_from_arrays(arrays))
+            if obj < best_obj:
+                best, best_obj = arrays, obj
+        return best
 
     def arrays_from_dense(self, w):
         nd, k = self.split(w.shape[0]), self.rank
