@@ -412,6 +412,22 @@ def test_single_layer_and_report(rng):
     line = next(s for s in table.splitlines() if "input" in s)
     assert f"{e.from_dense:.3f}" in line and f"{e.kept:.3f}" in line
     assert "output error" in table
+    text = str(new.calibration_errors).splitlines()
+    assert text[0].split() == ["layer", "product", "from_dense", "fitted",
+                               "kept"]
+    assert text[1].split() == ["solo", "input", f"{e.from_dense:.4f}",
+                               f"{e.fitted:.4f}", "fitted"]
+
+
+def test_calibrated_student_saves_and_loads(tmp_path, rng):
+    teacher = lstm_model(return_sequences=True)
+    x = rng.normal(size=(8, 6, 8)).astype("float32")
+    student = am.compress(teacher, am.LowRank(rank_reduction=2),
+                          am.LGPDense(2), calibration_data=x)
+    student.save(tmp_path / "s.keras")
+    restored = keras.models.load_model(tmp_path / "s.keras")
+    np.testing.assert_array_equal(restored.predict(x, verbose=0),
+                                  student.predict(x, verbose=0))
 
 
 @pytest.mark.parametrize("kwargs, match", [
