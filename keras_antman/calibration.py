@@ -225,6 +225,8 @@ class Recorder:
                 self.record_call(sub, sequences,
                                  None if states is None else states[i], mask)
             return
+        if tree.is_nested(mask):  # as keras.layers.RNN: the first mask
+            mask = tree.flatten(mask)[0]
         x = np.asarray(ops.convert_to_numpy(sequences), "float32")
         batch, steps = x.shape[0], x.shape[1]
         keep = (np.ones((batch, steps), bool) if mask is None
@@ -253,7 +255,6 @@ class Recorder:
     def _record_cell(self, cell, x, states, keep):
         """Records one cell over ``x`` [B, T, n] (processing order) and
         returns its output sequence."""
-
         run = self._loops.get(id(cell))
         if run is None:
             run = self._loops[id(cell)] = _cell_loop(cell)
@@ -302,7 +303,7 @@ def _cell_loop(cell):
         out, new = cell.call(inputs, list(step_states), training=False)
         return out, list(new) if tree.is_nested(new) else [new]
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def run(x, states, mask):
         _, outputs, _ = _keras.rnn(
             step, x, list(states), mask=mask, unroll=False,
@@ -339,7 +340,7 @@ class _Probe(keras.layers.Layer):
         return self.layer(sequences, initial_state=initial_state, mask=mask,
                           training=False)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def _compiled(self, sequences, initial_state, mask):
         return self.layer(sequences, initial_state=initial_state, mask=mask,
                           training=False)
