@@ -8,6 +8,7 @@ calls `keras_antman.ops.load` first, which registers the ops with
 TensorFlow.
 """
 
+from keras_antman import calibration
 from keras_antman import datasets
 from keras_antman import doping
 from keras_antman import grow_prune
@@ -67,6 +68,7 @@ __all__ = [
     "StructuredLSTMCell",
     "StructuredMatrix",
     "calibrate_coefficients",
+    "calibration",
     "coefficients_from_losses",
     "compress",
     "datasets",

@@ -5,7 +5,9 @@ Functional model (nested models included) or a single layer, clones it with a
 ``clone_function`` that swaps every recurrent layer (also inside
 ``Bidirectional`` and ``RNN`` of stacked cells) for its structured twin, and
 initialises the structured weights from the trained dense ones with each
-scheme's ``from_dense``. The input model is left untouched.
+scheme's ``from_dense``, or, given calibration data, fits them to the rows
+each product sees in the original (`keras_antman.calibration`). The input
+model is left untouched.
 """
 
 import keras
@@ -13,6 +15,7 @@ import numpy as np
 from keras import ops
 
 from keras_antman import _keras
+from keras_antman import calibration
 from keras_antman import schemes as schemes_lib
 from keras_antman.layers import StructuredGRU
 from keras_antman.layers import StructuredGRUCell
@@ -37,7 +40,9 @@ _CELL_TWINS = {
 _DROPPED_KEYS = ("use_cudnn", "implementation", "cell")
 
 
-def compress(model, input_scheme=None, recurrent_scheme=None, layers=None):
+def compress(model, input_scheme=None, recurrent_scheme=None, layers=None,
+             calibration_data=None, calibration_steps=None,
+             calibration_ridge=calibration.DEFAULT_RIDGE):
     """Replace every LSTM/GRU of ``model`` by a structured layer.
 
     Each recurrent layer's fused input product (``n_x -> 4h`` for an LSTM,
@@ -63,18 +68,40 @@ def compress(model, input_scheme=None, recurrent_scheme=None, layers=None):
             ``Bidirectional``). A spec is ``None`` (leave the layer as it
             is), a ``(input_scheme, recurrent_scheme)`` tuple or a dict with
             those keys; missing entries fall back to the two arguments.
+        calibration_data: ``None`` (the default: every product from
+            `Scheme.from_dense`), or inputs for a data-aware
+            initialisation: a ``tf.data.Dataset`` (or other iterable) of
+            batches ``x``, ``(x, y)`` or ``(x, y, sample_weight)``, or a
+            NumPy array (or dict / list of arrays) of model inputs, cut
+            into batches of the model's fixed batch size or else 32. The
+            original model runs on it (inference mode) and each compressed
+            product is then fitted to the rows it multiplies there
+            (`Scheme.arrays_from_data`; see `keras_antman.calibration`),
+            keeping whichever of the fit and `from_dense` has the smaller
+            output error on those rows. For a single layer, the data are
+            its input sequences.
+        calibration_steps: at most this many batches of
+            ``calibration_data`` (``None``: all of it).
+        calibration_ridge: relative ridge of the fits: each solve adds
+            ``calibration_ridge * trace(G) / dim`` to its Gram matrix ``G``
+            (default ``1e-6``), so rank-deficient data stay finite.
 
     Returns:
         A new model (or layer) whose recurrent layers are `StructuredLSTM`
         / `StructuredGRU` layers with the same names and configuration;
         they run the compiled CPU op at inference when it is available
-        (``kernel="auto"``).
+        (``kernel="auto"``). With ``calibration_data`` it has an attribute
+        ``calibration_errors``: ``{(layer, product): CalibrationError}``
+        (``from_dense`` and ``fitted`` relative output errors
+        ``||X W - X W_hat|| / ||X W||`` on the calibration rows), keyed as
+        `report` names products; pass it to ``report(..., errors=)``.
 
     Raises:
         ValueError: for a subclassed model, an unbuilt model, names in
             ``layers`` that are not recurrent layers of the model, or a
             scheme that does not fit a layer's dimensions (the message names
-            the layer, the product, the dims and the valid choices).
+            the layer, the product, the dims and the valid choices), or
+            calibration arguments of the wrong kind.
 
     Example:
 
@@ -82,8 +109,14 @@ def compress(model, input_scheme=None, recurrent_scheme=None, layers=None):
     ...                       recurrent_scheme=am.LGPShuffle(10))
     """
     policy = _Policy(input_scheme, recurrent_scheme, layers)
+    _check_calibration(calibration_steps, calibration_ridge)
     if _recurrent_twin(model) is not None:
-        return _compress_layer(model, policy)
+        new, cell_pairs = _compress_layer(model, policy)
+        if calibration_data is not None:
+            new.calibration_errors = _calibrate(
+                model, [model] if cell_pairs else [], cell_pairs,
+                calibration_data, calibration_steps, calibration_ridge)
+        return new
     if not _keras.is_graph_model(model):
         raise ValueError(
             "`compress` can only compress a Sequential or Functional model or "
@@ -111,14 +144,48 @@ def compress(model, input_scheme=None, recurrent_scheme=None, layers=None):
     )
     if not new_model.built:
         new_model.build(model.inputs[0].shape if model.inputs else None)
+    cell_pairs, compressed = [], []
     for old, new in pairs:
-        _copy_weights(old, new)
+        copied = _copy_weights(old, new)
+        if copied:
+            cell_pairs += copied
+            compressed.append(old)
+    if calibration_data is not None:
+        new_model.calibration_errors = _calibrate(
+            model, compressed, cell_pairs, calibration_data,
+            calibration_steps, calibration_ridge)
     if not model.trainable:
         # A frozen model (the Distiller freezes its teacher) gives a
         # trainable student: freezing the whole model set every layer's
         # flag, so no flag of it was chosen layer by layer.
         new_model.trainable = True
     return new_model
+
+
+def _check_calibration(steps, ridge):
+    if steps is not None and (
+        isinstance(steps, bool) or not isinstance(steps, (int, np.integer))
+        or steps < 1
+    ):
+        raise ValueError(
+            "`calibration_steps` must be None or a positive integer (a "
+            f"number of batches). Received: calibration_steps={steps!r}"
+        )
+    if isinstance(ridge, bool) or not isinstance(
+        ridge, (int, float, np.number)
+    ) or not ridge >= 0:
+        raise ValueError(
+            "`calibration_ridge` must be a number >= 0 (relative to the "
+            "mean eigenvalue of X^T X; default 1e-6). Received: "
+            f"calibration_ridge={ridge!r}"
+        )
+
+
+def _calibrate(model, layers, cell_pairs, data, steps, ridge):
+    errors = calibration.calibrate(
+        model, layers, cell_pairs, data, steps, float(ridge))
+    # A plain object, not a dict: Keras would track a dict attribute.
+    return calibration.CalibrationErrors(errors)
 
 
 class _Policy:
@@ -284,26 +351,35 @@ def _stock_weights(cell):
 
 
 def _copy_weights(old, new):
+    """Copies ``old``'s weights into its clone ``new``.
+
+    Returns:
+        ``[(old cell, new structured cell)]`` set through `from_dense`.
+    """
     if _keras.is_graph_model(new) or not isinstance(new, keras.layers.Layer):
-        return  # nested models are copied layer by layer; ops have no weights
+        # Nested models are copied layer by layer; ops have no weights.
+        return []
     if isinstance(new, keras.layers.Bidirectional) and isinstance(
         new.forward_layer, (StructuredLSTM, StructuredGRU)
     ):
+        pairs = []
         for o, n in ((old.forward_layer, new.forward_layer),
                      (old.backward_layer, new.backward_layer)):
             n.cell.set_stock_weights(*_stock_weights(o.cell))
-        return
+            pairs.append((o.cell, n.cell))
+        return pairs
     if isinstance(new, (StructuredLSTM, StructuredGRU)):
         new.cell.set_stock_weights(*_stock_weights(old.cell))
-        return
+        return [(old.cell, new.cell)]
     if isinstance(new, keras.layers.RNN) and _cells_of(new) and any(
         isinstance(c, (StructuredLSTMCell, StructuredGRUCell))
         for c in _cells_of(new)
     ):
         for o, n in zip(_cells_of(old), _cells_of(new)):
             n.set_stock_weights(*_stock_weights(o))
-        return
+        return list(zip(_cells_of(old), _cells_of(new)))
     new.set_weights(old.get_weights())
+    return []
 
 
 def _cells_of(rnn):
@@ -314,13 +390,15 @@ def _cells_of(rnn):
 
 
 def _compress_layer(layer, policy):
-    """`compress` of a single recurrent layer."""
+    """`compress` of a single recurrent layer: ``(new layer, [(old cell,
+    new cell)])``."""
     schemes = policy.schemes_for(layer, [layer.name])
     if schemes is None:
-        return _plain_clone(layer)
+        return _plain_clone(layer), []
     new = _structured_twin(layer, schemes)
-    if layer.built:
-        kernel, recurrent_kernel, bias = _stock_weights(layer.cell)
-        new.build((None, None, np.shape(kernel)[0]))
-        new.cell.set_stock_weights(kernel, recurrent_kernel, bias)
-    return new
+    if not layer.built:
+        return new, []
+    kernel, recurrent_kernel, bias = _stock_weights(layer.cell)
+    new.build((None, None, np.shape(kernel)[0]))
+    new.cell.set_stock_weights(kernel, recurrent_kernel, bias)
+    return new, [(layer.cell, new.cell)]

@@ -47,6 +47,7 @@ class Row:
     macs_after: int
     recurrent: bool
     detail: bool = False
+    error: object = None
 
     @property
     def param_reduction(self):
@@ -70,7 +71,9 @@ class Report:
     """Per-part costs of two models; ``str()`` prints a table.
 
     Attributes:
-        rows: one `Row` per layer part, in model order. A product whose
+        rows: one `Row` per layer part, in model order. ``row.error``
+            is the product's `keras_antman.calibration.CalibrationError`
+            when `report` was given ``errors``, else ``None``. A product whose
             scheme has several cost parts (`Scheme.cost_parts`, e.g. a
             doped matrix's base, sparse values and sparse indices) is
             followed by one ``detail`` row per part (``input/base``...),
@@ -105,16 +108,23 @@ class Report:
             "layer", "part", "before", "after", "params before",
             "params after", "x", "MACs before", "MACs after", "x",
         )
+        with_errors = any(r.error is not None for r in self.rows)
+        if with_errors:
+            head += ("error from_dense", "error kept")
         lines = []
         for row in (*self.rows, None, self.recurrent_total, self.total):
             if row is None:
                 lines.append(None)
                 continue
+            errors = ()
+            if with_errors:
+                errors = ("", "") if row.error is None else (
+                    f"{row.error.from_dense:.3f}", f"{row.error.kept:.3f}")
             if row.detail:  # a part of the product above: after only
                 lines.append(
                     ("", f"  {row.part}", "", row.scheme_after, "",
                      f"{row.params_after:,}", "", "",
-                     f"{row.macs_after:,}", "")
+                     f"{row.macs_after:,}", "") + errors
                 )
                 continue
             lines.append(
@@ -124,7 +134,7 @@ class Report:
                     _fmt_ratio(row.param_reduction),
                     f"{row.macs_before:,}", f"{row.macs_after:,}",
                     _fmt_ratio(row.mac_reduction),
-                )
+                ) + errors
             )
         widths = [
             max(len(head[i]), *(len(x[i]) for x in lines if x))
@@ -144,6 +154,11 @@ class Report:
             "MACs: multiply-adds of the matrix products for one input vector "
             "(per timestep for recurrent layers)."
         )
+        if with_errors:
+            text.append(
+                "error: relative output error ||XW - XW'|| / ||XW|| on the "
+                "calibration rows, of from_dense and of the weights kept."
+            )
         return "\n".join(text)
 
 
@@ -167,7 +182,7 @@ def _sum_rows(name, rows):
     )
 
 
-def report(original, compressed=None, print_fn=None):
+def report(original, compressed=None, print_fn=None, errors=None):
     """Parameters and multiply-adds per layer of two models, and reductions.
 
     Layers are matched by name (``compress`` keeps names) and recurrent
@@ -181,6 +196,10 @@ def report(original, compressed=None, print_fn=None):
         compressed: the model after compression; ``None`` reports
             ``original`` alone (before and after equal).
         print_fn: if given, called with the table text (e.g. ``print``).
+        errors: ``{(layer, part): CalibrationError}``, e.g. the
+            ``calibration_errors`` of a model made by `compress` with
+            ``calibration_data``; adds two columns, the relative output
+            errors of `from_dense` and of the weights kept.
 
     Returns:
         A `Report`: ``str(report)`` is the table, ``report.rows`` the data,
@@ -212,6 +231,9 @@ def report(original, compressed=None, print_fn=None):
     for c in after:
         if (c.layer, c.part) not in seen:
             add(None, c)
+    if errors:
+        rows = [dataclasses.replace(r, error=errors.get((r.layer, r.part)))
+                for r in rows]
     result = Report(rows=tuple(rows))
     if print_fn is not None:
         print_fn(str(result))

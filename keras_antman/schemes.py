@@ -85,6 +85,124 @@ def block_diag_matmul(x, blocks, shuffle=False):
     return ops.reshape(yg, (*lead, g * b))
 
 
+# -- least squares on calibration statistics (`Scheme.arrays_from_data`) --
+#
+# The data-aware fits minimise the output error on calibration rows X,
+# ``||X W - X W_hat||_F^2 = tr(W_hat^T C W_hat) - 2 tr(W_hat^T B) + const``
+# with ``C = X^T X`` and ``B = X^T Y``, ``Y = X W``: only those two
+# statistics are needed, never X itself. Every solve adds a ridge
+# ``ridge * trace(G) / dim`` to its Gram matrix ``G`` (scale-free), so a
+# rank-deficient calibration set still gives finite weights.
+
+ALS_SWEEPS = 10
+
+
+def _ridged(gram, ridge):
+    """``gram + ridge * trace(gram) / dim * I`` in float64."""
+    gram = np.asarray(gram, "float64")
+    dim = gram.shape[0]
+    scale = np.trace(gram) / dim if dim else 0.0
+    if not scale > 0.0:  # all-zero (or empty) inputs
+        scale = 1.0
+    return gram + (ridge * scale) * np.eye(dim)
+
+
+def _solve(gram, rhs):
+    """``gram^-1 rhs`` for a symmetric positive definite (ridged) gram."""
+    try:
+        return np.linalg.solve(gram, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(gram, rhs, rcond=None)[0]
+
+
+def _objective(xtx, xty, w_hat):
+    """``||X W_hat||^2 - 2 <X W_hat, Y>``: the output error up to a
+    constant."""
+    return float(np.sum(w_hat * (xtx @ w_hat)) - 2.0 * np.sum(w_hat * xty))
+
+
+def _group_least_squares(gram, cross, groups, ridge):
+    """Block-diagonal ``D`` [p, q] minimising ``||Y - X D||^2``.
+
+    Block ``i`` reads only input slice ``i`` and writes only output slice
+    ``i``, so the problem splits into ``groups`` ridge solves
+    ``C[I, I] D_i = B[I, J]`` (``C = X^T X`` [p, p], ``B = X^T Y``
+    [p, q]).
+
+    Returns:
+        The blocks ``[groups, p / groups, q / groups]``.
+    """
+    p, q = cross.shape
+    a, b = p // groups, q // groups
+    lam = ridge * max(np.trace(gram) / p, 0.0) or ridge
+    blocks = []
+    for i in range(groups):
+        rows, cols = slice(i * a, (i + 1) * a), slice(i * b, (i + 1) * b)
+        blocks.append(_solve(gram[rows, rows] + lam * np.eye(a),
+                             cross[rows, cols]))
+    return np.stack(blocks)
+
+
+def _block_gauss_seidel(gram, cross, right_gram, blocks):
+    """One sweep improving a block-diagonal ``D`` on
+    ``min tr(D^T C D G) - 2 tr(D^T P)``.
+
+    That is ``||X W - X D N||^2`` with ``C = X^T X``, ``G = N N^T`` and
+    ``P = X^T Y N^T``: ``N`` mixes every output, so the blocks are coupled
+    and are updated one at a time (Gauss-Seidel). Block ``i``'s normal
+    equation ``C_ii D_i G_ii = P_i - sum_{j != i} C_ij D_j G_ji`` is a
+    Sylvester equation, solved exactly in the eigenbases of ``C_ii`` and
+    ``G_ii`` (both ridged, so positive definite).
+    """
+    g, a, b = blocks.shape
+    blocks = np.array(blocks, "float64")
+    d = _block_diag_dense(blocks)
+    for i in range(g):
+        rows, cols = slice(i * a, (i + 1) * a), slice(i * b, (i + 1) * b)
+        c_ii, g_ii = gram[rows, rows], right_gram[cols, cols]
+        rest = (cross[rows, cols] - gram[rows] @ d @ right_gram[:, cols]
+                + c_ii @ blocks[i] @ g_ii)
+        la, qa = np.linalg.eigh(c_ii)
+        lb, qb = np.linalg.eigh(g_ii)
+        blocks[i] = qa @ ((qa.T @ rest @ qb) / np.outer(la, lb)) @ qb.T
+        d[rows, cols] = blocks[i]
+    return blocks
+
+
+def _whitened_low_rank(gram, cross, k, ridge):
+    """Rank-``k`` ``U V`` minimising ``||Y - X U V||^2`` (activation-aware
+    SVD), given ``C = X^T X`` and ``B = X^T Y``.
+
+    With ``C + ridge = L L^T`` (Cholesky), ``||Y - X U V||^2`` is
+    ``||L^-1 B - L^T U V||^2`` up to a constant: truncate the SVD of the
+    whitened target ``L^-1 B`` (Eckart-Young) and un-whiten ``U`` with
+    ``L^-T``; each rank-one term is rescaled so ``U``'s column and ``V``'s
+    row have equal norms.
+    """
+    chol = np.linalg.cholesky(_ridged(gram, ridge))
+    target = np.linalg.solve(chol, np.asarray(cross, "float64"))
+    # The top-k singular subspace from the smaller Gram matrix of the
+    # target (an eigh of min(n, m)^2, much cheaper than the full SVD):
+    # the truncation is the target projected on it.
+    if target.shape[0] <= target.shape[1]:
+        left = np.linalg.eigh(target @ target.T)[1][:, ::-1][:, :k]
+        u_white, v = left, left.T @ target
+    else:
+        right = np.linalg.eigh(target.T @ target)[1][:, ::-1][:, :k]
+        u_white, v = target @ right, right.T
+    return _balance(np.linalg.solve(chol.T, u_white), v)
+
+
+def _balance(u, v):
+    """Rescale the rank-one terms of ``u @ v`` so that each column of ``u``
+    and row of ``v`` have equal norms (the product is unchanged)."""
+    nu = np.linalg.norm(u, axis=0)
+    nv = np.linalg.norm(v, axis=1)
+    alpha = np.sqrt(np.where(nu > 0, nv / np.where(nu > 0, nu, 1.0), 1.0))
+    alpha = np.where(alpha > 0, alpha, 1.0)
+    return u * alpha, v / alpha[:, None]
+
+
 class Scheme:
     """A compression method for one dense product ``x @ W``: the template.
 
@@ -101,7 +219,8 @@ class Scheme:
     become attributes, the config, and the `describe` text) and implement
     `weight_shapes`, `product`, `cost`, `dense_from_arrays` and
     `arrays_from_dense`; they may override `check` (reject impossible
-    dims) and `kernel_stages` (run on the compiled op). A class attribute
+    dims), `kernel_stages` (run on the compiled op) and `arrays_from_data`
+    (fit to calibration data; default `arrays_from_dense`). A class attribute
     ``spec_name`` registers the scheme under that name for `get` and the
     command line (``"lgp_shuffle:10"``).
 
@@ -270,6 +389,28 @@ class Scheme:
     def arrays_from_dense(self, w):
         """Weight arrays (by name) approximating the dense ``w`` [n, m]."""
         raise NotImplementedError
+
+    def arrays_from_data(self, w, xtx, xty, ridge=1e-6):
+        """Weight arrays fitted to calibration data (data-aware init).
+
+        Minimises the output error ``||X W - X W_hat||`` over the rows
+        ``X`` a product actually sees, given only their statistics (see
+        `keras_antman.compress` with ``calibration_data``). The default
+        ignores the data and returns `arrays_from_dense`; subclasses that
+        can do better override it.
+
+        Args:
+            w: the dense ``[n, m]`` matrix (numpy).
+            xtx: ``X^T X`` [n, n] of the calibration rows (float64).
+            xty: ``X^T Y`` [n, m] with ``Y = X W`` (float64).
+            ridge: each solve adds ``ridge * trace(G) / dim`` to the
+                diagonal of its Gram matrix ``G``, so rank-deficient
+                calibration data stays finite.
+
+        Returns:
+            Weight arrays by name, as `arrays_from_dense`.
+        """
+        return self.arrays_from_dense(w)
 
     def kernel_stages(self, w):
         """The compiled op's chain of stages computing ``x @ W``.
@@ -499,8 +640,17 @@ class StructuredMatrix(keras.layers.Layer):
                 f"{self.output_dim}] matrix for {self.describe()}; received "
                 f"shape {w.shape}."
             )
+        return self.set_weight_arrays(self.scheme.arrays_from_dense(w))
+
+    def set_weight_arrays(self, arrays):
+        """Assigns weight arrays by name (as `weight_arrays` returns them).
+
+        Returns:
+            ``self``.
+        """
+        self._require_built("set_weight_arrays")
         variables = self.scheme_weights()
-        for k, v in self.scheme.arrays_from_dense(w).items():
+        for k, v in arrays.items():
             variables[k].assign(np.asarray(v, dtype="float32"))
         return self
 
@@ -671,6 +821,17 @@ class LowRank(Scheme):
         root = np.sqrt(s[:k])
         return {"u": u[:, :k] * root, "v": root[:, None] * vt[:k]}
 
+    def arrays_from_data(self, w, xtx, xty, ridge=1e-6):
+        """Activation-aware SVD: the best rank-``k`` ``U V`` for the rows.
+
+        With ``X^T X + ridge = L L^T`` (Cholesky), ``||X (W - U V)||`` is
+        ``||L^T W - L^T U V||``: truncate the SVD of the whitened target
+        ``L^-1 X^T Y`` (``= L^T W``) and un-whiten ``U`` with ``L^-T``
+        (`_whitened_low_rank`).
+        """
+        u, v = _whitened_low_rank(xtx, xty, self.rank_for(w.shape[0]), ridge)
+        return {"u": u, "v": v}
+
     def kernel_stages(self, w):
         return [_dense_stage(w["u"]), _dense_stage(w["v"])]
 
@@ -729,6 +890,19 @@ class LGPShuffle(_Grouped):
         unshuffled[:, perm] = w
         return {"blocks": _block_diag_extract(unshuffled, self.groups)}
 
+    def arrays_from_data(self, w, xtx, xty, ridge=1e-6):
+        """Per-group least squares on the support.
+
+        Each block is the ridge least-squares solution restricted to its
+        input slice and the output columns it owns after the shuffle.
+        """
+        xty = np.asarray(xty, "float64")
+        unshuffled = np.empty_like(xty)
+        unshuffled[:, _shuffle_columns(w.shape[1], self.groups)] = xty
+        blocks = _group_least_squares(
+            np.asarray(xtx, "float64"), unshuffled, self.groups, ridge)
+        return {"blocks": blocks}
+
     def kernel_stages(self, w):
         return [_stage(w["blocks"], shuffle=True)]
 
@@ -785,6 +959,40 @@ class LGPDense(_Grouped):
         else:
             mix = np.linalg.pinv(d) @ w
         return {"mix": mix, "blocks": blocks}
+
+    def arrays_from_data(self, w, xtx, xty, ridge=1e-6):
+        """Alternating least squares from `arrays_from_dense`.
+
+        ``ALS_SWEEPS`` sweeps, keeping the best: mix first (``M D``), the
+        mix is ``C^-1 X^T Y D^T (D D^T)^-1`` and the blocks a per-group
+        least squares on the mixed rows ``X M``; mix after (``D M``), the
+        mix is ``(D^T C D)^-1 D^T X^T Y`` and the blocks one Gauss-Seidel
+        pass of block Sylvester solves.
+        """
+        xtx = np.asarray(xtx, "float64")
+        xty = np.asarray(xty, "float64")
+        start = self.arrays_from_dense(w)
+        blocks = np.asarray(start["blocks"], "float64")
+        mix_first = self.mix_first(*w.shape)
+        c = _ridged(xtx, ridge)
+        best, best_obj = start, _objective(
+            xtx, xty, self.dense_from_arrays(start).astype("float64"))
+        for _ in range(ALS_SWEEPS):
+            d = _block_diag_dense(blocks)
+            if mix_first:
+                mix = _solve(c, xty @ d.T)
+                mix = _solve(_ridged(d @ d.T, ridge), mix.T).T
+                blocks = _group_least_squares(
+                    mix.T @ xtx @ mix, mix.T @ xty, self.groups, ridge)
+            else:
+                mix = _solve(_ridged(d.T @ xtx @ d, ridge), d.T @ xty)
+                blocks = _block_gauss_seidel(
+                    c, xty @ mix.T, _ridged(mix @ mix.T, ridge), blocks)
+            arrays = {"mix": mix, "blocks": blocks}
+            obj = _objective(xtx, xty, self.dense_from_arrays(arrays))
+            if obj < best_obj:
+                best, best_obj = arrays, obj
+        return best
 
     def kernel_stages(self, w):
         stages = [_stage(w["blocks"]), _dense_stage(w["mix"])]
@@ -881,6 +1089,42 @@ class LowRankLGP(Scheme):
         d_out = _block_diag_dense(out_blocks)
         mix = np.linalg.pinv(d_in) @ w @ np.linalg.pinv(d_out)
         return {"in_blocks": in_blocks, "mix": mix, "out_blocks": out_blocks}
+
+    def arrays_from_data(self, w, xtx, xty, ridge=1e-6):
+        """Alternating least squares from `arrays_from_dense`.
+
+        ``ALS_SWEEPS`` sweeps over the three factors, keeping the best:
+        the mix ``(D_in^T C D_in)^-1 D_in^T X^T Y D_out^T (D_out
+        D_out^T)^-1``; the output blocks a per-group least squares on the
+        rows ``X D_in M``; the input blocks one Gauss-Seidel pass of block
+        Sylvester solves against ``N = M D_out``.
+        """
+        xtx = np.asarray(xtx, "float64")
+        xty = np.asarray(xty, "float64")
+        start = self.arrays_from_dense(w)
+        in_blocks = np.asarray(start["in_blocks"], "float64")
+        out_blocks = np.asarray(start["out_blocks"], "float64")
+        c = _ridged(xtx, ridge)
+        best, best_obj = start, _objective(
+            xtx, xty, self.dense_from_arrays(start).astype("float64"))
+        for _ in range(ALS_SWEEPS):
+            d_in = _block_diag_dense(in_blocks)
+            d_out = _block_diag_dense(out_blocks)
+            mix = _solve(_ridged(d_in.T @ xtx @ d_in, ridge),
+                         d_in.T @ xty @ d_out.T)
+            mix = _solve(_ridged(d_out @ d_out.T, ridge), mix.T).T
+            f = d_in @ mix
+            out_blocks = _group_least_squares(
+                f.T @ xtx @ f, f.T @ xty, self.groups_out, ridge)
+            nmat = mix @ _block_diag_dense(out_blocks)
+            in_blocks = _block_gauss_seidel(
+                c, xty @ nmat.T, _ridged(nmat @ nmat.T, ridge), in_blocks)
+            arrays = {"in_blocks": in_blocks, "mix": mix,
+                      "out_blocks": out_blocks}
+            obj = _objective(xtx, xty, self.dense_from_arrays(arrays))
+            if obj < best_obj:
+                best, best_obj = arrays, obj
+        return best
 
     def kernel_stages(self, w):
         return [_stage(w["in_blocks"]), _dense_stage(w["mix"]),
@@ -1149,6 +1393,35 @@ class HMD(Scheme):
     def dense_from_arrays(self, arrays):
         return np.concatenate(
             [arrays["dense"], arrays["u"] @ arrays["v"]], axis=0)
+
+    def arrays_from_data(self, w, xtx, xty, ridge=1e-6):
+        """Alternating least squares from `arrays_from_dense`.
+
+        With the rows split as ``X = [X_d, X_r]`` (dense and low-rank
+        inputs), ``ALS_SWEEPS`` sweeps, keeping the best: the dense rows
+        ``D`` by least squares given ``U V``, then ``U V`` by the
+        activation-aware SVD (`LowRank.arrays_from_data`) of what ``X_d D``
+        leaves unexplained.
+        """
+        xtx = np.asarray(xtx, "float64")
+        xty = np.asarray(xty, "float64")
+        nd = self.split(w.shape[0])
+        start = self.arrays_from_dense(w)
+        low = np.asarray(start["u"], "float64") @ start["v"]
+        c_dd = _ridged(xtx[:nd, :nd], ridge)
+        best, best_obj = start, _objective(
+            xtx, xty, self.dense_from_arrays(start).astype("float64"))
+        for _ in range(ALS_SWEEPS):
+            dense = _solve(c_dd, xty[:nd] - xtx[:nd, nd:] @ low)
+            u, v = _whitened_low_rank(
+                xtx[nd:, nd:], xty[nd:] - xtx[nd:, :nd] @ dense, self.rank,
+                ridge)
+            low = u @ v
+            arrays = {"dense": dense, "u": u, "v": v}
+            obj = _objective(xtx, xty, self.dense_from_arrays(arrays))
+            if obj < best_obj:
+                best, best_obj = arrays, obj
+        return best
 
     def arrays_from_dense(self, w):
         nd, k = self.split(w.shape[0]), self.rank
