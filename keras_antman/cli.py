@@ -144,13 +144,44 @@ def cmd_compress(args):
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
     model = load_model(args.model)
     _require_recurrent(model, args.model)
+    calibration = None
+    if args.calibration_data:
+        calibration = _calibration_batches(args)
     print(f"Compressing {args.model}: input {input_scheme.describe()}, "
           f"recurrent {recurrent_scheme.describe()}"
-          + (f", per-layer policy {args.layers}" if layers else "") + ".")
+          + (f", per-layer policy {args.layers}" if layers else "")
+          + (f", fitted to {args.calibration_data}" if calibration else "")
+          + ".")
     student = am.compress(model, input_scheme=input_scheme,
-                          recurrent_scheme=recurrent_scheme, layers=layers)
-    am.report(model, student, print_fn=print)
+                          recurrent_scheme=recurrent_scheme, layers=layers,
+                          calibration_data=calibration,
+                          calibration_steps=args.calibration_steps)
+    errors = getattr(student, "calibration_errors", None)
+    am.report(model, student, print_fn=print, errors=errors)
     print(f"Saved {_save_model(student, out)}")
+
+
+def _calibration_batches(args):
+    """The token-id windows of ``--calibration-data`` (.npz or text, with
+    ``--vocabulary`` for text), batched as the model reads them."""
+    from keras_antman import datasets
+    from keras_antman.datasets import text
+
+    vocabulary, level = None, args.level
+    if args.vocabulary:
+        _existing(args.vocabulary, "vocabulary file")
+        vocabulary, saved_level = text.load_vocabulary(args.vocabulary)
+        level = saved_level or level
+    elif not str(args.calibration_data).endswith(".npz"):
+        raise UsageError("--calibration-data as text needs the teacher's "
+                         "--vocabulary (or give an .npz of token ids)")
+    try:
+        ids, _, _ = text.load_token_ids(args.calibration_data, level,
+                                        vocabulary)
+        data = datasets.bptt_dataset(ids, args.batch_size, args.num_steps)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    return data.map(lambda x, y: x)
 
 
 def _json_number(x):
@@ -377,6 +408,22 @@ def build_parser():
                         "null keeps a layer as it is")
     c.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file")
+    c.add_argument("--calibration-data", metavar="DATA",
+                   help="fit each product to the inputs it sees on this "
+                        "data (.npz of token ids, or text with "
+                        "--vocabulary) instead of copying the nearest "
+                        "structured matrix; prints each product's output "
+                        "error before and after")
+    c.add_argument("--calibration-steps", type=int, default=20,
+                   help="batches of calibration data to run")
+    c.add_argument("--vocabulary", metavar="VOCAB.json",
+                   help="vocabulary of text calibration data")
+    c.add_argument("--level", choices=("word", "char"), default="word",
+                   help="tokens of text calibration data")
+    c.add_argument("--batch-size", type=int, default=20,
+                   help="calibration batch size")
+    c.add_argument("--num-steps", type=int, default=35,
+                   help="calibration window length")
 
     r = command("report", cmd_report,
                 "parameters and multiply-adds per layer, before and after")

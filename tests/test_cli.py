@@ -107,6 +107,29 @@ def test_compress_prints_report_and_saves(files, capsys, tmp_path):
     assert os.listdir(tmp_path) == ["small.keras"]  # no temporary left
 
 
+def test_compress_fitted_to_calibration_data(files, capsys, tmp_path):
+    plain, fitted = tmp_path / "plain.keras", tmp_path / "fitted.keras"
+    args = ("--input-scheme", "lgp_shuffle:4",
+            "--recurrent-scheme", "lgp_shuffle:4")
+    assert _run(capsys, "compress", files / "lm.keras", "-o", plain,
+                *args)[0] == 0
+    code, text, err = _run(
+        capsys, "compress", files / "lm.keras", "-o", fitted, *args,
+        "--calibration-data", files / "ids.npz", "--calibration-steps", "3",
+        "--batch-size", "4", "--num-steps", "6")
+    assert code == 0, err
+    assert "fitted to" in text and "error kept" in text
+    a = keras.models.load_model(plain).get_layer("lstm")
+    b = keras.models.load_model(fitted).get_layer("lstm")
+    # Fitted to the data, not the nearest structured matrix.
+    assert not np.allclose(a.cell.recurrent_matrix.to_dense(),
+                           b.cell.recurrent_matrix.to_dense())
+    _assert_one_line_error(
+        capsys, ["compress", files / "lm.keras", "-o", tmp_path / "x.keras",
+                 "--calibration-data", files / "corpus.txt"],
+        "needs the teacher's --vocabulary")
+
+
 def test_compress_with_a_layer_policy(files, capsys, tmp_path):
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"lstm": ["dense", "lgp_shuffle:2"]}))
