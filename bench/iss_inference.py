@@ -19,7 +19,8 @@ timed interleaved, round after round (the order rotating each round), and
 the table gives each one's median over the rounds. The models are the ones
 the run saved (``RUN_DIR/teacher.keras``, ``student_<name>.keras``) when
 present, else models of the same shapes (from the run's results JSON) with
-random weights; the source column says which.
+random weights; the source column says which. ISS rows at a non-default
+lambda ("... lambda=...") are left out: their shapes are like the others'.
 
 Usage:
     python bench/iss_inference.py [--rounds 30] [--steps 35]
@@ -130,8 +131,8 @@ def models(ex, run_dir, results_path):
         source = "random weights"
     out.append(("Teacher", "stock", teacher, source))
     for name, r in res.get("students", {}).items():
-        if name.endswith("steps]"):
-            continue
+        if name.endswith("steps]") or "lambda=" in name:
+            continue  # earlier runs; ISS at other lambdas (same shapes)
         iss = "units" in r
         if not (iss or name.startswith(("LGP-Shuffle", "LowRank-LGP"))):
             continue
