@@ -13,14 +13,16 @@ inter-op and our op), float32:
 
 Two times per variant: the two LSTM layers alone (the part the MAC
 reduction counts; input: the embedded sequence) and the whole LM (token
-ids -> logits, including the 10,000-word output layer, which does not
-shrink). Each is a ``tf.function`` called with tensors; all variants are
-timed interleaved, round after round (the order rotating each round), and
-the table gives each one's median over the rounds. The models are the ones
-the run saved (``RUN_DIR/teacher.keras``, ``student_<name>.keras``) when
-present, else models of the same shapes (from the run's results JSON) with
-random weights; the source column says which. ISS rows at a non-default
-lambda ("... lambda=...") are left out: their shapes are like the others'.
+ids -> logits, including the 10,000-word output layer: its input is the
+last LSTM's output, so ISS, which removes units of that LSTM, shrinks it
+too, while AntMan's students keep it whole). Each is a ``tf.function``
+called with tensors; all variants are timed interleaved, round after
+round (the order rotating each round), and the table gives each one's
+median over the rounds. The models are the ones the run saved
+(``RUN_DIR/teacher.keras``, ``student_<name>.keras``) when present, else
+models of the same shapes (from the run's results JSON) with random
+weights; the source column says which. ISS rows at a non-default lambda
+("... lambda=...") are left out: their shapes are like the others'.
 
 Usage:
     python bench/iss_inference.py [--rounds 30] [--steps 35]
@@ -216,8 +218,9 @@ def main():
         f"median of {a.rounds} interleaved rounds (every variant once per "
         "round, order rotated). 'LSTMs' times the two LSTM layers on the "
         "embedded sequence (the part the MAC reduction counts); 'LM' the "
-        "whole model, token ids to logits (its vocabulary-wide Dense head "
-        "does not shrink). Speedups are the teacher's stock-LSTM time over the "
+        "whole model, token ids to logits, with its vocabulary-wide Dense "
+        "head, whose input ISS narrows (the last LSTM's live units) and "
+        "AntMan does not. Speedups are the teacher's stock-LSTM time over the "
         "row's, same process. `op` is our compiled op (`kernel=\"compiled\""
         f"`, ISA `{ops.instruction_set()}`); stock ISS models run on it "
         "after `compress` with `Dense` schemes.\n",
