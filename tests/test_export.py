@@ -215,3 +215,39 @@ def test_compiled_export_without_the_op_says_how_to_fix(tmp_path, rng,
     with pytest.raises(ops.CompiledOpsUnavailableError, match="missing"):
         am.export(_model(rng), tmp_path / "x", kernel="compiled")
     assert not (tmp_path / "x").exists()
+
+
+_KILLED_EXPORT = """
+import sys
+import keras
+import keras_antman as am
+inp = keras.Input((6, 16))
+h = am.StructuredLSTM(16, input_scheme=am.LGPShuffle(4))(inp)
+model = keras.Model(inp, keras.layers.Dense(3)(h))
+print("ready", flush=True)
+while True:  # export until killed
+    am.export(model, sys.argv[1], kernel="portable", overwrite=True)
+"""
+
+
+def test_export_killed_at_random_moments(tmp_path, rng):
+    import random
+    import time
+
+    target = tmp_path / "sm"
+    delays = random.Random(0)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_EXPORT,
+                                 str(target)], stdout=subprocess.PIPE,
+                                text=True, env=env)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delays.uniform(0.5, 4.0))
+        proc.kill()
+        proc.wait()
+        # Absent, or a complete SavedModel that loads.
+        if target.exists():
+            assert callable(tf.saved_model.load(str(target)).serve)
+    # The next export removes what the killed ones left beside the target.
+    am.export(_model(rng), target, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["sm"]
