@@ -33,7 +33,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
@@ -47,6 +46,7 @@ import keras  # noqa: E402
 
 import keras_antman as am  # noqa: E402
 from keras_antman import ops  # noqa: E402
+from keras_antman.hardware import cpu_model  # noqa: E402
 
 STRUCTURED = [
     ("LGP-Shuffle g=2", lambda: am.LGPShuffle(2)),
@@ -202,15 +202,7 @@ def read_bandwidth():
 
 
 def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     caches = ", ".join(f"{k} {v}" for k, v in _caches().items())
     return (f"{cpu}, {os.cpu_count()} cores, {caches or 'caches ?'}; kernel "
             f"ISA {ops.instruction_set()}; TF {tf.__version__}, NumPy "

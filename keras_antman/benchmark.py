@@ -20,7 +20,6 @@ a fresh process (the demo measures in a child process for that reason).
 
 import contextlib
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -93,16 +92,9 @@ def machine():
     import tensorflow as tf
 
     from keras_antman import ops
+    from keras_antman.hardware import cpu_model
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         isa = ops.instruction_set() if ops.is_available() else "op missing"
     except Exception as e:  # noqa: BLE001 - a description, never fatal

@@ -115,13 +115,11 @@ def _read_tokens(path):
             f"{raw[e.start:e.start + 1]!r}); the file is corrupt or not a "
             "PTB text file."
         ) from e
-    tokens = []
     # One sentence per line, each ended by <eos> (as the TF PTB tutorial's
     # reader does by replacing every newline with <eos>).
-    for line in text.splitlines():
-        tokens.extend(line.split())
-        tokens.append(EOS)
-    return tokens
+    from keras_antman.datasets import text as text_lib
+
+    return text_lib.tokenize(text, "word")
 
 
 def _build_vocabulary(tokens):

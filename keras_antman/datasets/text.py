@@ -13,7 +13,8 @@ from collections import Counter
 
 import numpy as np
 
-EOS = "<eos>"
+from keras_antman.datasets.ptb import EOS  # the same end-of-line token
+
 UNK = "<unk>"
 LEVELS = ("word", "char")
 
