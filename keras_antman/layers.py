@@ -540,7 +540,12 @@ class _StructuredRNN(keras.layers.RNN):
 
     def compiled_blockers(self, mask=None):
         """Why the compiled op cannot run this layer (empty if it can)."""
+        return self._lowering(mask)[0]
+
+    def _lowering(self, mask):
+        """``(reasons the op cannot run this layer, {product: stages})``."""
         cell = self.cell
+        lowered = {}
         reasons = []
         if mask is not None:
             reasons.append("a mask was given (the op has no masking)")
@@ -556,6 +561,7 @@ class _StructuredRNN(keras.layers.RNN):
             except NotImplementedError as e:
                 reasons.append(f"the {name} product: {e}")
                 continue
+            lowered[name] = stages
             groups = int(stages[-1].blocks.shape[0])
             if name != "input" and stages[-1].shuffle and cell.units % groups:
                 # The op gives each group of a shuffling last stage every
@@ -563,11 +569,11 @@ class _StructuredRNN(keras.layers.RNN):
                 reasons.append(
                     f"the {name} product's last stage shuffles {groups} "
                     f"groups, which do not divide units = {cell.units}")
-        return reasons
+        return reasons, lowered
 
     def _compiled_loop(self, sequences, initial_state, mask):
         """The inference loop on the compiled op, or None to use TF ops."""
-        reasons = self.compiled_blockers(mask)
+        reasons, stages = self._lowering(mask)
         if reasons:
             if self.kernel == "compiled":
                 raise ValueError(
@@ -582,8 +588,6 @@ class _StructuredRNN(keras.layers.RNN):
                 _warn_portable_once()
             return None
         cell = self.cell
-        stages = {name: matrix.kernel_stages()
-                  for name, matrix in cell.products().items()}
         bias = cell.bias
         if bias is None:
             shape = (2, 3 * cell.units) if getattr(
