@@ -21,10 +21,9 @@ such a tensor raises a ``ValueError`` naming the layer.
 
 import dataclasses
 
-import keras
-
 from keras_antman import _keras
 from keras_antman import schemes as schemes_lib
+from keras_antman._keras import keras
 from keras_antman.layers import StructuredGRUCell
 from keras_antman.layers import StructuredLSTMCell
 

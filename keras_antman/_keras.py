@@ -1,116 +1,62 @@
-"""The one seam between keras-antman and Keras internals.
+"""The one seam between keras-antman and Keras: which Keras, and its
+internals.
 
-Keras 3 has no public name for the things the package needs here: the
-backend's time loop (``rnn``), the dropout-mask mixin of its RNN cells, a
-way to tell a graph-network model (Functional or Sequential) from a
-subclassed one, to list a layer's direct sub-layers or the layer calls of a
-Functional model; and its TF trainer fails under
-``MultiWorkerMirroredStrategy`` (`MultiWorkerFit`). Everything that
-reaches past Keras's public API does it here and nowhere else, so a port to
-another Keras flavour (tf_keras) has one module to give counterparts for.
+The package runs on Keras 3 or, when ``TF_USE_LEGACY_KERAS`` is set as
+TensorFlow reads it (``1``, ``true``, ``True``) and tf_keras is installed,
+on tf_keras. Every module imports ``keras``, ``ops``, ``tree`` and the
+other Keras modules from here, never directly, and everything that
+reaches past Keras's public API is here too: the backend's time loop
+(``rnn``), the dropout-mask mixin of RNN cells (`DropoutRNNCell`), an RNN
+base class with Keras 3's ``inner_loop`` hook (`RNN`), a way to tell a
+graph-network model from a subclassed one, a layer's direct sub-layers,
+the layer calls of a Functional model, and `MultiWorkerFit` (Keras 3's TF
+trainer fails under ``MultiWorkerMirroredStrategy``).
+
+`keras_antman._keras3` gives them for Keras 3, `keras_antman._tf_keras`
+for tf_keras (with `keras_antman._tf_keras_api` as its ``keras``: tf_keras
+plus the Keras 3 names the package uses). Importing this module never
+changes the flavour and never imports tfmot.
 """
 
-import keras
-from keras.src import backend as _backend
-from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
-from keras.src.models.functional import Functional
+import os
 
-__all__ = [
-    "DropoutRNNCell",
-    "MultiWorkerFit",
-    "is_graph_model",
-    "layer_calls",
-    "rnn",
-    "sublayers",
-]
+LEGACY_VALUES = ("1", "true", "True")
 
 
-def rnn(step_function, inputs, initial_states, **kwargs):
-    """Keras's own time loop (masks, ``go_backwards``, ``unroll``).
-
-    The same function `keras.layers.RNN` runs; ``kwargs`` are those of
-    ``keras.src.backend.rnn``.
-    """
-    return _backend.rnn(step_function, inputs, initial_states, **kwargs)
+def legacy_requested():
+    """Whether ``TF_USE_LEGACY_KERAS`` asks for tf_keras, as TF reads it."""
+    return os.environ.get("TF_USE_LEGACY_KERAS") in LEGACY_VALUES
 
 
-def is_graph_model(obj):
-    """Whether ``obj`` is a Sequential or Functional model (not subclassed).
+LEGACY = legacy_requested()
+FLAVOUR = "tf_keras" if LEGACY else "keras3"
 
-    Only those can be cloned layer by layer, since their structure is data.
-    """
-    return isinstance(obj, (keras.Sequential, Functional))
+if LEGACY:
+    try:
+        import tf_keras  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "keras-antman: TF_USE_LEGACY_KERAS is set, so it runs on "
+            "tf_keras, which is not installed. Install it (pip install "
+            "'keras-antman[tfkeras]', or tf-keras matching your "
+            "TensorFlow) or unset TF_USE_LEGACY_KERAS to use Keras 3."
+        ) from None
+    from keras_antman import _tf_keras as _flavour
+else:
+    from keras_antman import _keras3 as _flavour
 
+keras = _flavour.keras
+ops = _flavour.ops
+tree = _flavour.tree
+activations = _flavour.activations
+constraints = _flavour.constraints
+initializers = _flavour.initializers
+regularizers = _flavour.regularizers
 
-class MultiWorkerFit:
-    """Mixin of a `keras.Model` that lets it `fit` under
-    `tf.distribute.MultiWorkerMirroredStrategy`.
-
-    Keras 3's TF trainer fails there twice (keras-team/keras#20585), so
-    plain Keras models cannot `fit` under it at all:
-
-    - Before the first step it learns a batch's shapes by averaging the
-      first distributed batch over the replicas, a reduce that fails for a
-      ``PerReplica`` under this strategy. Only the shapes matter, and a
-      replica's local batch has them: this takes it instead.
-    - After each step it averages the logs with ``strategy.reduce("MEAN",
-      v, axis=0)``, which needs a leading axis that scalar logs lack. The
-      step's logs are given one (shape ``[1]``), so that reduce is the
-      mean over the replicas, a scalar again.
-    """
-
-    def _multi_worker(self):
-        import tensorflow as tf
-
-        return isinstance(getattr(self, "_distribute_strategy", None),
-                          tf.distribute.MultiWorkerMirroredStrategy)
-
-    def _with_leading_axis(self, logs):
-        if not self._multi_worker():
-            return logs
-        return {k: keras.ops.reshape(v, (1,)) if len(v.shape) == 0 else v
-                for k, v in logs.items()}
-
-    def train_step(self, data):
-        return self._with_leading_axis(super().train_step(data))
-
-    def test_step(self, data):
-        return self._with_leading_axis(super().test_step(data))
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        import tensorflow as tf
-
-        strategy = getattr(self, "_distribute_strategy", None)
-        if iterator is None or not self._multi_worker():
-            return super()._maybe_symbolic_build(iterator, data_batch)
-        for _, _, it in iterator:
-            batch = next(it)
-            data_batch = keras.tree.map_structure(
-                lambda v: strategy.experimental_local_results(v)[0]
-                if isinstance(v, tf.distribute.DistributedValues) else v,
-                batch,
-            )
-            break
-        with strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
-
-
-def layer_calls(model):
-    """The layer calls of a Functional model, inputs first:
-    ``[(layer, args, kwargs, output tensors)]`` (tensors by identity)."""
-    calls = []
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
-            if node.is_input or node.operation is None:
-                continue
-            calls.append(
-                (node.operation, node.arguments.args,
-                 node.arguments.kwargs, list(node.outputs))
-            )
-    return calls
-
-
-def sublayers(layer):
-    """The direct sub-layers Keras tracks for ``layer`` (wrappers, cells,
-    layers of a model), in tracking order."""
-    return list(layer._flatten_layers(include_self=False, recursive=False))
+RNN = _flavour.RNN
+DropoutRNNCell = _flavour.DropoutRNNCell
+MultiWorkerFit = _flavour.MultiWorkerFit
+is_graph_model = _flavour.is_graph_model
+layer_calls = _flavour.layer_calls
+rnn = _flavour.rnn
+sublayers = _flavour.sublayers

@@ -119,7 +119,7 @@ def median_ms(fn, repeats, warmup=3, progress=None):
 def sample_input(model, batch, steps, seed=0):
     """A seeded input for ``model``: token ids below the first Embedding's
     vocabulary for an integer input, normal floats otherwise."""
-    import keras
+    from keras_antman._keras import keras
 
     spec = model.inputs[0]
     shape = list(spec.shape)
@@ -154,7 +154,7 @@ def is_structured(model):
 
 
 def has_recurrent(model):
-    import keras
+    from keras_antman._keras import keras
 
     return any(isinstance(layer, keras.layers.RNN) for layer in _walk(model))
 
@@ -361,9 +361,8 @@ def _main(argv=None):
     with quiet_stderr():
         tf.config.list_physical_devices()  # CUDA probe noise, see cli.py
     configure_threads(job["threads"])
-    import keras
-
     import keras_antman  # noqa: F401 - registers the layers for loading
+    from keras_antman._keras import keras
 
     out = {"machine": machine(), "results": {}}
     for entry in job["models"]:

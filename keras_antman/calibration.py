@@ -45,13 +45,13 @@ model is left as it was.
 import collections.abc
 import typing
 
-import keras
 import numpy as np
 import tensorflow as tf
-from keras import ops
-from keras import tree
 
 from keras_antman import _keras
+from keras_antman._keras import keras
+from keras_antman._keras import ops
+from keras_antman._keras import tree
 from keras_antman.layers import StructuredGRUCell
 
 DEFAULT_RIDGE = 1e-6

@@ -66,9 +66,8 @@ def _existing(path, what="file"):
 
 def load_model(path):
     """A `.keras` model (uncompiled); one-line errors for bad files."""
-    import keras
-
     import keras_antman  # noqa: F401 - registers the structured layers
+    from keras_antman._keras import keras
 
     _existing(path, "model file")
     try:
@@ -247,10 +246,9 @@ def _distill_data(args, teacher):
 
 
 def cmd_distill(args):
-    import keras
-
     import keras_antman as am
     from keras_antman import datasets
+    from keras_antman._keras import keras
     from keras_antman.datasets import text
 
     coefficients = _coefficients(args.coefficients) \

@@ -10,13 +10,13 @@ each product sees in the original (`keras_antman.calibration`). The input
 model is left untouched.
 """
 
-import keras
 import numpy as np
-from keras import ops
 
 from keras_antman import _keras
 from keras_antman import calibration
 from keras_antman import schemes as schemes_lib
+from keras_antman._keras import keras
+from keras_antman._keras import ops
 from keras_antman.layers import StructuredGRU
 from keras_antman.layers import StructuredGRUCell
 from keras_antman.layers import StructuredLSTM

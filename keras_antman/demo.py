@@ -78,7 +78,7 @@ def synthetic_corpus(vocab=32, tokens=120_000, seed=0):
 
 def language_model(vocab, hidden, embed, layers=1, name="teacher"):
     """Embedding -> ``layers`` x LSTM(hidden) -> Dense(vocab) logits."""
-    import keras
+    from keras_antman._keras import keras
 
     inputs = keras.Input((None,), dtype="int32", name="tokens")
     h = keras.layers.Embedding(vocab, embed, name="embedding")(inputs)
@@ -90,15 +90,14 @@ def language_model(vocab, hidden, embed, layers=1, name="teacher"):
 
 
 def _optimizer(lr):
-    import keras
+    from keras_antman._keras import keras
 
     return keras.optimizers.Adam(lr, clipnorm=5.0)
 
 
 def _compile(model, lr):
-    import keras
-
     import keras_antman as am
+    from keras_antman._keras import keras
 
     model.compile(
         optimizer=_optimizer(lr),
@@ -175,12 +174,11 @@ def run(args):
 
 
 def _pipeline(args, work):
-    import keras
-
     import keras_antman as am
     from keras_antman import benchmark
     from keras_antman import datasets
     from keras_antman import schemes
+    from keras_antman._keras import keras
 
     t_start = time.time()
     load_start = os.getloadavg()[0]

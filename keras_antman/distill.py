@@ -18,11 +18,11 @@ so another term is one more entry (`compile(extra_terms=...)`).
 import dataclasses
 import math
 
-import keras
 import tensorflow as tf
-from keras import ops
 
 from keras_antman import _keras
+from keras_antman._keras import keras
+from keras_antman._keras import ops
 
 _PACKAGE = "keras_antman"
 

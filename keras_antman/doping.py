@@ -17,12 +17,12 @@ any other, and the layers never learn which scheme they hold.
 
 import math
 
-import keras
 import numpy as np
-from keras import ops
 
 from keras_antman import _keras
 from keras_antman import schemes as schemes_lib
+from keras_antman._keras import keras
+from keras_antman._keras import ops
 
 _PACKAGE = "keras_antman"
 _BASE = "base_"

@@ -43,13 +43,13 @@ Design choices (simplest readings of the paper):
   so a small recurrent kernel is not starved by a large input kernel.
 """
 
-import keras
 import numpy as np
 import tensorflow as tf
-from keras import ops
 
 from keras_antman import _keras
 from keras_antman import schemes as schemes_lib
+from keras_antman._keras import keras
+from keras_antman._keras import ops
 from keras_antman.layers import StructuredGRUCell
 from keras_antman.layers import StructuredLSTMCell
 

@@ -44,12 +44,12 @@ import platform
 import time
 import warnings
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_antman import ops as compiled_ops
 from keras_antman import schemes as schemes_lib
+from keras_antman._keras import keras
 
 PATHS = ("keras", "op", "portable")
 DEFAULT_SCHEMES = (

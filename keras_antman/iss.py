@@ -39,11 +39,11 @@ relative to ``C_target`` there (``lambda_ref * C_target / T``).
 
 import math
 
-import keras
 import numpy as np
-from keras import ops
 
 from keras_antman import _iss_trace
+from keras_antman._keras import keras
+from keras_antman._keras import ops
 from keras_antman.layers import StructuredGRUCell
 from keras_antman.layers import StructuredLSTMCell
 from keras_antman.report import report

@@ -14,18 +14,18 @@ both what the compiled kernel does and what makes plain TF fast here.
 
 import warnings
 
-import keras
 import numpy as np
-from keras import activations
-from keras import constraints
-from keras import initializers
-from keras import ops
-from keras import regularizers
-from keras import tree
 
 from keras_antman import _keras
 from keras_antman import ops as compiled_ops
 from keras_antman import schemes as schemes_lib
+from keras_antman._keras import activations
+from keras_antman._keras import constraints
+from keras_antman._keras import initializers
+from keras_antman._keras import keras
+from keras_antman._keras import ops
+from keras_antman._keras import regularizers
+from keras_antman._keras import tree
 
 _PACKAGE = "keras_antman"
 KERNEL_CHOICES = ("auto", "compiled", "portable")
@@ -450,7 +450,7 @@ class StructuredGRUCell(_StructuredCell):
         return {**super().get_config(), "reset_after": self.reset_after}
 
 
-class _StructuredRNN(keras.layers.RNN):
+class _StructuredRNN(_keras.RNN):
     """The time loop shared by `StructuredLSTM` and `StructuredGRU`.
 
     The input product runs once over the whole sequence, then

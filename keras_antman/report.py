@@ -10,9 +10,8 @@ layers with no matrix product (``Embedding``...) count parameters only.
 import dataclasses
 import math
 
-import keras
-
 from keras_antman import _keras
+from keras_antman._keras import keras
 from keras_antman.layers import StructuredGRUCell
 from keras_antman.layers import StructuredLSTMCell
 

@@ -19,11 +19,11 @@ import contextlib
 import inspect
 import math
 
-import keras
 import numpy as np
-from keras import ops
 
 from keras_antman import ops as compiled_ops
+from keras_antman._keras import keras
+from keras_antman._keras import ops
 
 _PACKAGE = "keras_antman"
 

@@ -1,0 +1,123 @@
+"""Keras 3 side of the seam (`keras_antman._keras`): the Keras internals
+the package needs, and the names it imports from Keras."""
+
+import keras
+from keras import activations
+from keras import constraints
+from keras import initializers
+from keras import ops
+from keras import regularizers
+from keras import tree
+from keras.src import backend as _backend
+from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
+from keras.src.models.functional import Functional
+
+RNN = keras.layers.RNN
+
+__all__ = [
+    "RNN",
+    "DropoutRNNCell",
+    "MultiWorkerFit",
+    "activations",
+    "constraints",
+    "initializers",
+    "keras",
+    "ops",
+    "regularizers",
+    "tree",
+    "is_graph_model",
+    "layer_calls",
+    "rnn",
+    "sublayers",
+]
+
+
+def rnn(step_function, inputs, initial_states, **kwargs):
+    """Keras's own time loop (masks, ``go_backwards``, ``unroll``).
+
+    The same function `keras.layers.RNN` runs; ``kwargs`` are those of
+    ``keras.src.backend.rnn``.
+    """
+    return _backend.rnn(step_function, inputs, initial_states, **kwargs)
+
+
+def is_graph_model(obj):
+    """Whether ``obj`` is a Sequential or Functional model (not subclassed).
+
+    Only those can be cloned layer by layer, since their structure is data.
+    """
+    return isinstance(obj, (keras.Sequential, Functional))
+
+
+class MultiWorkerFit:
+    """Mixin of a `keras.Model` that lets it `fit` under
+    `tf.distribute.MultiWorkerMirroredStrategy`.
+
+    Keras 3's TF trainer fails there twice (keras-team/keras#20585), so
+    plain Keras models cannot `fit` under it at all:
+
+    - Before the first step it learns a batch's shapes by averaging the
+      first distributed batch over the replicas, a reduce that fails for a
+      ``PerReplica`` under this strategy. Only the shapes matter, and a
+      replica's local batch has them: this takes it instead.
+    - After each step it averages the logs with ``strategy.reduce("MEAN",
+      v, axis=0)``, which needs a leading axis that scalar logs lack. The
+      step's logs are given one (shape ``[1]``), so that reduce is the
+      mean over the replicas, a scalar again.
+    """
+
+    def _multi_worker(self):
+        import tensorflow as tf
+
+        return isinstance(getattr(self, "_distribute_strategy", None),
+                          tf.distribute.MultiWorkerMirroredStrategy)
+
+    def _with_leading_axis(self, logs):
+        if not self._multi_worker():
+            return logs
+        return {k: keras.ops.reshape(v, (1,)) if len(v.shape) == 0 else v
+                for k, v in logs.items()}
+
+    def train_step(self, data):
+        return self._with_leading_axis(super().train_step(data))
+
+    def test_step(self, data):
+        return self._with_leading_axis(super().test_step(data))
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        import tensorflow as tf
+
+        strategy = getattr(self, "_distribute_strategy", None)
+        if iterator is None or not self._multi_worker():
+            return super()._maybe_symbolic_build(iterator, data_batch)
+        for _, _, it in iterator:
+            batch = next(it)
+            data_batch = keras.tree.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues) else v,
+                batch,
+            )
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+
+def layer_calls(model):
+    """The layer calls of a Functional model, inputs first:
+    ``[(layer, args, kwargs, output tensors)]`` (tensors by identity)."""
+    calls = []
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.is_input or node.operation is None:
+                continue
+            calls.append(
+                (node.operation, node.arguments.args,
+                 node.arguments.kwargs, list(node.outputs))
+            )
+    return calls
+
+
+def sublayers(layer):
+    """The direct sub-layers Keras tracks for ``layer`` (wrappers, cells,
+    layers of a model), in tracking order."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))

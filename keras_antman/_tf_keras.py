@@ -1,0 +1,167 @@
+"""tf_keras side of the seam (`keras_antman._keras`): the same names as
+`keras_antman._keras3`, for tf_keras (``TF_USE_LEGACY_KERAS=1``).
+
+tf_keras's RNN layer has no ``inner_loop`` hook and its cells' dropout
+mixin has another interface, so `RNN` and `DropoutRNNCell` here give the
+structured layers the Keras 3 ones: `RNN.call` prepares the states as
+tf_keras's does and hands the loop to ``inner_loop``; `DropoutRNNCell`
+caches one mask per call as Keras 3's does.
+"""
+
+import tensorflow as tf
+from tf_keras.src import backend as _backend
+from tf_keras.src.engine.functional import Functional
+
+from keras_antman import _tf_keras_api as keras
+
+ops = keras.ops
+tree = keras.tree
+activations = keras.activations
+constraints = keras.constraints
+initializers = keras.initializers
+regularizers = keras.regularizers
+
+__all__ = [
+    "RNN",
+    "DropoutRNNCell",
+    "MultiWorkerFit",
+    "activations",
+    "constraints",
+    "initializers",
+    "keras",
+    "ops",
+    "regularizers",
+    "tree",
+    "is_graph_model",
+    "layer_calls",
+    "rnn",
+    "sublayers",
+]
+
+
+def rnn(step_function, inputs, initial_states, **kwargs):
+    """tf_keras's time loop (``tf_keras.backend.rnn``; the same arguments
+    as Keras 3's)."""
+    return _backend.rnn(step_function, inputs, initial_states, **kwargs)
+
+
+def is_graph_model(obj):
+    """Whether ``obj`` is a Sequential or Functional model (not subclassed).
+
+    tf_keras's Sequential is a Functional; one without inputs yet has no
+    graph, but `clone_model` still clones it layer by layer.
+    """
+    return isinstance(obj, Functional)
+
+
+class MultiWorkerFit:
+    """No-op: tf_keras's trainer runs under
+    `tf.distribute.MultiWorkerMirroredStrategy` as it is."""
+
+
+def layer_calls(model):
+    """The layer calls of a Functional model, inputs first:
+    ``[(layer, args, kwargs, output tensors)]`` (tensors by identity)."""
+    calls = []
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.is_input or node.layer is None:
+                continue
+            calls.append((node.layer, tuple(node.call_args),
+                          dict(node.call_kwargs),
+                          tf.nest.flatten(node.outputs)))
+    return calls
+
+
+def sublayers(layer):
+    """The direct sub-layers tf_keras tracks for ``layer``."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+class DropoutRNNCell:
+    """Keras 3's dropout-mask mixin of RNN cells, for tf_keras.
+
+    The cell has ``dropout``, ``recurrent_dropout`` and ``seed_generator``
+    (``keras.random.SeedGenerator``). A mask is made on first use and kept
+    until `RNN.call` resets it, so every step of one call shares it.
+    """
+
+    def _create_dropout_mask(self, step_input, rate):
+        return keras.random.dropout(
+            tf.ones_like(step_input), rate, seed=self.seed_generator
+        )
+
+    def get_dropout_mask(self, step_input):
+        if getattr(self, "_dropout_mask", None) is None and self.dropout > 0:
+            self._dropout_mask = self._create_dropout_mask(
+                step_input, self.dropout)
+        return self._dropout_mask
+
+    def get_recurrent_dropout_mask(self, step_input):
+        if (getattr(self, "_recurrent_dropout_mask", None) is None
+                and self.recurrent_dropout > 0):
+            self._recurrent_dropout_mask = self._create_dropout_mask(
+                step_input, self.recurrent_dropout)
+        return self._recurrent_dropout_mask
+
+    def reset_dropout_mask(self):
+        self._dropout_mask = None
+
+    def reset_recurrent_dropout_mask(self):
+        self._recurrent_dropout_mask = None
+
+
+class RNN(keras.layers.RNN):
+    """tf_keras's `RNN` with Keras 3's ``inner_loop`` hook.
+
+    ``call`` does what tf_keras's does around the loop (states from
+    ``initial_state``, the stateful states or the cell's zeros; the
+    stateful update; ``return_sequences`` / ``return_state``) and runs
+    ``inner_loop(sequences, initial_state, mask, training)``, which returns
+    ``(last_output, outputs, states)``. No ragged inputs, no constants.
+    """
+
+    def build(self, input_shape):
+        # tf_keras's build sets ``input_spec[0]``: a list, not one spec.
+        if isinstance(self.input_spec, keras.layers.InputSpec):
+            self.input_spec = [self.input_spec]
+        super().build(input_shape)
+
+    def get_initial_state(self, inputs):
+        states = self.cell.get_initial_state(batch_size=tf.shape(inputs)[0])
+        return list(states)
+
+    def _reset_masks(self):
+        if isinstance(self.cell, DropoutRNNCell):
+            self.cell.reset_dropout_mask()
+            self.cell.reset_recurrent_dropout_mask()
+
+    def call(self, inputs, mask=None, training=None, initial_state=None):
+        if isinstance(inputs, tf.RaggedTensor):
+            raise ValueError(
+                f"`{self.name}` does not take ragged inputs; pad them and "
+                "pass a mask (e.g. `inputs.to_tensor()` with `Masking`)."
+            )
+        inputs, initial_state, _ = self._process_inputs(
+            inputs, initial_state, None)
+        if self.unroll and inputs.shape[1] is None:
+            raise ValueError(
+                f"`{self.name}`: cannot unroll an RNN whose time dimension "
+                "is undefined; give the Input a fixed number of timesteps."
+            )
+        if mask is not None:
+            mask = tf.nest.flatten(mask)[0]
+        self._reset_masks()
+        last_output, outputs, states = self.inner_loop(
+            inputs, list(initial_state), mask, training=training)
+        self._reset_masks()
+        if self.stateful:
+            self.add_update([
+                tf.compat.v1.assign(var, tf.cast(state, var.dtype))
+                for var, state in zip(tf.nest.flatten(self.states),
+                                      tf.nest.flatten(states))
+            ])
+        output = outputs if self.return_sequences else last_output
+        if self.return_state:
+            return [output] + list(states)
+        return output
