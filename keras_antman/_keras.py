@@ -54,9 +54,15 @@ initializers = _flavour.initializers
 regularizers = _flavour.regularizers
 
 RNN = _flavour.RNN
+Loss = _flavour.Loss
 DropoutRNNCell = _flavour.DropoutRNNCell
 MultiWorkerFit = _flavour.MultiWorkerFit
+call_loss = _flavour.call_loss
+clone_model = _flavour.clone_model
+export_saved_model = _flavour.export_saved_model
 is_graph_model = _flavour.is_graph_model
 layer_calls = _flavour.layer_calls
+optimizer_built = _flavour.optimizer_built
+own_variables = _flavour.own_variables
 rnn = _flavour.rnn
 sublayers = _flavour.sublayers

@@ -13,20 +13,27 @@ from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 from keras.src.models.functional import Functional
 
 RNN = keras.layers.RNN
+Loss = keras.losses.Loss
 
 __all__ = [
     "RNN",
     "DropoutRNNCell",
+    "Loss",
     "MultiWorkerFit",
     "activations",
+    "call_loss",
     "constraints",
     "initializers",
     "keras",
     "ops",
     "regularizers",
     "tree",
+    "clone_model",
+    "export_saved_model",
     "is_graph_model",
     "layer_calls",
+    "optimizer_built",
+    "own_variables",
     "rnn",
     "sublayers",
 ]
@@ -121,3 +128,31 @@ def sublayers(layer):
     """The direct sub-layers Keras tracks for ``layer`` (wrappers, cells,
     layers of a model), in tracking order."""
     return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def optimizer_built(optimizer):
+    """Whether the optimizer has created its variables."""
+    return optimizer.built
+
+
+def own_variables(layer):
+    """The variables a layer saves as its own, in the saved order."""
+    return layer._trainable_variables + layer._non_trainable_variables
+
+
+def clone_model(model, clone_function=None, recursive=False):
+    """`keras.models.clone_model`; ``recursive`` clones the layers of
+    nested graph models with ``clone_function`` too."""
+    return keras.models.clone_model(
+        model, clone_function=clone_function, recursive=recursive)
+
+
+def call_loss(loss, y_true, y_pred, sample_weight=None):
+    """``loss(y_true, y_pred, sample_weight)``."""
+    return loss(y_true, y_pred, sample_weight)
+
+
+def export_saved_model(model, path, input_signature=None, verbose=False):
+    """The model's inference as a SavedModel with a ``serve`` endpoint."""
+    model.export(path, format="tf_saved_model", verbose=verbose,
+                 input_signature=input_signature)

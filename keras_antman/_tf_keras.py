@@ -10,6 +10,7 @@ caches one mask per call as Keras 3's does.
 
 import tensorflow as tf
 from tf_keras.src import backend as _backend
+from tf_keras.src.export import export_lib
 from tf_keras.src.engine.functional import Functional
 
 from keras_antman import _tf_keras_api as keras
@@ -24,16 +25,22 @@ regularizers = keras.regularizers
 __all__ = [
     "RNN",
     "DropoutRNNCell",
+    "Loss",
     "MultiWorkerFit",
     "activations",
+    "call_loss",
     "constraints",
     "initializers",
     "keras",
     "ops",
     "regularizers",
     "tree",
+    "clone_model",
+    "export_saved_model",
     "is_graph_model",
     "layer_calls",
+    "optimizer_built",
+    "own_variables",
     "rnn",
     "sublayers",
 ]
@@ -55,8 +62,47 @@ def is_graph_model(obj):
 
 
 class MultiWorkerFit:
-    """No-op: tf_keras's trainer runs under
-    `tf.distribute.MultiWorkerMirroredStrategy` as it is."""
+    """Mixin of a `keras.Model` that overrides ``compute_loss``: the Keras 3
+    trainer behaviour it relies on, for tf_keras.
+
+    tf_keras's trainer runs under `tf.distribute.MultiWorkerMirroredStrategy`
+    as it is (the Keras 3 fix is not needed), but it reports a ``loss``
+    metric only for losses given to ``compile``. Keras 3 tracks whatever
+    ``compute_loss`` returns as ``loss``; these steps do the same.
+    """
+
+    @tf.__internal__.tracking.no_automatic_dependency_tracking
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        # Untracked, so that a second compile replaces it.
+        self._loss_tracker = keras.metrics.Mean(name="loss")
+
+    @property
+    def metrics(self):
+        tracker = getattr(self, "_loss_tracker", None)
+        return ([tracker] if tracker is not None else []) + super().metrics
+
+    def _track_loss(self, loss, x):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        self._loss_tracker.update_state(
+            loss * float(replicas),
+            sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x, y, y_pred, sample_weight)
+        self.optimizer.minimize(loss, self.trainable_variables, tape=tape)
+        self._track_loss(loss, x)
+        return self.compute_metrics(x, y, y_pred, sample_weight)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=False)
+        loss = self.compute_loss(x, y, y_pred, sample_weight, training=False)
+        self._track_loss(loss, x)
+        return self.compute_metrics(x, y, y_pred, sample_weight)
 
 
 def layer_calls(model):
@@ -76,6 +122,70 @@ def layer_calls(model):
 def sublayers(layer):
     """The direct sub-layers tf_keras tracks for ``layer``."""
     return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def optimizer_built(optimizer):
+    """Whether the optimizer has created its variables."""
+    return getattr(optimizer, "_built", False)
+
+
+def own_variables(layer):
+    """The variables a layer saves as its own, in the saved order."""
+    return layer._trainable_weights + layer._non_trainable_weights
+
+
+def clone_model(model, clone_function=None, recursive=False):
+    """Keras 3's `clone_model`: tf_keras's, which hands nested models to
+    ``clone_function`` whole; with ``recursive`` they are cloned layer by
+    layer with it instead."""
+    if clone_function is None or not recursive:
+        return keras.models.clone_model(model, clone_function=clone_function)
+
+    def clone(layer):
+        if is_graph_model(layer):
+            return clone_model(layer, clone_function, recursive=True)
+        return clone_function(layer)
+
+    return keras.models.clone_model(model, clone_function=clone)
+
+
+def export_saved_model(model, path, input_signature=None, verbose=False):
+    """The model's inference as a SavedModel with a ``serve`` endpoint
+    (tf_keras's `ExportArchive`; it prints no summary)."""
+    if input_signature is None:
+        model.export(path)
+        return
+    archive = export_lib.ExportArchive()
+    archive.track(model)
+    if len(input_signature) > 1:
+        input_signature = [input_signature]
+    archive.add_endpoint("serve", model.__call__, input_signature)
+    archive.write_out(path)
+
+
+class Loss(keras.losses.Loss):
+    """tf_keras's `Loss` with Keras 3's constructor (``dtype``)."""
+
+    def __init__(self, name=None, reduction="sum_over_batch_size",
+                 dtype=None):
+        super().__init__(reduction=reduction, name=name)
+        self.dtype = dtype or keras.backend.floatx()
+
+
+def call_loss(loss, y_true, y_pred, sample_weight=None):
+    """``loss(y_true, y_pred, sample_weight)`` as Keras 3 computes it.
+
+    Under a distribution strategy Keras 3 reduces with
+    ``"sum_over_batch_size"`` and divides by the replica count; tf_keras
+    allows that reduction there only in compiled losses, so it is allowed
+    here (on ``loss``) and the division done.
+    """
+    loss._allow_sum_over_batch_size = True
+    value = loss(y_true, y_pred, sample_weight)
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1 and loss.reduction in ("auto", "sum_over_batch_size"):
+        value = value * (1.0 / replicas)
+    return value
 
 
 class DropoutRNNCell:

@@ -363,8 +363,7 @@ def probe_model(model, recorder, wanted):
             return _Probe(layer, recorder)
         return layer
 
-    return keras.models.clone_model(
-        model, clone_function=clone_function, recursive=True)
+    return _keras.clone_model(model, clone_function, recursive=True)
 
 
 def _batches(data, steps, batch_size):

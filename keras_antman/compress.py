@@ -139,9 +139,7 @@ def compress(model, input_scheme=None, recurrent_scheme=None, layers=None,
         pairs.append((layer, new))
         return new
 
-    new_model = keras.models.clone_model(
-        model, clone_function=clone_function, recursive=True
-    )
+    new_model = _keras.clone_model(model, clone_function, recursive=True)
     if not new_model.built:
         new_model.build(model.inputs[0].shape if model.inputs else None)
     cell_pairs, compressed = [], []

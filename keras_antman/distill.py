@@ -49,7 +49,7 @@ def _unscale_for_distribution(value):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class LogitsMeanSquaredError(keras.losses.Loss):
+class LogitsMeanSquaredError(_keras.Loss):
     """Mean squared error between student and teacher logits.
 
     The paper's MSE term: for each example (and each timestep of a
@@ -100,7 +100,7 @@ class LogitsMeanSquaredError(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class LogitsKLDivergence(keras.losses.Loss):
+class LogitsKLDivergence(_keras.Loss):
     """KL divergence of the student's distribution from the teacher's.
 
     Computes, per example (and timestep),
@@ -262,7 +262,7 @@ def _shapes_fit(a, b):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class _FunctionLoss(keras.losses.Loss):
+class _FunctionLoss(_keras.Loss):
     """Wraps a `fn(y_true, y_pred)` loss so masks and weights apply."""
 
     def __init__(self, fn, name=None, reduction="sum_over_batch_size",
@@ -730,7 +730,8 @@ class Distiller(_keras.MultiWorkerFit, keras.Model):
                 )
             else:
                 continue
-            value = term.loss(reference, y_pred, sample_weight)
+            value = _keras.call_loss(term.loss, reference, y_pred,
+                                     sample_weight)
             term.tracker.update_state(
                 _unscale_for_distribution(value), sample_weight=batch_size
             )
@@ -755,7 +756,8 @@ class Distiller(_keras.MultiWorkerFit, keras.Model):
         training restores the optimizer's state too.
         """
         optimizer = getattr(self, "optimizer", None)
-        if self.built and optimizer is not None and not optimizer.built:
+        if (self.built and optimizer is not None
+                and not _keras.optimizer_built(optimizer)):
             optimizer.build(self.trainable_variables)
         return super().load_weights(filepath, *args, **kwargs)
 
@@ -946,6 +948,9 @@ def _fresh_optimizer(optimizer):
 def _copy_model(student, reinitialize):
     try:
         copy = keras.models.clone_model(student)
+        if not reinitialize:
+            # tf_keras clones a subclassed model unbuilt: this fails then.
+            copy.set_weights(student.get_weights())
     except Exception as e:
         raise ValueError(
             "calibrate_coefficients: could not copy `student` with "
@@ -954,8 +959,6 @@ def _copy_model(student, reinitialize):
             f" Received: {student.name!r} ({type(student).__name__}); "
             f"error: {e}"
         ) from e
-    if not reinitialize:
-        copy.set_weights(student.get_weights())
     return copy
 
 

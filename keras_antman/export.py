@@ -140,12 +140,8 @@ def export(model, path, kernel="portable", batch_size=None, overwrite=False,
     try:
         staged = os.path.join(tmp, "saved_model")
         with kernel_mode(model, kernel), serving_constants(model):
-            model.export(
-                staged,
-                format="tf_saved_model",
-                verbose=verbose,
-                input_signature=_signature(model, batch_size),
-            )
+            _keras.export_saved_model(
+                model, staged, _signature(model, batch_size), verbose)
         if os.path.exists(path):
             old = os.path.join(tmp, "old")
             os.rename(path, old)

@@ -204,7 +204,8 @@ class _StructuredCell(keras.layers.Layer, _keras.DropoutRNNCell):
         """``{product name: StructuredMatrix}`` of the built cell."""
         raise NotImplementedError
 
-    def get_initial_state(self, batch_size=None):
+    def get_initial_state(self, batch_size=None, **kwargs):
+        # tf_keras also passes ``inputs`` and ``dtype``.
         return [
             ops.zeros((batch_size, d), dtype=self.compute_dtype)
             for d in tree.flatten(self.state_size)

@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 
+from keras_antman import _keras
 from keras_antman import ops as compiled_ops
 from keras_antman._keras import keras
 from keras_antman._keras import ops
@@ -664,7 +665,7 @@ class StructuredMatrix(keras.layers.Layer):
     def load_own_variables(self, store):
         # Keras would report a bare count or shape mismatch; say which
         # product and weight disagree with the (possibly edited) config.
-        variables = self._trainable_variables + self._non_trainable_variables
+        variables = _keras.own_variables(self)
         saved = [tuple(store[str(i)].shape) for i in range(len(store.keys()))]
         expected = [tuple(v.shape) for v in variables]
         if saved != expected:
@@ -673,7 +674,9 @@ class StructuredMatrix(keras.layers.Layer):
                 # attributes (an empty store) and reports the last error.
                 raise ValueError(self._load_error)
             where = f"`{self.context}`" if self.context else repr(self.name)
-            names = [v.name for v in variables]
+            # tf_keras's names carry the scope and ":0".
+            names = [v.name.rsplit("/", 1)[-1].split(":")[0]
+                     for v in variables]
             self._load_error = (
                 f"{where}: the saved weights do not fit the config's "
                 f"{self.describe()} on a {self.input_dim} -> "

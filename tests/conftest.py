@@ -4,9 +4,19 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from keras_antman import _keras  # noqa: E402
+from keras_antman._keras import keras  # noqa: E402
+
+# The suite runs under Keras 3 and, with TF_USE_LEGACY_KERAS=1, tf_keras.
+LEGACY = _keras.LEGACY
+
+
+def keras3_only(reason):
+    """Skip under tf_keras; ``reason`` says what tf_keras lacks."""
+    return pytest.mark.skipif(LEGACY, reason=f"tf_keras: {reason}")
 
 
 @pytest.fixture

@@ -4,13 +4,13 @@ References are independent of the recorder: the rows each product sees
 come from a NumPy LSTM/GRU run step by step on the teacher's weights.
 """
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import keras_antman as am
 from keras_antman import calibration
+from keras_antman._keras import keras
 
 from conftest import randomize_weights
 

@@ -6,13 +6,13 @@ import os
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 
 import keras_antman as am
 from keras_antman import cli
 from keras_antman import demo
+from keras_antman._keras import keras
 
 VOCAB = 16
 WORDS = [f"w{i}" for i in range(VOCAB - 1)]  # + <eos>: 16 word tokens

@@ -1,10 +1,10 @@
 """`compress` on every kind of model tfmot's prune tests cover."""
 
-import keras
 import numpy as np
 import pytest
 
 import keras_antman as am
+from keras_antman._keras import keras
 
 from conftest import assert_all_close
 from conftest import randomize_weights

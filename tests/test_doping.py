@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -20,6 +19,7 @@ import tensorflow as tf
 import keras_antman as am
 from keras_antman import doping
 from keras_antman import schemes
+from keras_antman._keras import keras
 
 import reference
 from conftest import randomize_weights

@@ -33,9 +33,8 @@ def test_default_students_reduce_lstm_macs_as_documented(example):
     table claims. Measured with `report` on untrained models (the script
     measures its trained students the same way); the structured ones are
     built directly, as `compress` builds them, without `from_dense`."""
-    import keras
-
     import keras_antman as am
+    from keras_antman._keras import keras
 
     def lm(lstm):
         inputs = keras.Input((None,), dtype="int32")
@@ -214,9 +213,8 @@ def test_iss_students_shrink_to_stock_lstms_at_their_reduction(
     the teacher's weights; each row is the shrunk model, a stock-LSTM
     model (saved, loads without keras_antman's layers) whose measured
     LSTM-MAC reduction reaches the target."""
-    import keras
-
     import keras_antman as am
+    from keras_antman._keras import keras
 
     data = tmp_path / "ptb"
     data.mkdir()
@@ -278,9 +276,8 @@ def test_input_wide_shape_reductions(example):
     """At --embed 800 --hidden 100 (the paper's Table 4 shape) LGP-Shuffle
     g gives g x, and LowRank-LGP (10, 2, 5) / (10, 20, 5) about 5x / 10x
     (measured with `report` on untrained models, as for H = 200)."""
-    import keras
-
     import keras_antman as am
+    from keras_antman._keras import keras
 
     teacher = example.language_model(31, 100, 800, "teacher")
     before = am.report(teacher).recurrent_total.macs_before

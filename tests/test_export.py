@@ -6,13 +6,13 @@ import os
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import keras_antman as am
 from keras_antman import ops
+from keras_antman._keras import keras
 
 from conftest import assert_all_close
 from conftest import randomize_weights
@@ -219,7 +219,7 @@ def test_compiled_export_without_the_op_says_how_to_fix(tmp_path, rng,
 
 _KILLED_EXPORT = """
 import sys
-import keras
+from keras_antman._keras import keras
 import keras_antman as am
 inp = keras.Input((6, 16))
 h = am.StructuredLSTM(16, input_scheme=am.LGPShuffle(4))(inp)

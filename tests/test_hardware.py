@@ -3,7 +3,6 @@ grow-and-prune training."""
 
 import json
 
-import keras
 import numpy as np
 import pytest
 
@@ -11,6 +10,7 @@ import keras_antman as am
 from keras_antman import grow_prune as gp
 from keras_antman import hardware as hw
 from keras_antman import ops
+from keras_antman._keras import keras
 
 from conftest import randomize_weights
 

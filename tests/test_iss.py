@@ -5,13 +5,13 @@ import subprocess
 import sys
 import textwrap
 
-import keras
 import numpy as np
 import pytest
-from keras import ops
 
 import keras_antman as am
 from keras_antman import iss
+from keras_antman._keras import keras
+from keras_antman._keras import ops
 
 from conftest import randomize_weights
 
@@ -434,7 +434,7 @@ def test_shrunk_model_loads_without_keras_antman(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         import numpy as np
-        import keras
+        from keras_antman._keras import keras
         m = keras.models.load_model({str(path)!r})
         y = m.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0)
         np.testing.assert_allclose(

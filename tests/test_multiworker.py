@@ -17,7 +17,7 @@ WORKER = textwrap.dedent("""
     import json, os, sys
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     import numpy as np, tensorflow as tf
-    import keras
+    from keras_antman._keras import keras
     from keras_antman.distill import Distiller, calibrate_coefficients
 
     out = sys.argv[1]

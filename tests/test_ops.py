@@ -569,7 +569,7 @@ def test_lstm_shapes(name, kw, threads):
 
 @needs_op
 def test_lstm_matches_keras_layer():
-    import keras
+    from keras_antman._keras import keras
 
     rng = np.random.default_rng(3)
     b, t, n, u = 2, 5, 6, 8
@@ -603,7 +603,7 @@ def test_lstm_matches_keras_layer():
 @needs_op
 @pytest.mark.parametrize("reset_after", [True, False])
 def test_gru_matches_keras_layer(reset_after):
-    import keras
+    from keras_antman._keras import keras
 
     rng = np.random.default_rng(4)
     b, t, n, u = 2, 5, 6, 8

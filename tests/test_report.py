@@ -2,10 +2,10 @@
 
 import math
 
-import keras
 import pytest
 
 import keras_antman as am
+from keras_antman._keras import keras
 
 
 def lstm_model(n_x, units):

@@ -5,11 +5,11 @@ the product and the weight. Compressed models load with safe_mode=True."""
 import json
 import zipfile
 
-import keras
 import numpy as np
 import pytest
 
 import keras_antman as am
+from keras_antman._keras import keras
 
 from conftest import randomize_weights
 

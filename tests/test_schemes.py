@@ -2,13 +2,13 @@
 Table 1 costs, ``from_dense`` initialisation, gradients, the registry and
 spec grammar, and errors for bad configs."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import keras_antman as am
 from keras_antman import schemes
+from keras_antman._keras import keras
 
 import reference
 
