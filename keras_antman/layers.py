@@ -623,6 +623,13 @@ class _StructuredRNN(_keras.RNN):
         """The stock layer's ``(kernel, recurrent_kernel, bias)``."""
         return self.cell.stock_weights()
 
+    def get_prunable_weights(self):
+        """The trainable weights of every structured product, not the bias:
+        tfmot's ``PrunableLayer`` interface (tfmot finds the method; it is
+        not imported), so ``prune_low_magnitude`` prunes them."""
+        return [w for matrix in self.products().values()
+                for w in matrix.trainable_weights]
+
     def set_stock_weights(self, kernel, recurrent_kernel, bias=None):
         """Initialise every product from the stock layer's weights."""
         self.cell.set_stock_weights(kernel, recurrent_kernel, bias)

@@ -1525,7 +1525,10 @@ def get(identifier):
             ) from None
     if isinstance(identifier, dict):
         try:
-            obj = keras.saving.deserialize_keras_object(identifier)
+            # By class name too: tf_keras's H5 loading looks them up so.
+            obj = keras.saving.deserialize_keras_object(
+                identifier, custom_objects={
+                    c.__name__: c for c in Scheme._registry.values()})
         except TypeError as e:  # Keras: a class it cannot locate
             name = identifier.get("registered_name") or identifier.get(
                 "class_name")
