@@ -29,13 +29,17 @@ __all__ = [
     "regularizers",
     "tree",
     "clone_model",
+    "compute_loss",
     "export_saved_model",
     "is_graph_model",
     "layer_calls",
     "optimizer_built",
     "own_variables",
     "rnn",
+    "set_variable_constraint",
+    "set_variable_regularizer",
     "sublayers",
+    "variable_regularizer",
 ]
 
 
@@ -152,7 +156,28 @@ def call_loss(loss, y_true, y_pred, sample_weight=None):
     return loss(y_true, y_pred, sample_weight)
 
 
+def compute_loss(model, x, y, y_pred, sample_weight=None, training=True):
+    """``model.compute_loss`` (the loss `fit` minimises) on one batch."""
+    return model.compute_loss(x=x, y=y, y_pred=y_pred,
+                              sample_weight=sample_weight, training=training)
+
+
 def export_saved_model(model, path, input_signature=None, verbose=False):
     """The model's inference as a SavedModel with a ``serve`` endpoint."""
     model.export(path, format="tf_saved_model", verbose=verbose,
                  input_signature=input_signature)
+
+
+def variable_regularizer(variable):
+    """The regularizer Keras adds to the losses of the variable's layer."""
+    return variable.regularizer
+
+
+def set_variable_regularizer(model, variable, regularizer):
+    """Replace it (``model`` holds the variable; Keras 3 needs no model)."""
+    variable.regularizer = regularizer
+
+
+def set_variable_constraint(variable, constraint):
+    """The constraint the optimizer applies after each update."""
+    variable.constraint = constraint

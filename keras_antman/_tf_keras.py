@@ -10,8 +10,8 @@ caches one mask per call as Keras 3's does.
 
 import tensorflow as tf
 from tf_keras.src import backend as _backend
-from tf_keras.src.export import export_lib
 from tf_keras.src.engine.functional import Functional
+from tf_keras.src.export import export_lib
 
 from keras_antman import _tf_keras_api as keras
 
@@ -36,13 +36,17 @@ __all__ = [
     "regularizers",
     "tree",
     "clone_model",
+    "compute_loss",
     "export_saved_model",
     "is_graph_model",
     "layer_calls",
     "optimizer_built",
     "own_variables",
     "rnn",
+    "set_variable_constraint",
+    "set_variable_regularizer",
     "sublayers",
+    "variable_regularizer",
 ]
 
 
@@ -105,6 +109,9 @@ class MultiWorkerFit:
         return self.compute_metrics(x, y, y_pred, sample_weight)
 
 
+_STATE_FOLDING = (keras.layers.RNN, keras.layers.Bidirectional)
+
+
 def layer_calls(model):
     """The layer calls of a Functional model, inputs first:
     ``[(layer, args, kwargs, output tensors)]`` (tensors by identity)."""
@@ -113,8 +120,16 @@ def layer_calls(model):
         for node in model._nodes_by_depth[depth]:
             if node.is_input or node.layer is None:
                 continue
-            calls.append((node.layer, tuple(node.call_args),
-                          dict(node.call_kwargs),
+            args, kwargs = tuple(node.call_args), dict(node.call_kwargs)
+            first = args[0] if args else None
+            if (isinstance(node.layer, _STATE_FOLDING)
+                    and isinstance(first, (list, tuple)) and len(first) > 1
+                    and "initial_state" not in kwargs):
+                # tf_keras's RNN.__call__ folds ``initial_state`` into the
+                # inputs; unfold it, as Keras 3 records the call.
+                kwargs["initial_state"] = list(first[1:])
+                args = (first[0],) + args[1:]
+            calls.append((node.layer, args, kwargs,
                           tf.nest.flatten(node.outputs)))
     return calls
 
@@ -149,6 +164,15 @@ def clone_model(model, clone_function=None, recursive=False):
     return keras.models.clone_model(model, clone_function=clone)
 
 
+def compute_loss(model, x, y, y_pred, sample_weight=None, training=True):
+    """``model.compute_loss`` (the loss `fit` minimises) on one batch;
+    tf_keras's takes no ``training``, and tensors only (as `fit` gives)."""
+    y, sample_weight = (None if v is None else
+                        tf.nest.map_structure(tf.convert_to_tensor, v)
+                        for v in (y, sample_weight))
+    return model.compute_loss(x, y, y_pred, sample_weight)
+
+
 def export_saved_model(model, path, input_signature=None, verbose=False):
     """The model's inference as a SavedModel with a ``serve`` endpoint
     (tf_keras's `ExportArchive`; it prints no summary)."""
@@ -161,6 +185,32 @@ def export_saved_model(model, path, input_signature=None, verbose=False):
         input_signature = [input_signature]
     archive.add_endpoint("serve", model.__call__, input_signature)
     archive.write_out(path)
+
+
+def variable_regularizer(variable):
+    """The regularizer set by `set_variable_regularizer` (tf_keras keeps
+    a weight's own ``add_weight`` regularizer in its layer, not here)."""
+    return getattr(variable, "_antman_regularizer", None)
+
+
+def set_variable_regularizer(model, variable, regularizer):
+    """Add ``regularizer(variable)`` to ``model.losses``, replacing the one
+    set before (Keras 3 reads a variable's ``regularizer`` there; tf_keras
+    fixes a weight's regularizer when it is created, so this is a callable
+    loss of ``model``)."""
+    previous = getattr(variable, "_antman_loss", None)
+    if previous is not None and previous in model._callable_losses:
+        model._callable_losses.remove(previous)
+    variable._antman_regularizer = regularizer
+    variable._antman_loss = None
+    if regularizer is not None:
+        variable._antman_loss = lambda: regularizer(variable)
+        model._callable_losses.append(variable._antman_loss)
+
+
+def set_variable_constraint(variable, constraint):
+    """The constraint tf_keras's optimizers apply after each update."""
+    variable._constraint = constraint
 
 
 class Loss(keras.losses.Loss):

@@ -163,7 +163,7 @@ class KernelMasks:
                                   dtype="float32", name=f"gp_mask_{i}")
             self.masks.append(mask)
             self._saved.append((var, var.constraint))
-            var.constraint = _Mask(mask, var.constraint)
+            _keras.set_variable_constraint(var, _Mask(mask, var.constraint))
         self.apply()
         model.train_function = None
 
@@ -260,7 +260,7 @@ class KernelMasks:
         """Remove the masks from the variables' constraints (the weights
         keep their zeros)."""
         for var, old in self._saved:
-            var.constraint = old
+            _keras.set_variable_constraint(var, old)
         self._saved = []
         self.model.train_function = None
 
@@ -377,8 +377,7 @@ class Grow(_Scheduled):
         variables = [v for _, _, v in self.masks.kernels]
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
-            loss = model.compute_loss(x=x, y=y, y_pred=y_pred,
-                                      sample_weight=sw, training=True)
+            loss = _keras.compute_loss(model, x, y, y_pred, sw)
         grads = tape.gradient(loss, variables)
         return [None if g is None else ops.convert_to_numpy(g)
                 for g in grads]

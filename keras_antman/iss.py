@@ -42,6 +42,7 @@ import math
 import numpy as np
 
 from keras_antman import _iss_trace
+from keras_antman import _keras
 from keras_antman._keras import keras
 from keras_antman._keras import ops
 from keras_antman.layers import StructuredGRUCell
@@ -130,11 +131,14 @@ class GroupLasso:
                 "GroupLasso: every traced weight is frozen (trainable=False); "
                 "there is nothing to regularise."
             )
-        self._saved.append((anchor, "regularizer", anchor.regularizer))
-        anchor.regularizer = _Penalty(self, anchor.regularizer)
+        previous = _keras.variable_regularizer(anchor)
+        self._saved.append((anchor, "regularizer", previous))
+        _keras.set_variable_regularizer(model, anchor,
+                                        _Penalty(self, previous))
         for vid, var in self.trace.variables.items():
             self._saved.append((var, "constraint", var.constraint))
-            var.constraint = _Mask(self, vid, var.constraint)
+            _keras.set_variable_constraint(
+                var, _Mask(self, vid, var.constraint))
         model.train_function = None
 
     # -- norms -----------------------------------------------------------
@@ -329,7 +333,10 @@ class GroupLasso:
     def detach(self):
         """Remove the penalty and the masks from the model's variables."""
         for var, attr, old in reversed(self._saved):
-            setattr(var, attr, old)
+            if attr == "regularizer":
+                _keras.set_variable_regularizer(self.model, var, old)
+            else:
+                _keras.set_variable_constraint(var, old)
         self._saved = []
         self.model.train_function = None
 
