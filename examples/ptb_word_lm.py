@@ -42,7 +42,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
+# Keras 3, or tf_keras under TF_USE_LEGACY_KERAS=1 (as keras_antman picks).
+if os.environ.get("TF_USE_LEGACY_KERAS") in ("1", "true", "True"):
+    import tf_keras as keras
+else:
+    import keras
 
 import keras_antman as am  # noqa: E402
 from keras_antman import datasets  # noqa: E402

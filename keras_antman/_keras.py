@@ -69,4 +69,5 @@ rnn = _flavour.rnn
 set_variable_constraint = _flavour.set_variable_constraint
 set_variable_regularizer = _flavour.set_variable_regularizer
 sublayers = _flavour.sublayers
+unfold_rnn_inputs = _flavour.unfold_rnn_inputs
 variable_regularizer = _flavour.variable_regularizer

@@ -28,6 +28,7 @@ __all__ = [
     "ops",
     "regularizers",
     "tree",
+    "unfold_rnn_inputs",
     "clone_model",
     "compute_loss",
     "export_saved_model",
@@ -181,3 +182,9 @@ def set_variable_regularizer(model, variable, regularizer):
 def set_variable_constraint(variable, constraint):
     """The constraint the optimizer applies after each update."""
     variable.constraint = constraint
+
+
+def unfold_rnn_inputs(sequences, initial_state):
+    """``(sequences, initial_state)`` of a recurrent layer's call, as given
+    (tf_keras may fold the states into the inputs)."""
+    return sequences, initial_state

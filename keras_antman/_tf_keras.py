@@ -35,6 +35,7 @@ __all__ = [
     "ops",
     "regularizers",
     "tree",
+    "unfold_rnn_inputs",
     "clone_model",
     "compute_loss",
     "export_saved_model",
@@ -112,6 +113,17 @@ class MultiWorkerFit:
 _STATE_FOLDING = (keras.layers.RNN, keras.layers.Bidirectional)
 
 
+def unfold_rnn_inputs(sequences, initial_state):
+    """``(sequences, initial_state)`` of a recurrent layer's call as Keras 3
+    records it: tf_keras's ``RNN.__call__`` folds the states into the
+    inputs (``[sequences, *states]``), and layers cloned from its graph are
+    called so."""
+    if (initial_state is None and isinstance(sequences, (list, tuple))
+            and len(sequences) > 1):
+        return sequences[0], list(sequences[1:])
+    return sequences, initial_state
+
+
 def layer_calls(model):
     """The layer calls of a Functional model, inputs first:
     ``[(layer, args, kwargs, output tensors)]`` (tensors by identity)."""
@@ -121,14 +133,12 @@ def layer_calls(model):
             if node.is_input or node.layer is None:
                 continue
             args, kwargs = tuple(node.call_args), dict(node.call_kwargs)
-            first = args[0] if args else None
-            if (isinstance(node.layer, _STATE_FOLDING)
-                    and isinstance(first, (list, tuple)) and len(first) > 1
-                    and "initial_state" not in kwargs):
-                # tf_keras's RNN.__call__ folds ``initial_state`` into the
-                # inputs; unfold it, as Keras 3 records the call.
-                kwargs["initial_state"] = list(first[1:])
-                args = (first[0],) + args[1:]
+            if isinstance(node.layer, _STATE_FOLDING) and args:
+                first, state = unfold_rnn_inputs(
+                    args[0], kwargs.get("initial_state"))
+                args = (first,) + args[1:]
+                if state is not None:
+                    kwargs["initial_state"] = state
             calls.append((node.layer, args, kwargs,
                           tf.nest.flatten(node.outputs)))
     return calls

@@ -132,11 +132,12 @@ def sample_input(model, batch, steps, seed=0):
             "the batch and time dimensions may be unknown."
         )
     rng = np.random.default_rng(seed)
-    if "int" in str(spec.dtype):
+    dtype = getattr(spec.dtype, "name", spec.dtype)  # tf_keras: a tf.DType
+    if "int" in str(dtype):
         vocab = next((layer.input_dim for layer in _walk(model)
                       if isinstance(layer, keras.layers.Embedding)), 2)
-        return rng.integers(0, vocab, size=shape).astype(str(spec.dtype))
-    return rng.normal(size=shape).astype(str(spec.dtype))
+        return rng.integers(0, vocab, size=shape).astype(str(dtype))
+    return rng.normal(size=shape).astype(str(dtype))
 
 
 def _walk(layer):

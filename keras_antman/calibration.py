@@ -330,6 +330,8 @@ class _Probe(keras.layers.Layer):
         self.supports_masking = True
 
     def call(self, sequences, initial_state=None, mask=None, training=None):
+        sequences, initial_state = _keras.unfold_rnn_inputs(
+            sequences, initial_state)
         if tf.executing_eagerly() and not any(
             isinstance(t, keras.KerasTensor) for t in tree.flatten(sequences)
         ):

@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -274,8 +275,6 @@ def cmd_distill(args):
     backup = os.path.join(out, "backup")
     calib_path = os.path.join(out, "coefficients.json")
     if not args.resume:
-        import shutil
-
         shutil.rmtree(backup, ignore_errors=True)
     elif coefficients is None and os.path.exists(calib_path):
         with open(calib_path) as f:
@@ -305,6 +304,8 @@ def cmd_distill(args):
         train_data, validation_data=valid_ds, epochs=args.epochs,
         steps_per_epoch=args.steps or None, verbose=args.verbose,
         callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    # Finished: Keras 3 deletes the backup, tf_keras leaves the folder.
+    shutil.rmtree(backup, ignore_errors=True)
     path = _save_model(distiller.student, os.path.join(out, "student.keras"))
     hist = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     with open(os.path.join(out, "history.json"), "w") as f:
