@@ -61,6 +61,7 @@ call_loss = _flavour.call_loss
 clone_model = _flavour.clone_model
 compute_loss = _flavour.compute_loss
 export_saved_model = _flavour.export_saved_model
+fresh_initializer = _flavour.fresh_initializer
 is_graph_model = _flavour.is_graph_model
 layer_calls = _flavour.layer_calls
 optimizer_built = _flavour.optimizer_built

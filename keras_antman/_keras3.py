@@ -32,6 +32,7 @@ __all__ = [
     "clone_model",
     "compute_loss",
     "export_saved_model",
+    "fresh_initializer",
     "is_graph_model",
     "layer_calls",
     "optimizer_built",
@@ -188,3 +189,9 @@ def unfold_rnn_inputs(sequences, initial_state):
     """``(sequences, initial_state)`` of a recurrent layer's call, as given
     (tf_keras may fold the states into the inputs)."""
     return sequences, initial_state
+
+
+def fresh_initializer(initializer):
+    """The initializer for one more weight (Keras 3's unseeded ones draw
+    new values on every call already)."""
+    return initializer

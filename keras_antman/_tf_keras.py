@@ -39,6 +39,7 @@ __all__ = [
     "clone_model",
     "compute_loss",
     "export_saved_model",
+    "fresh_initializer",
     "is_graph_model",
     "layer_calls",
     "optimizer_built",
@@ -181,6 +182,19 @@ def compute_loss(model, x, y, y_pred, sample_weight=None, training=True):
                         tf.nest.map_structure(tf.convert_to_tensor, v)
                         for v in (y, sample_weight))
     return model.compute_loss(x, y, y_pred, sample_weight)
+
+
+def fresh_initializer(initializer):
+    """The initializer for one more weight: an unseeded tf_keras
+    initializer fixes its seed at its first call and repeats its values, so
+    each weight gets a copy (a new seed), as each gets new values on
+    Keras 3."""
+    initializer = keras.initializers.get(initializer)
+    config = getattr(initializer, "get_config", dict)()
+    if not isinstance(initializer, keras.initializers.Initializer) or (
+            config.get("seed", None) is not None or "seed" not in config):
+        return initializer
+    return initializer.__class__.from_config(config)
 
 
 def export_saved_model(model, path, input_signature=None, verbose=False):

@@ -552,6 +552,8 @@ class StructuredMatrix(keras.layers.Layer):
                 constraint=self.constraint,
             )
             kwargs.update(options.get(wname, {}))
+            kwargs["initializer"] = _keras.fresh_initializer(
+                kwargs["initializer"])
             var = self.add_weight(shape=shape, name=wname, **kwargs)
             setattr(self, wname, var)
         self.built = True
