@@ -77,11 +77,14 @@ class MultiWorkerFit:
     ``compute_loss`` returns as ``loss``; these steps do the same.
     """
 
-    @tf.__internal__.tracking.no_automatic_dependency_tracking
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
+        self._set_loss_tracker(keras.metrics.Mean(name="loss"))
+
+    @tf.__internal__.tracking.no_automatic_dependency_tracking
+    def _set_loss_tracker(self, tracker):
         # Untracked, so that a second compile replaces it.
-        self._loss_tracker = keras.metrics.Mean(name="loss")
+        self._loss_tracker = tracker
 
     @property
     def metrics(self):

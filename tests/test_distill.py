@@ -20,8 +20,6 @@ from keras_antman.distill import Perplexity
 from keras_antman.distill import calibrate_coefficients
 from keras_antman.distill import coefficients_from_losses
 
-from conftest import keras3_only
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T, V_IN, C = 6, 5, 9, 7  # batch, timesteps, input ids, classes
 
@@ -345,8 +343,6 @@ class Interrupt(keras.callbacks.Callback):
             raise RuntimeError(f"interrupted after epoch {epoch}")
 
 
-@keras3_only("its BackupAndRestore resumes at the right epoch but does not "
-             "restore the Distiller's student weights and optimizer state")
 def test_backup_and_restore_resumes_where_it_stopped(tmp_path):
     x, y, teacher = classifier_task()
 
