@@ -23,31 +23,31 @@ initializers = keras.initializers
 regularizers = keras.regularizers
 
 __all__ = [
-    "RNN",
     "DropoutRNNCell",
     "Loss",
     "MultiWorkerFit",
+    "RNN",
     "activations",
     "call_loss",
-    "constraints",
-    "initializers",
-    "keras",
-    "ops",
-    "regularizers",
-    "tree",
-    "unfold_rnn_inputs",
     "clone_model",
     "compute_loss",
+    "constraints",
     "export_saved_model",
     "fresh_initializer",
+    "initializers",
     "is_graph_model",
+    "keras",
     "layer_calls",
+    "ops",
     "optimizer_built",
     "own_variables",
+    "regularizers",
     "rnn",
     "set_variable_constraint",
     "set_variable_regularizer",
     "sublayers",
+    "tree",
+    "unfold_rnn_inputs",
     "variable_regularizer",
 ]
 
@@ -68,8 +68,9 @@ def is_graph_model(obj):
 
 
 class MultiWorkerFit:
-    """Mixin of a `keras.Model` that overrides ``compute_loss``: the Keras 3
-    trainer behaviour it relies on, for tf_keras.
+    """Mixin of a `keras.Model` that overrides ``compute_loss`` with Keras
+    3's signature (``training`` too): the Keras 3 trainer behaviour it
+    relies on, for tf_keras.
 
     tf_keras's trainer runs under `tf.distribute.MultiWorkerMirroredStrategy`
     as it is (the Keras 3 fix is not needed), but it reports a ``loss``

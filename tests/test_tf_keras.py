@@ -2,6 +2,7 @@
 and what only tf_keras has: SavedModel and H5 through ``model.save``, and
 tfmot's pruning of the structured layers."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import keras_antman as am
+from keras_antman import _keras
 from keras_antman._keras import keras
 
 from conftest import LEGACY
@@ -17,6 +19,23 @@ from conftest import randomize_weights
 
 tf_keras_only = pytest.mark.skipif(
     not LEGACY, reason="tf_keras only (run with TF_USE_LEGACY_KERAS=1)")
+
+
+def _exported(module):
+    """A flavour module's ``__all__``, read without importing it."""
+    path = os.path.join(os.path.dirname(am.__file__), module + ".py")
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    return next(ast.literal_eval(node.value) for node in tree.body
+                if isinstance(node, ast.Assign)
+                and node.targets[0].id == "__all__")
+
+
+def test_both_flavours_give_the_seam_the_same_names():
+    names = _exported("_keras3")
+    assert sorted(names) == sorted(_exported("_tf_keras"))
+    for name in names:
+        assert hasattr(_keras, name), name
 
 
 def _fresh(code, legacy):
