@@ -55,6 +55,13 @@ tensorflow-addons' ``TF_ADDONS_PY_OPS``: `load` raises
 `CompiledOpsUnavailableError` and `is_available` returns False without a
 warning, so ``kernel="auto"`` layers run on stock TF ops. It is read on
 every `load` call; `portable_forced` tells whether it is set.
+
+Instruction set: the kernels are compiled for ``generic`` (SSE2), ``avx2``
+(AVX2 + FMA) and ``avx512`` (F, VL, BW, DQ), and run the best this CPU has.
+``KERAS_ANTMAN_ISA=generic|avx2|avx512`` in the environment, read when the
+library loads, or `set_instruction_set` picks another one (for tests and
+benchmarks); `isa` names the one in use, `supported_instruction_sets` the
+ones this CPU can run.
 """
 
 import collections
@@ -92,6 +99,8 @@ Stage.blocks.__doc__ = "float32 [g, a, b]; a dense [n, m] matrix is [1, n, m]."
 Stage.shuffle.__doc__ = "bool: shuffle-mix the output of this stage."
 
 _PORTABLE_ENV = "KERAS_ANTMAN_PORTABLE"
+_ISA_ENV = "KERAS_ANTMAN_ISA"
+INSTRUCTION_SETS = ("generic", "avx2", "avx512")
 _TRUE_VALUES = ("1", "true", "yes", "on")
 
 _HOW_TO_FIX = (
@@ -114,7 +123,13 @@ class CompiledOpsUnavailableError(RuntimeError):
 
 
 _lock = threading.Lock()
-_state = {"module": None, "cdll": None, "error": None, "warned": False}
+_state = {
+    "module": None,
+    "cdll": None,
+    "error": None,
+    "warned": False,
+    "isa_env": None,  # the KERAS_ANTMAN_ISA value applied at load
+}
 _pending_threads = None
 
 
@@ -189,6 +204,7 @@ def load():
         )
     with _lock:
         if _state["module"] is not None:
+            _apply_isa_env()
             return _state["module"]
         if _state["error"] is not None:
             raise CompiledOpsUnavailableError(_state["error"])
@@ -212,7 +228,45 @@ def load():
         if _pending_threads is not None:
             cdll.keras_antman_set_num_threads(_pending_threads)
         _state["module"], _state["cdll"] = module, cdll
+        _apply_isa_env()
         return module
+
+
+def _apply_isa_env():
+    """Applies ``KERAS_ANTMAN_ISA`` once per value (the lock is held).
+
+    Raises:
+        ValueError: the value is not an instruction set this CPU supports;
+            raised by every `load` until the variable is fixed.
+    """
+    value = os.environ.get(_ISA_ENV, "").strip().lower()
+    if not value or value == _state["isa_env"]:
+        return
+    source = f"{_ISA_ENV}={os.environ[_ISA_ENV]!r} in the environment"
+    _select_isa(value, source)
+    _state["isa_env"] = value
+
+
+def _select_isa(name, source):
+    cdll = _state["cdll"]
+    rc = cdll.keras_antman_set_isa(str(name).encode())
+    supported = _supported(cdll)
+    if rc == -1:
+        raise ValueError(
+            f"{source} names no instruction set: use one of "
+            f"{', '.join(map(repr, INSTRUCTION_SETS))} (this CPU supports "
+            f"{', '.join(map(repr, supported))})."
+        )
+    if rc == -2:
+        raise ValueError(
+            f"{source}: this CPU does not support {name!r}; it supports "
+            f"{', '.join(map(repr, supported))}."
+        )
+
+
+def _supported(cdll):
+    best = cdll.keras_antman_best_isa().decode()
+    return INSTRUCTION_SETS[: INSTRUCTION_SETS.index(best) + 1]
 
 
 def is_available():
@@ -300,13 +354,27 @@ def instruction_set():
 
     Returns:
         ``"avx512"``, ``"avx2"`` or ``"generic"``: the best this CPU has,
-        unless lowered by ``KERAS_ANTMAN_ISA`` or `set_instruction_set`.
+        unless ``KERAS_ANTMAN_ISA`` or `set_instruction_set` chose another.
+
+    Raises:
+        CompiledOpsUnavailableError: see `load`.
+        ValueError: ``KERAS_ANTMAN_ISA`` names no supported instruction set.
+    """
+    load()
+    return _state["cdll"].keras_antman_get_isa().decode()
+
+
+isa = instruction_set
+
+
+def supported_instruction_sets():
+    """The instruction sets this CPU can run, from ``"generic"`` up.
 
     Raises:
         CompiledOpsUnavailableError: see `load`.
     """
     load()
-    return _state["cdll"].keras_antman_get_isa().decode()
+    return _supported(_state["cdll"])
 
 
 def set_instruction_set(name=None):
@@ -321,20 +389,9 @@ def set_instruction_set(name=None):
         CompiledOpsUnavailableError: see `load`.
     """
     load()
-    cdll = _state["cdll"]
     if name is None:
-        name = cdll.keras_antman_best_isa().decode()
-    rc = cdll.keras_antman_set_isa(str(name).encode())
-    if rc == -1:
-        raise ValueError(
-            "`name` must be one of 'generic', 'avx2', 'avx512' or None. "
-            f"Received: name={name!r}"
-        )
-    if rc == -2:
-        raise ValueError(
-            f"This CPU does not support instruction set {name!r}; the best "
-            f"it has is {cdll.keras_antman_best_isa().decode()!r}."
-        )
+        name = _state["cdll"].keras_antman_best_isa().decode()
+    _select_isa(name, f"set_instruction_set({name!r})")
 
 
 def threads_used(step_macs, num_threads=None):
