@@ -1,7 +1,8 @@
 // The engine's kernels, written once with GCC vector extensions and
 // compiled once per instruction set: each rnn_engine_<isa>.cc includes this
 // file inside namespace keras_antman::<isa> after setting the target and
-// KA_VBYTES (the vector width in bytes). This file includes nothing and
+// KA_VBYTES (the vector width in bytes). This file includes nothing (the
+// AVX2 and AVX-512 files include <immintrin.h> for masked moves) and
 // everything in it has internal linkage except RunRnn and RunBlockDiag, so
 // no differently-compiled copy of a function can be picked by the linker
 // for another instruction set.
@@ -28,6 +29,40 @@ inline void StoreU(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 
 // Partial vectors are padded with zeros so that every lane runs the same
 // code: a unit's result does not depend on where it falls in a vector.
+// AVX-512 and AVX2 move them with masked loads and stores (a task's units
+// end mid-vector whenever units / g is not a multiple of V).
+#if KA_VBYTES == 64
+inline __mmask16 FirstLanes(int64_t n) {
+  return static_cast<__mmask16>((1u << n) - 1);
+}
+inline vf LoadN(const float* p, int64_t n) {
+  if (n == V) return LoadU(p);
+  return (vf)_mm512_maskz_loadu_ps(FirstLanes(n), p);
+}
+inline void StoreN(float* p, vf v, int64_t n) {
+  if (n == V) {
+    StoreU(p, v);
+    return;
+  }
+  _mm512_mask_storeu_ps(p, FirstLanes(n), (__m512)v);
+}
+#elif KA_VBYTES == 32
+inline __m256i FirstLanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline vf LoadN(const float* p, int64_t n) {
+  if (n == V) return LoadU(p);
+  return (vf)_mm256_maskload_ps(p, FirstLanes(n));
+}
+inline void StoreN(float* p, vf v, int64_t n) {
+  if (n == V) {
+    StoreU(p, v);
+    return;
+  }
+  _mm256_maskstore_ps(p, FirstLanes(n), (__m256)v);
+}
+#else
 inline vf LoadN(const float* p, int64_t n) {
   if (n == V) return LoadU(p);
   float t[V] = {};
@@ -43,6 +78,7 @@ inline void StoreN(float* p, vf v, int64_t n) {
   StoreU(t, v);
   for (int64_t i = 0; i < n; ++i) p[i] = t[i];
 }
+#endif
 
 // exp with the Cephes expf polynomial (about 1 ulp on the clamped range);
 // the clamp keeps 2^n finite and is far beyond where sigmoid and tanh
@@ -105,25 +141,25 @@ inline void Kern(const float* __restrict x, int64_t ldx,
                  const float* __restrict w, int64_t ldw, int64_t k_len,
                  float* __restrict y, int64_t ldy) {
   vf acc[MR][NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 32
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
+#pragma GCC unroll 32
     for (int j = 0; j < NV; ++j) acc[i][j] = Splat(0.0f);
   for (int64_t k = 0; k < k_len; ++k) {
     const float* wk = w + k * ldw;
     vf wv[NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 32
     for (int j = 0; j < NV; ++j) wv[j] = LoadU(wk + j * V);
-#pragma GCC unroll 4
+#pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) {
       const vf xb = Splat(x[i * ldx + k]);
-#pragma GCC unroll 4
+#pragma GCC unroll 32
       for (int j = 0; j < NV; ++j) acc[i][j] += xb * wv[j];
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 32
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
+#pragma GCC unroll 32
     for (int j = 0; j < NV; ++j) StoreU(y + i * ldy + j * V, acc[i][j]);
 }
 
@@ -144,19 +180,83 @@ inline void KernTail(const float* __restrict x, int64_t ldx,
     for (int64_t c = 0; c < nc; ++c) y[i * ldy + c] = acc[i][c];
 }
 
+// Register tiles: MR rows x NV vectors of accumulators, plus NV weight
+// vectors and one broadcast, within the vector registers (32 with AVX-512,
+// 16 otherwise). One row (batch 1) takes a whole 24- or 12-vector row
+// segment of W per pass, so the FMAs of one weight row are independent and
+// each weight is read once; more rows share each weight load (a small
+// GEMM: the batch reuses every weight MR times from a register).
+constexpr int kRegs = KA_VBYTES == 64 ? 32 : 16;
+constexpr int kMaxRowTile = KA_VBYTES == 64 ? 8 : 4;
+constexpr int MaxNv(int mr) {
+  return mr == 1 ? (kRegs * 3) / 4 : (kRegs - 1) / (mr + 1);
+}
+
+typedef void (*KernFn)(const float*, int64_t, const float*, int64_t, int64_t,
+                       float*, int64_t);
+
+// Kern<MR, nv> for a run-time nv in [1, NV].
+template <int MR, int NV>
+KernFn PickKern(int64_t nv) {
+  if constexpr (NV == 0) {
+    return nullptr;
+  } else {
+    return nv == NV ? &Kern<MR, NV> : PickKern<MR, NV - 1>(nv);
+  }
+}
+
+// `tiles` tiles of MR rows: Y[tiles * MR, n] = X @ W. Columns outer, in
+// near-equal chunks of at most MaxNv(MR) vectors, rows inner, so a chunk of
+// W stays in L1 while every row tile passes over it.
 template <int MR>
-void GemmRows(const float* x, int64_t ldx, const float* w, int64_t ldw,
-              int64_t k_len, int64_t n, float* y, int64_t ldy) {
-  // At most 12 accumulators: fits the 16 registers of SSE/AVX2.
-  constexpr int NV = MR <= 2 ? 4 : (MR == 3 ? 3 : 2);
+void RowTiles(const float* x, int64_t ldx, int64_t tiles, const float* w,
+              int64_t ldw, int64_t k_len, int64_t n, float* y, int64_t ldy) {
+  constexpr int kNv = MaxNv(MR);
+  const int64_t nvec = n / V;
+  const int64_t chunks = (nvec + kNv - 1) / kNv;
   int64_t c = 0;
-  for (; c + NV * V <= n; c += NV * V)
-    Kern<MR, NV>(x, ldx, w + c, ldw, k_len, y + c, ldy);
-  if (NV > 2)
-    for (; c + 2 * V <= n; c += 2 * V)
-      Kern<MR, 2>(x, ldx, w + c, ldw, k_len, y + c, ldy);
-  for (; c + V <= n; c += V) Kern<MR, 1>(x, ldx, w + c, ldw, k_len, y + c, ldy);
-  if (c < n) KernTail<MR>(x, ldx, w + c, ldw, k_len, y + c, ldy, n - c);
+  for (int64_t j = 0; j < chunks; ++j) {
+    const int64_t nv = nvec / chunks + (j < nvec % chunks ? 1 : 0);
+    const KernFn fn = PickKern<MR, kNv>(nv);
+    for (int64_t t = 0; t < tiles; ++t)
+      fn(x + t * MR * ldx, ldx, w + c, ldw, k_len, y + t * MR * ldy + c, ldy);
+    c += nv * V;
+  }
+  if (c < n)
+    for (int64_t t = 0; t < tiles; ++t)
+      KernTail<MR>(x + t * MR * ldx, ldx, w + c, ldw, k_len,
+                   y + t * MR * ldy + c, ldy, n - c);
+}
+
+// Y[rows, n] = X[rows, k_len] @ W[k_len, n] in register tiles: as many
+// kMaxRowTile-row tiles as fit, then one tile of the rest.
+void TileGemm(const float* x, int64_t ldx, int64_t rows, const float* w,
+              int64_t ldw, int64_t k_len, int64_t n, float* y, int64_t ldy) {
+  int64_t r = 0;
+  if (rows - r >= kMaxRowTile) {
+    const int64_t tiles = (rows - r) / kMaxRowTile;
+    RowTiles<kMaxRowTile>(x, ldx, tiles, w, ldw, k_len, n, y, ldy);
+    r += tiles * kMaxRowTile;
+  }
+  if (kMaxRowTile > 4 && rows - r >= 4) {
+    RowTiles<4>(x + r * ldx, ldx, 1, w, ldw, k_len, n, y + r * ldy, ldy);
+    r += 4;
+  }
+  const float* xr = x + r * ldx;
+  float* yr = y + r * ldy;
+  switch (rows - r) {
+    case 3:
+      RowTiles<3>(xr, ldx, 1, w, ldw, k_len, n, yr, ldy);
+      break;
+    case 2:
+      RowTiles<2>(xr, ldx, 1, w, ldw, k_len, n, yr, ldy);
+      break;
+    case 1:
+      RowTiles<1>(xr, ldx, 1, w, ldw, k_len, n, yr, ldy);
+      break;
+    default:
+      break;
+  }
 }
 
 // One or two rows against the gate columns [q * units + u0, + len) of a
@@ -257,25 +357,7 @@ void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
       wb = pack;
       ldb = nc;
     }
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4)
-      GemmRows<4>(x + r * ldx, ldx, wb, ldb, k_len, nc, y + r * ldy + c0,
-                  ldy);
-    const float* xr = x + r * ldx;
-    float* yr = y + r * ldy + c0;
-    switch (rows - r) {
-      case 3:
-        GemmRows<3>(xr, ldx, wb, ldb, k_len, nc, yr, ldy);
-        break;
-      case 2:
-        GemmRows<2>(xr, ldx, wb, ldb, k_len, nc, yr, ldy);
-        break;
-      case 1:
-        GemmRows<1>(xr, ldx, wb, ldb, k_len, nc, yr, ldy);
-        break;
-      default:
-        break;
-    }
+    TileGemm(x, ldx, rows, wb, ldb, k_len, nc, y + c0, ldy);
   }
 }
 
