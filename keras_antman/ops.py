@@ -397,10 +397,16 @@ def set_instruction_set(name=None):
 def threads_used(step_macs, num_threads=None):
     """The OpenMP threads a `structured_lstm` / `structured_gru` call uses.
 
-    A sequence whose recurrent products cost fewer than 131072 (128K)
+    A sequence whose recurrent products cost fewer than 16384 (16K)
     multiply-adds per step, summed over the batch, runs on one thread
     whatever is asked: the per-step barrier would cost more than the
-    threads save (measured on a 2-core EPYC).
+    threads save. Above that the op measures: the first 6 calls of each
+    size class (the bit length of ``step_macs``) and thread count alternate
+    between one thread and the count asked, and later calls use whichever
+    ran a step faster; every 200 calls the class is measured again (a
+    second thread loses when other work holds the cores). This returns the choice as it stands (the count
+    asked while the class is still being measured) without counting as a
+    call.
 
     Args:
         step_macs: batch size x multiply-adds of the recurrent product(s)
@@ -411,10 +417,8 @@ def threads_used(step_macs, num_threads=None):
         CompiledOpsUnavailableError: see `load`.
     """
     load()
-    threshold = _state["cdll"].keras_antman_min_parallel_macs_per_step()
-    if step_macs < threshold:
-        return 1
-    return min(num_threads or get_num_threads(), os.cpu_count() or 1)
+    return int(_state["cdll"].keras_antman_rnn_threads(
+        ctypes.c_longlong(int(step_macs)), int(num_threads or 0)))
 
 
 _MAX_THREADS = 1 << 16

@@ -7,6 +7,7 @@
 // shape. The engine itself (rnn_engine_impl.h) trusts the plan.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -84,11 +85,13 @@ std::atomic<int>& ThreadSetting() {
 }
 
 // Below this many multiply-adds per step (summed over the batch), one
-// thread is faster than two: the per-step barrier and the team's start-up
-// cost more than the work saved. Measured on a 2-core AMD EPYC (see
-// bench/); conservative on bigger machines.
-// Tests lower both to 0 to run the parallel paths on small shapes.
-std::atomic<int64_t> min_parallel_macs_per_step{128 * 1024};
+// thread is faster than two on any machine we know: the per-step barrier
+// and the team's start-up cost more than the work saved (2-core AMD EPYC,
+// Zen 4: two threads start to pay between 25K and 50K). Above it the
+// choice is measured (ThreadsByMeasurement).
+// Tests lower both to 0 to run the parallel paths on small shapes (0 also
+// turns the measuring off: every call uses the threads asked).
+std::atomic<int64_t> min_parallel_macs_per_step{16 * 1024};
 // The same for one block-diagonal product (a region per call, no barrier).
 std::atomic<int64_t> min_parallel_macs_block_diag{512 * 1024};
 
@@ -109,6 +112,73 @@ int ThreadsFor(int64_t attr, int64_t work,
   if (work < threshold.load()) n = 1;
   n = std::min({n, CoreCount(), max_tasks});
   return static_cast<int>(std::max<int64_t>(1, n));
+}
+
+// Threads by measurement. Whether more threads pay for a sequence depends
+// on the machine (barrier cost, caches, what else runs), so the first
+// kProbeCalls calls of each size class (the bit length of the
+// multiply-adds per step) and thread count alternate between one thread
+// and the count asked, and the class then keeps whichever ran a step
+// faster (best of kProbeCalls / 2 calls each). The threads do not change
+// the result, so probing costs only the slower probes' time. The choice is
+// measured again every kReprobeCalls calls: what else runs on the machine
+// changes (a second thread loses badly when the cores are oversubscribed,
+// since every step waits for both threads to hold a core).
+constexpr int kProbeCalls = 6;
+constexpr int kReprobeCalls = 200;
+constexpr int kMaxProbedThreads = 64;
+
+struct ThreadProbe {
+  std::atomic<uint32_t> calls{0};
+  // Best ns per step on one thread ([0]) and on the count asked ([1]); 0:
+  // none yet.
+  std::atomic<int64_t> best_ns[2] = {};
+};
+
+ThreadProbe& ProbeFor(int64_t work, int threads) {
+  static ThreadProbe probes[65][kMaxProbedThreads + 1];
+  const int bits = 64 - __builtin_clzll(static_cast<uint64_t>(work) | 1);
+  return probes[bits][std::min(threads, kMaxProbedThreads)];
+}
+
+// The threads for a call with `asked` threads (already capped) and `work`
+// multiply-adds per step; sets *probe_slot to 0 or 1 when this call is a
+// probe to be timed (RecordProbe), else to -1.
+int ThreadsByMeasurement(int asked, int64_t work, int* probe_slot) {
+  *probe_slot = -1;
+  if (asked <= 1 || min_parallel_macs_per_step.load() == 0) return asked;
+  ThreadProbe& probe = ProbeFor(work, asked);
+  const uint32_t call =
+      probe.calls.fetch_add(1, std::memory_order_relaxed) % kReprobeCalls;
+  if (call == 0) {
+    probe.best_ns[0].store(0);
+    probe.best_ns[1].store(0);
+  }
+  if (call < kProbeCalls) {
+    *probe_slot = call & 1;
+    return call & 1 ? asked : 1;
+  }
+  const int64_t one = probe.best_ns[0].load(), many = probe.best_ns[1].load();
+  return many > 0 && (one == 0 || many < one) ? asked : 1;
+}
+
+void RecordProbe(int asked, int64_t work, int slot, int64_t ns_per_step) {
+  std::atomic<int64_t>& best = ProbeFor(work, asked).best_ns[slot];
+  ns_per_step = std::max<int64_t>(1, ns_per_step);
+  int64_t cur = best.load();
+  while ((cur == 0 || ns_per_step < cur) &&
+         !best.compare_exchange_weak(cur, ns_per_step)) {
+  }
+}
+
+// The choice as it stands, without counting a call: 1 below the
+// threshold, the count asked while still probing, then the faster.
+int ThreadsChosen(int asked, int64_t work) {
+  if (asked <= 1 || min_parallel_macs_per_step.load() == 0) return asked;
+  ThreadProbe& probe = ProbeFor(work, asked);
+  if (probe.calls.load() % kReprobeCalls < kProbeCalls) return asked;
+  const int64_t one = probe.best_ns[0].load(), many = probe.best_ns[1].load();
+  return many > 0 && (one == 0 || many < one) ? asked : 1;
 }
 
 // Every tensor the ops allocate is capped far above any machine's memory
@@ -365,12 +435,29 @@ class StructuredRnnOp : public OpKernel {
     }
     SlotLayout layout;
     PlanLayout(in, &layout, &plan);
+    const int64_t work = StepMacs(in, plan);
+    const int asked =
+        ThreadsFor(num_threads_, work, min_parallel_macs_per_step);
+    int probe_slot;
+    plan.num_threads = ThreadsByMeasurement(asked, work, &probe_slot);
     Tensor scratch;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(
                             tensorflow::DT_FLOAT,
                             TensorShape({SizeScratch(in, &plan)}), &scratch));
     SetupBuffers(in, out, &scratch, &plan);
+    struct alignas(64) {
+      int64_t arrivals = 0;
+      char pad[56];
+    } barrier;
+    plan.barrier_arrivals = &barrier.arrivals;
+    const auto start = std::chrono::steady_clock::now();
     RunRnnOnBestIsa(plan);
+    if (probe_slot >= 0) {
+      const int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                             std::chrono::steady_clock::now() - start)
+                             .count();
+      RecordProbe(asked, work, probe_slot, ns / in.steps);
+    }
     WriteStates(in, plan, out);
   }
 
@@ -527,16 +614,18 @@ class StructuredRnnOp : public OpKernel {
                                   : nullptr;
   }
 
-  // Sets the thread count and the per-thread scratch layout; returns the
+  // Multiply-adds of the recurrent products of one step, the whole batch.
+  int64_t StepMacs(const RnnInputs& in, const RnnPlan& p) const {
+    return in.batch *
+           (ProductMacs(p.recurrent.chain) +
+            (traits_.has_candidate ? ProductMacs(p.candidate.chain) : 0));
+  }
+
+  // Sets the per-thread scratch layout for p->num_threads; returns the
   // floats to allocate: the shared buffers in SetupBuffers' order, then one
   // block per thread, which the input phase and the recurrent phase reuse.
   int64_t SizeScratch(const RnnInputs& in, RnnPlan* p) const {
     const int64_t batch = in.batch, width = p->z_width;
-    const int64_t macs =
-        ProductMacs(p->recurrent.chain) +
-        (traits_.has_candidate ? ProductMacs(p->candidate.chain) : 0);
-    p->num_threads =
-        ThreadsFor(num_threads_, batch * macs, min_parallel_macs_per_step);
 
     const int64_t state = RoundUp16(batch * in.units);
     int64_t shared = RoundUp16(batch * in.steps * width) + 2 * state;
@@ -776,6 +865,17 @@ __attribute__((visibility("default"))) void keras_antman_set_min_parallel_work(
 __attribute__((visibility("default"))) long long
 keras_antman_min_parallel_macs_per_step() {
   return keras_antman::min_parallel_macs_per_step.load();
+}
+
+// The threads a structured_lstm / structured_gru call with `asked` threads
+// (0: the process-wide setting) and `work` multiply-adds per step would
+// use now (ThreadsChosen), without counting as a call.
+__attribute__((visibility("default"))) int keras_antman_rnn_threads(
+    long long work, int asked) {
+  return keras_antman::ThreadsChosen(
+      keras_antman::ThreadsFor(asked, work,
+                               keras_antman::min_parallel_macs_per_step),
+      work);
 }
 
 __attribute__((visibility("default"))) const char* keras_antman_best_isa() {

@@ -91,6 +91,9 @@ struct RnnPlan {
   int64_t z_width;  // gate pre-activations per row: 4 * units or 3 * units
   bool go_backwards, return_sequences;
   int num_threads;
+  // The threads' barrier counter (rnn_engine_impl.h, Sync): zero, on a
+  // cache line of its own.
+  int64_t* barrier_arrivals;
 
   const float* x;  // [batch, steps, features]
   Chain input;     // features -> z_width

@@ -4,6 +4,7 @@
 // this variant at run time (antman_kernels.cc).
 #include <immintrin.h>
 #include <omp.h>
+#include <sched.h>
 
 #include <cstdint>
 

@@ -115,11 +115,35 @@ inline void AddRow(const float* a, const float* b, int64_t n, float* y) {
   if (k < n) StoreN(y + k, LoadN(a + k, n - k) + LoadN(b + k, n - k), n - k);
 }
 
-inline void Barrier(int nt) {
-  if (nt > 1) {
-#pragma omp barrier
+// The barrier of the step loop, one per step or more: each thread adds
+// its arrival to a shared counter and spins (pausing) until all nt have
+// arrived. An OpenMP barrier costs about a microsecond, as much as a whole
+// step at d = 400; this one about 0.1. A thread still waiting after
+// kSpins pauses yields its core: on a busy machine the thread it waits for
+// may be waiting for a core.
+constexpr int kSpins = 500;
+
+struct Sync {
+  int64_t* arrivals;  // shared, zero before the first barrier
+  int nt;
+  int64_t passed;  // nt x the barriers this thread has passed
+
+  void Wait() {
+    if (nt <= 1) return;
+    passed += nt;
+    __atomic_fetch_add(arrivals, 1, __ATOMIC_ACQ_REL);
+    for (int i = 0; __atomic_load_n(arrivals, __ATOMIC_ACQUIRE) < passed;
+         ++i) {
+      if (i < kSpins) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        sched_yield();
+      }
+    }
   }
-}
+};
 
 // Contiguous split of [0, n) over nt threads with boundaries on multiples
 // of `align` (so no two threads write the same cache line when it can be
@@ -483,7 +507,7 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
 // shuffling stage's columns are computed into the thread's `unshuffled`
 // buffer and scattered to their shuffled places.
 const float* Intermediate(const Product& pr, const float* in, int64_t batch,
-                          int tid, int nt, float* unshuffled,
+                          int tid, int nt, Sync& sync, float* unshuffled,
                           int64_t* ldx_out) {
   int64_t ldx = pr.chain.n;
   for (int s = 0; s + 1 < pr.chain.num_stages; ++s) {
@@ -498,7 +522,7 @@ const float* Intermediate(const Product& pr, const float* in, int64_t batch,
     } else if (c0 < c1) {
       StageColumns(stage, in, ldx, batch, c0, c1, out + c0, ms);
     }
-    Barrier(nt);
+    sync.Wait();
     in = out;
     ldx = ms;
   }
@@ -722,7 +746,7 @@ struct NoCandidate {
 // stages, its last stage fused with `Gates`, and for the GRU without
 // reset_after the candidate product fused with `Candidate`.
 template <class Gates, class Candidate>
-void RecurrentPhase(const RnnPlan& p, int tid, int nt) {
+void RecurrentPhase(const RnnPlan& p, int tid, int nt, Sync& sync) {
   const int64_t batch = p.batch, units = p.units;
   float* thread_scratch = p.scratch + tid * p.scratch_stride;
   float* task_product = thread_scratch + p.off_task_product;
@@ -741,30 +765,31 @@ void RecurrentPhase(const RnnPlan& p, int tid, int nt) {
     const bool rev = (s & 1) != 0;
     int64_t ldx;
     const float* in =
-        Intermediate(p.recurrent, st.h_prev, batch, tid, nt, unshuffled,
-                     &ldx);
+        Intermediate(p.recurrent, st.h_prev, batch, tid, nt, sync,
+                     unshuffled, &ldx);
     LastStage(p.recurrent, in, ldx, batch, units, tid, nt, rev, task_product,
               Gates{st});
     if constexpr (Candidate::kPresent) {
-      Barrier(nt);  // every unit's r * h_prev is written
-      in = Intermediate(p.candidate, p.reset_h_prev, batch, tid, nt,
+      sync.Wait();  // every unit's r * h_prev is written
+      in = Intermediate(p.candidate, p.reset_h_prev, batch, tid, nt, sync,
                         unshuffled, &ldx);
       LastStage(p.candidate, in, ldx, batch, units, tid, nt, rev,
                 task_product, Candidate{st});
     }
-    Barrier(nt);
+    sync.Wait();
   }
 }
 
 void RnnBody(const RnnPlan& p, int tid, int nt) {
+  Sync sync{p.barrier_arrivals, nt, 0};
   InputPhase(p, tid, nt);
-  Barrier(nt);
+  sync.Wait();
   if (p.cell == kLstm)
-    RecurrentPhase<LstmGates, NoCandidate>(p, tid, nt);
+    RecurrentPhase<LstmGates, NoCandidate>(p, tid, nt, sync);
   else if (p.reset_after)
-    RecurrentPhase<GruResetAfterGates, NoCandidate>(p, tid, nt);
+    RecurrentPhase<GruResetAfterGates, NoCandidate>(p, tid, nt, sync);
   else
-    RecurrentPhase<GruGatesA, GruCandidate>(p, tid, nt);
+    RecurrentPhase<GruGatesA, GruCandidate>(p, tid, nt, sync);
 }
 
 void BlockDiagBody(const BlockDiagPlan& p, int tid, int nt) {
