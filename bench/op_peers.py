@@ -104,9 +104,10 @@ def limit_fn(lib, d, g, threads):
 
 def ort_lstm(d, batch):
     """ONNX Runtime's dense LSTM node, 1 thread, final h only."""
-    import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
+    from onnx import helper
+    from onnx import numpy_helper
 
     rng = np.random.default_rng(d)
     a = 1.0 / np.sqrt(d)

@@ -403,10 +403,11 @@ def threads_used(step_macs, num_threads=None):
     threads save. Above that the op measures: the first 6 calls of each
     size class (the bit length of ``step_macs``) and thread count alternate
     between one thread and the count asked, and later calls use whichever
-    ran a step faster; every 200 calls the class is measured again (a
-    second thread loses when other work holds the cores). This returns the choice as it stands (the count
-    asked while the class is still being measured) without counting as a
-    call.
+    ran a step faster. The class is measured again every 200 calls, and
+    at once when a call on more threads runs a step 25% slower than one
+    thread's best (a second thread loses when other work holds the
+    cores). This returns the choice as it stands (the count asked while
+    the class is still being measured) without counting as a call.
 
     Args:
         step_macs: batch size x multiply-adds of the recurrent product(s)

@@ -603,7 +603,7 @@ def test_kronecker_runs_on_the_compiled_op(terms, rng):
                                        atol=1e-5)
         finally:
             ops.set_num_threads(1)
-            ops._set_min_parallel_work(per_step=128 * 1024)
+            ops._set_min_parallel_work(per_step=16 * 1024)
 
 
 def test_kronecker_whose_groups_miss_the_units_runs_on_tf_ops(rng):

@@ -121,9 +121,11 @@ int ThreadsFor(int64_t attr, int64_t work,
 // and the count asked, and the class then keeps whichever ran a step
 // faster (best of kProbeCalls / 2 calls each). The threads do not change
 // the result, so probing costs only the slower probes' time. The choice is
-// measured again every kReprobeCalls calls: what else runs on the machine
-// changes (a second thread loses badly when the cores are oversubscribed,
-// since every step waits for both threads to hold a core).
+// measured again every kReprobeCalls calls, and at once when a call on
+// more threads runs a step 25% slower than one thread's best: what else
+// runs on the machine changes (a second thread loses badly when the cores
+// are oversubscribed, since every step waits for both threads to hold a
+// core).
 constexpr int kProbeCalls = 6;
 constexpr int kReprobeCalls = 200;
 constexpr int kMaxProbedThreads = 64;
@@ -169,6 +171,16 @@ void RecordProbe(int asked, int64_t work, int slot, int64_t ns_per_step) {
   while ((cur == 0 || ns_per_step < cur) &&
          !best.compare_exchange_weak(cur, ns_per_step)) {
   }
+}
+
+// A call that ran on more threads than one after the measurement chose
+// them: if a step took clearly longer than one thread's best, the machine
+// has changed (other work now holds the cores), so the next calls measure
+// again.
+void CheckParallelCall(int asked, int64_t work, int64_t ns_per_step) {
+  ThreadProbe& probe = ProbeFor(work, asked);
+  const int64_t one = probe.best_ns[0].load();
+  if (one > 0 && ns_per_step > one + one / 4) probe.calls.store(0);
 }
 
 // The choice as it stands, without counting a call: 1 below the
@@ -452,11 +464,14 @@ class StructuredRnnOp : public OpKernel {
     plan.barrier_arrivals = &barrier.arrivals;
     const auto start = std::chrono::steady_clock::now();
     RunRnnOnBestIsa(plan);
-    if (probe_slot >= 0) {
+    if (plan.num_threads > 1 || probe_slot >= 0) {
       const int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                              std::chrono::steady_clock::now() - start)
                              .count();
-      RecordProbe(asked, work, probe_slot, ns / in.steps);
+      if (probe_slot >= 0)
+        RecordProbe(asked, work, probe_slot, ns / in.steps);
+      else
+        CheckParallelCall(asked, work, ns / in.steps);
     }
     WriteStates(in, plan, out);
   }
