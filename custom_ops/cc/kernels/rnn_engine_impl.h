@@ -141,10 +141,11 @@ inline void AddRow(const float* a, const float* b, int64_t n, float* y) {
 
 // The barrier of the step loop, one per step or more: each thread adds
 // its arrival to a shared counter and spins (pausing) until all nt have
-// arrived. An OpenMP barrier costs about a microsecond, as much as a whole
-// step at d = 400; this one about 0.1. A thread still waiting after
-// kSpins pauses yields its core: on a busy machine the thread it waits for
-// may be waiting for a core.
+// arrived. On a 2-core Zen 4 VM a step at d = 16 took 0.4 us longer on two
+// threads than on one with the OpenMP barrier, 0.1 us with this one (best
+// of 40 calls); a step at d = 400 takes about 5 us. A thread still waiting
+// after kSpins pauses yields its core: on a busy machine the thread it
+// waits for may be waiting for a core.
 constexpr int kSpins = 500;
 
 struct Sync {
