@@ -15,6 +15,7 @@
 
 #include "custom_ops/cc/kernels/chain_checks.h"
 #include "custom_ops/cc/kernels/rnn_engine.h"
+#include "custom_ops/cc/kernels/sparse_checks.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
@@ -170,6 +171,37 @@ absl::Status BuildChain(const OpInputList& arrays,
   return absl::OkStatus();
 }
 
+// A product's optional sparse term (lists of 0 or 1 tensors), checked
+// (sparse_checks.h: shapes, then every row pointer and column index) and
+// set as the chain's SparseTerm.
+absl::Status BuildSparse(const OpInputList& row_ptr,
+                         const OpInputList& col_idx,
+                         const OpInputList& values, const ChainSpec& spec,
+                         Chain* chain) {
+  chain->sparse = SparseTerm{nullptr, nullptr, nullptr, 0};
+  if (row_ptr.size() == 0) return absl::OkStatus();
+  const Tensor& rp = row_ptr[0];
+  const Tensor& ci = col_idx[0];
+  const Tensor& va = values[0];
+  SparseDims d;
+  d.row_ptr_rank = rp.dims();
+  d.col_idx_rank = ci.dims();
+  d.values_rank = va.dims();
+  d.row_ptr_size = rp.dims() == 1 ? rp.dim_size(0) : -1;
+  d.col_idx_size = ci.dims() == 1 ? ci.dim_size(0) : -1;
+  d.values_size = va.dims() == 1 ? va.dim_size(0) : -1;
+  d.row_ptr_shape = Shape(rp);
+  d.col_idx_shape = Shape(ci);
+  d.values_shape = Shape(va);
+  TF_RETURN_IF_ERROR(CheckSparseDims(spec, d));
+  const int32_t* ptr = rp.flat<int32_t>().data();
+  const int32_t* col = ci.flat<int32_t>().data();
+  TF_RETURN_IF_ERROR(CheckSparseContents(spec, ptr, col, d.col_idx_size));
+  chain->sparse =
+      SparseTerm{ptr, col, va.flat<float>().data(), d.col_idx_size};
+  return absl::OkStatus();
+}
+
 // ---------------------------------------------------------------------------
 // Layout of a recurrent product's output: which unit each slot holds.
 
@@ -231,7 +263,7 @@ int64_t ProductMacs(const Chain& ch) {
   int64_t macs = 0;
   for (int s = 0; s < ch.num_stages; ++s)
     macs += ch.stages[s].g * ch.stages[s].a * ch.stages[s].b;
-  return macs;
+  return macs + ch.sparse.nnz;
 }
 
 void RunRnnOnBestIsa(const RnnPlan& plan) {
@@ -295,6 +327,8 @@ struct RnnInputs {
   const Tensor* initial_c = nullptr;  // LSTM only
   const Tensor* bias = nullptr;
   OpInputList input_stages, recurrent_stages, candidate_stages;
+  // Sparse terms: [product][row_ptr, col_idx, values], lists of 0 or 1.
+  OpInputList sparse[3][3];
   int64_t batch = 0, steps = 0, features = 0, units = 0;
 };
 
@@ -348,6 +382,17 @@ class StructuredRnnOp : public OpKernel {
         OP_REQUIRES_OK(ctx, CheckChainAttrs(CandidateChainSpec(-1),
                                             num_candidate,
                                             candidate_shuffle_));
+      int64_t num_sparse;
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("num_candidate_sparse", &num_sparse));
+      OP_REQUIRES_OK(ctx, CheckCandidateSparseAttr(reset_after, num_sparse));
+    }
+    for (const ChainSpec& spec :
+         {InputChainSpec(traits_.gates, -1, -1),
+          RecurrentChainSpec(traits_.recurrent_gates, traits_.has_candidate,
+                             -1, -1)}) {
+      int64_t num_sparse;
+      OP_REQUIRES_OK(ctx, ctx->GetAttr(SparseCountAttr(spec), &num_sparse));
+      OP_REQUIRES_OK(ctx, CheckSparseCount(spec, num_sparse));
     }
   }
 
@@ -388,6 +433,13 @@ class StructuredRnnOp : public OpKernel {
     if (traits_.has_candidate)
       TF_RETURN_IF_ERROR(
           ctx->input_list("candidate_stages", &in->candidate_stages));
+    const char* products[3] = {"input", "recurrent", "candidate"};
+    const char* parts[3] = {"_sparse_row_ptr", "_sparse_col_idx",
+                            "_sparse_values"};
+    for (int i = 0; i < (traits_.cell == kGru ? 3 : 2); ++i)
+      for (int j = 0; j < 3; ++j)
+        TF_RETURN_IF_ERROR(ctx->input_list(
+            std::string(products[i]) + parts[j], &in->sparse[i][j]));
 
     const Tensor& x = *in->x;
     if (x.dims() != 3)
@@ -444,20 +496,28 @@ class StructuredRnnOp : public OpKernel {
     p->z_width = traits_.gates * units;
     p->go_backwards = go_backwards_;
     p->return_sequences = return_sequences_;
-    TF_RETURN_IF_ERROR(BuildChain(
-        in.input_stages, input_shuffle_,
-        InputChainSpec(traits_.gates, in.features, p->z_width), &p->input));
+    const ChainSpec input_spec =
+        InputChainSpec(traits_.gates, in.features, p->z_width);
+    TF_RETURN_IF_ERROR(
+        BuildChain(in.input_stages, input_shuffle_, input_spec, &p->input));
+    TF_RETURN_IF_ERROR(BuildSparse(in.sparse[0][0], in.sparse[0][1],
+                                   in.sparse[0][2], input_spec, &p->input));
     const int rec_gates = traits_.recurrent_gates;
-    TF_RETURN_IF_ERROR(BuildChain(
-        in.recurrent_stages, recurrent_shuffle_,
-        RecurrentChainSpec(rec_gates, traits_.has_candidate, units,
-                           rec_gates * units),
-        &p->recurrent.chain));
+    const ChainSpec recurrent_spec = RecurrentChainSpec(
+        rec_gates, traits_.has_candidate, units, rec_gates * units);
+    TF_RETURN_IF_ERROR(BuildChain(in.recurrent_stages, recurrent_shuffle_,
+                                  recurrent_spec, &p->recurrent.chain));
+    TF_RETURN_IF_ERROR(BuildSparse(in.sparse[1][0], in.sparse[1][1],
+                                   in.sparse[1][2], recurrent_spec,
+                                   &p->recurrent.chain));
     PlanProduct(&p->recurrent, rec_gates, units, in.batch);
     if (traits_.has_candidate) {
+      const ChainSpec candidate_spec = CandidateChainSpec(units);
       TF_RETURN_IF_ERROR(BuildChain(in.candidate_stages, candidate_shuffle_,
-                                    CandidateChainSpec(units),
-                                    &p->candidate.chain));
+                                    candidate_spec, &p->candidate.chain));
+      TF_RETURN_IF_ERROR(BuildSparse(in.sparse[2][0], in.sparse[2][1],
+                                     in.sparse[2][2], candidate_spec,
+                                     &p->candidate.chain));
       PlanProduct(&p->candidate, 1, units, in.batch);
     }
     return absl::OkStatus();
@@ -548,8 +608,10 @@ class StructuredRnnOp : public OpKernel {
 
     const int64_t stage_floats =
         RoundUp16(kRowChunk * MaxIntermediateWidth(p->input));
-    const int64_t input_need =
-        2 * stage_floats + RoundUp16(width) + kBlockFloats;
+    const int64_t sparse_x_floats =
+        p->input.sparse.nnz > 0 ? RoundUp16(in.features * kRowChunk) : 0;
+    const int64_t input_need = 2 * stage_floats + RoundUp16(width) +
+                               kBlockFloats + sparse_x_floats;
     const int64_t task_units =
         std::max(p->recurrent.max_task_units, p->candidate.max_task_units);
     const int64_t task_product =
@@ -568,6 +630,7 @@ class StructuredRnnOp : public OpKernel {
     p->off_stage[1] = stage_floats;
     p->off_row_copy = 2 * stage_floats;
     p->off_pack = 2 * stage_floats + RoundUp16(width);
+    p->off_sparse_x = p->off_pack + kBlockFloats;
     p->off_task_product = 0;
     p->off_task_vectors = task_product;
     return shared + p->num_threads * p->scratch_stride;

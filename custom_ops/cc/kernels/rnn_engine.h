@@ -27,6 +27,19 @@ struct Stage {
   bool shuffle;
 };
 
+// An additive sparse term of a product, y += x @ S with S [n, m] given as
+// CSR of S^T: one CSR row per output column j of S, holding the input
+// indices col_idx[k] in [0, n) and values[k] for k in
+// [row_ptr[j], row_ptr[j + 1]). Each output is then one sparse dot product
+// over x, so tasks that own outputs share nothing (sparse_term_impl.h).
+// nnz = 0 (or no term: row_ptr null) adds nothing.
+struct SparseTerm {
+  const int32_t* row_ptr;  // [m + 1], null: no sparse term
+  const int32_t* col_idx;  // [nnz]
+  const float* values;     // [nnz]
+  int64_t nnz;
+};
+
 // Intermediate stage outputs alternate between two buffers, so the engine
 // runs chains of any length; the bound only sizes Chain.
 constexpr int kMaxStages = 4;
@@ -35,6 +48,7 @@ struct Chain {
   int num_stages;  // 1..kMaxStages
   Stage stages[kMaxStages];
   int64_t n, m;
+  SparseTerm sparse;  // added to the chain's product (row_ptr null: none)
 };
 
 // How the last stage of a recurrent product is split into tasks; each task
@@ -127,6 +141,9 @@ struct RnnPlan {
   int64_t off_stage[2];  // input phase: stage outputs of a row chunk
   int64_t off_row_copy;  // input phase: a copy of one z row (permutation)
   int64_t off_pack;      // input phase: kBlockFloats, a packed W block
+  // Input phase with a sparse term: a row chunk of x transposed,
+  // [features, kRowChunk] (0 floats without one).
+  int64_t off_sparse_x;
   // Recurrent phase: a task's product, [batch, G * max_task_units] ...
   int64_t off_task_product;
   // ... and 4 vectors of max_task_units for its gate math.

@@ -1,10 +1,10 @@
 // The engine's kernels, written once with GCC vector extensions and
 // compiled once per instruction set: each rnn_engine_<isa>.cc includes this
 // file inside namespace keras_antman::<isa> after setting the target and
-// KA_VBYTES (the vector width in bytes). This file includes nothing and
-// everything in it has internal linkage except RunRnn and RunBlockDiag, so
-// no differently-compiled copy of a function can be picked by the linker
-// for another instruction set.
+// KA_VBYTES (the vector width in bytes). This file includes nothing but
+// its own part sparse_term_impl.h, and everything in it has internal
+// linkage except RunRnn and RunBlockDiag, so no differently-compiled copy
+// of a function can be picked by the linker for another instruction set.
 //
 // Row-vector convention: y = x @ W with W [n, m] row-major.
 
@@ -343,8 +343,10 @@ inline void ScatterUnits(const float* src, const Task& tk, float* row) {
   Scatter(src, tk.len, row + tk.first_unit, tk.unit_stride);
 }
 
-// The input product for every (batch, step) row at once, then the gather
-// into the slot layout with the bias folded in.
+#include "custom_ops/cc/kernels/sparse_term_impl.h"
+
+// The input product for every (batch, step) row at once (its sparse term
+// included), then the gather into the slot layout with the bias folded in.
 void InputPhase(const RnnPlan& p, int tid, int nt) {
   const Chain& ch = p.input;
   const int64_t rows = p.batch * p.steps, zw = p.z_width;
@@ -376,6 +378,9 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
       in = out;
       ldx = ldy;
     }
+    SparseRowsAdd(ch.sparse, ch.n, ch.m, ch.stages[ch.num_stages - 1],
+                  p.x + r * ch.n, ch.n, rc, thread_scratch + p.off_sparse_x,
+                  p.x_proj + r * zw, zw);
     for (int64_t i = 0; i < rc; ++i) {
       float* z = p.x_proj + (r + i) * zw;
       const float* src = z;  // one run is the identity: in place
@@ -662,13 +667,17 @@ void RecurrentPhase(const RnnPlan& p, int tid, int nt) {
         Intermediate(p.recurrent, st.h_prev, batch, tid, nt, unshuffled,
                      &ldx);
     LastStage(p.recurrent, in, ldx, batch, units, tid, nt, rev, task_product,
-              Gates{st});
+              PlusSparse<Gates>{p.recurrent.chain.sparse, st.h_prev, batch,
+                                units, p.recurrent.gates, Gates{st}});
     if constexpr (Candidate::kPresent) {
       Barrier(nt);  // every unit's r * h_prev is written
       in = Intermediate(p.candidate, p.reset_h_prev, batch, tid, nt,
                         unshuffled, &ldx);
       LastStage(p.candidate, in, ldx, batch, units, tid, nt, rev,
-                task_product, Candidate{st});
+                task_product,
+                PlusSparse<Candidate>{p.candidate.chain.sparse,
+                                      p.reset_h_prev, batch, units, 1,
+                                      Candidate{st}});
     }
     Barrier(nt);
   }
