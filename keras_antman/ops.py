@@ -494,8 +494,10 @@ def _stages(stages, argname):
         stages, (str, bytes)
     ):
         raise TypeError(f"{expected}. Received: {_describe(stages)}")
+    if not stages:
+        raise ValueError(f"{expected}; received an empty list.")
     sparse = [[], [], []]
-    if stages and isinstance(stages[-1], SparseTerm):
+    if isinstance(stages[-1], SparseTerm):
         sparse = [[stages[-1].row_ptr], [stages[-1].col_idx],
                   [stages[-1].values]]
         stages = stages[:-1]

@@ -165,9 +165,15 @@ absl::Status BuildChain(const OpInputList& arrays,
   chain->num_stages = num;
   chain->n = spec.n;
   chain->m = spec.m;
-  for (int i = 0; i < num; ++i)
-    chain->stages[i] = Stage{arrays[i].flat<float>().data(), dims[i].g,
-                             dims[i].a, dims[i].b, shuffle[i]};
+  for (int i = 0; i < num; ++i) {
+    const float* w = arrays[i].flat<float>().data();
+    const int64_t block = dims[i].a * dims[i].b;
+    bool shared = dims[i].g > 1;
+    for (int64_t k = 1; shared && k < dims[i].g; ++k)
+      shared = std::memcmp(w, w + k * block, block * sizeof(float)) == 0;
+    chain->stages[i] = Stage{w, dims[i].g, dims[i].a, dims[i].b, shuffle[i],
+                             shared};
+  }
   return absl::OkStatus();
 }
 
@@ -178,7 +184,7 @@ absl::Status BuildSparse(const OpInputList& row_ptr,
                          const OpInputList& col_idx,
                          const OpInputList& values, const ChainSpec& spec,
                          Chain* chain) {
-  chain->sparse = SparseTerm{nullptr, nullptr, nullptr, 0};
+  chain->sparse = SparseTerm{};
   if (row_ptr.size() == 0) return absl::OkStatus();
   const Tensor& rp = row_ptr[0];
   const Tensor& ci = col_idx[0];
@@ -197,9 +203,55 @@ absl::Status BuildSparse(const OpInputList& row_ptr,
   const int32_t* ptr = rp.flat<int32_t>().data();
   const int32_t* col = ci.flat<int32_t>().data();
   TF_RETURN_IF_ERROR(CheckSparseContents(spec, ptr, col, d.col_idx_size));
-  chain->sparse =
-      SparseTerm{ptr, col, va.flat<float>().data(), d.col_idx_size};
+  chain->sparse = SparseTerm{};
+  chain->sparse.row_ptr = ptr;
+  chain->sparse.col_idx = col;
+  chain->sparse.values = va.flat<float>().data();
+  chain->sparse.nnz = d.col_idx_size;
   return absl::OkStatus();
+}
+
+// The sliced form of a recurrent product's sparse term (SparseTerm in
+// rnn_engine.h): outputs sorted by entry count (longest first), 16 per
+// slice, each slice as long as its longest row, so padding stays small.
+// O(m log m + nnz) per call.
+struct SlicedStorage {
+  std::vector<int64_t> ptr;
+  std::vector<int32_t> col, out;
+  std::vector<float> val;
+};
+
+void BuildSlices(int64_t m, SparseTerm* sp, SlicedStorage* st) {
+  if (sp->row_ptr == nullptr || sp->nnz == 0) return;
+  const int32_t* row_ptr = sp->row_ptr;
+  auto length = [row_ptr](int64_t j) { return row_ptr[j + 1] - row_ptr[j]; };
+  std::vector<int32_t> order(m);
+  for (int64_t j = 0; j < m; ++j) order[j] = static_cast<int32_t>(j);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return length(a) > length(b);
+  });
+  const int64_t slices = (m + kSliceLanes - 1) / kSliceLanes;
+  st->ptr.assign(slices + 1, 0);
+  st->out.assign(slices * kSliceLanes, -1);
+  for (int64_t s = 0; s < slices; ++s)
+    st->ptr[s + 1] = st->ptr[s] + length(order[s * kSliceLanes]);
+  st->col.assign(st->ptr[slices] * kSliceLanes, 0);
+  st->val.assign(st->ptr[slices] * kSliceLanes, 0.0f);
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t s = i / kSliceLanes, lane = i % kSliceLanes;
+    const int32_t j = order[i];
+    st->out[i] = j;
+    for (int64_t t = 0; t < length(j); ++t) {
+      const int64_t at = (st->ptr[s] + t) * kSliceLanes + lane;
+      st->col[at] = sp->col_idx[row_ptr[j] + t];
+      st->val[at] = sp->values[row_ptr[j] + t];
+    }
+  }
+  sp->num_slices = slices;
+  sp->slice_ptr = st->ptr.data();
+  sp->slice_col = st->col.data();
+  sp->slice_val = st->val.data();
+  sp->slice_out = st->out.data();
 }
 
 // ---------------------------------------------------------------------------
@@ -212,8 +264,10 @@ void PlanProduct(Product* pr, int gates, int64_t units, int64_t batch) {
   pr->mode = last.shuffle ? kGroupOwned : kUnitColumns;
   // kUnitColumns: a task is kUnitChunk units, or at small batch a thread's
   // whole unit range when a large single block is streamed (LastStage).
+  // Shared blocks: a thread runs all its groups as one GEMM first, so its
+  // task product holds every unit.
   pr->max_task_units =
-      pr->mode == kGroupOwned ? units / last.g
+      pr->mode == kGroupOwned ? (last.shared ? units : units / last.g)
       : batch <= kStreamRows  ? units
                               : std::min<int64_t>(units, kUnitChunk);
 }
@@ -410,6 +464,10 @@ class StructuredRnnOp : public OpKernel {
     }
     SlotLayout layout;
     PlanLayout(in, &layout, &plan);
+    SlicedStorage slices[2];
+    BuildSlices(traits_.recurrent_gates * in.units,
+                &plan.recurrent.chain.sparse, &slices[0]);
+    BuildSlices(in.units, &plan.candidate.chain.sparse, &slices[1]);
     Tensor scratch;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(
                             tensorflow::DT_FLOAT,
@@ -602,9 +660,12 @@ class StructuredRnnOp : public OpKernel {
     int64_t shared = RoundUp16(batch * in.steps * width) + 2 * state;
     if (traits_.has_cell_state) shared += state;
     if (traits_.has_candidate) shared += 2 * state;
-    for (const Product* pr : {&p->recurrent, &p->candidate})
+    for (const Product* pr : {&p->recurrent, &p->candidate}) {
       if (pr->chain.num_stages > 0)
         shared += 2 * RoundUp16(batch * MaxIntermediateWidth(pr->chain));
+      if (pr->chain.sparse.num_slices > 0)
+        shared += RoundUp16(batch * pr->chain.m);
+    }
 
     const int64_t stage_floats =
         RoundUp16(kRowChunk * MaxIntermediateWidth(p->input));
@@ -662,6 +723,10 @@ class StructuredRnnOp : public OpKernel {
       const int64_t mid = batch * MaxIntermediateWidth(pr->chain);
       pr->stage_out[0] = take(mid);
       pr->stage_out[1] = take(mid);
+      if (pr->chain.sparse.num_slices > 0) {
+        pr->chain.sparse.result = take(batch * pr->chain.m);
+        std::fill_n(pr->chain.sparse.result, batch * pr->chain.m, 0.0f);
+      }
     }
     p->scratch = cur;
     p->out = return_sequences_ ? out.output->flat<float>().data() : nullptr;

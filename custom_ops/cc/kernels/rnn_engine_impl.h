@@ -284,6 +284,26 @@ void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
 void StageColumns(const Stage& s, const float* x, int64_t ldx, int64_t rows,
                   int64_t c0, int64_t c1, float* y, int64_t ldy,
                   float* pack = nullptr) {
+  if (s.shared) {  // whole groups in range: rows of one GEMM with block 0
+    const int64_t gi0 = (c0 + s.b - 1) / s.b, gi1 = c1 / s.b;
+    if (gi0 < gi1) {
+      // Groups before gi0 and from gi1 on, then this.
+      StageColumns(Stage{s.w, s.g, s.a, s.b, s.shuffle, false}, x, ldx, rows,
+                   c0, gi0 * s.b, y, ldy, pack);
+      StageColumns(Stage{s.w, s.g, s.a, s.b, s.shuffle, false}, x, ldx, rows,
+                   gi1 * s.b, c1, y + (gi1 * s.b - c0), ldy, pack);
+      const int64_t ng = gi1 - gi0;
+      float* yg = y + (gi0 * s.b - c0);
+      if (ng == s.g && ldx == s.g * s.a && ldy == s.g * s.b) {
+        Gemm(x, s.a, rows * s.g, s.w, s.b, s.a, s.b, yg, s.b, pack);
+        return;
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        Gemm(x + r * ldx + gi0 * s.a, s.a, ng, s.w, s.b, s.a, s.b,
+             yg + r * ldy, s.b, pack);
+      return;
+    }
+  }
   while (c0 < c1) {
     const int64_t gi = c0 / s.b;
     const int64_t cend = Min(c1, (gi + 1) * s.b);
@@ -446,6 +466,15 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
     // u = i + g * l: exactly the task layout, so it is written in place.
     const int64_t g0 = s.g * tid / nt, g1 = s.g * (tid + 1) / nt;
     const int64_t len = units / s.g;
+    if (s.shared) {  // the thread's groups as rows of one GEMM per row
+      const int64_t ldv = (g1 - g0) * s.b;
+      for (int64_t r = 0; r < batch; ++r)
+        Gemm(in + r * ldx + g0 * s.a, s.a, g1 - g0, s.w, s.b, s.a, s.b,
+             task_product + r * ldv, s.b);
+      for (int64_t i = g0; i < g1; ++i)
+        gate(Task{i, s.g, len, i * len}, task_product + (i - g0) * s.b, ldv);
+      return;
+    }
     for (int64_t j = 0; j < g1 - g0; ++j) {
       const int64_t i = rev ? g1 - 1 - j : g0 + j;
       Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b,
@@ -663,21 +692,32 @@ void RecurrentPhase(const RnnPlan& p, int tid, int nt) {
                       p.h[s & 1], p.h[(s + 1) & 1], v};
     const bool rev = (s & 1) != 0;
     int64_t ldx;
+    // A sparse term's outputs are all computed before the last stage; a
+    // chain of 2+ stages has a barrier in Intermediate in between.
+    if (HasSlices(p.recurrent)) {
+      SparseSlices(p.recurrent.chain.sparse, st.h_prev, units, batch,
+                   p.recurrent.gates * units, tid, nt);
+      if (p.recurrent.chain.num_stages == 1) Barrier(nt);
+    }
     const float* in =
         Intermediate(p.recurrent, st.h_prev, batch, tid, nt, unshuffled,
                      &ldx);
     LastStage(p.recurrent, in, ldx, batch, units, tid, nt, rev, task_product,
-              PlusSparse<Gates>{p.recurrent.chain.sparse, st.h_prev, batch,
-                                units, p.recurrent.gates, Gates{st}});
+              PlusSparse<Gates>{p.recurrent.chain.sparse, batch, units,
+                                p.recurrent.gates, Gates{st}});
     if constexpr (Candidate::kPresent) {
       Barrier(nt);  // every unit's r * h_prev is written
+      if (HasSlices(p.candidate)) {
+        SparseSlices(p.candidate.chain.sparse, p.reset_h_prev, units, batch,
+                     units, tid, nt);
+        if (p.candidate.chain.num_stages == 1) Barrier(nt);
+      }
       in = Intermediate(p.candidate, p.reset_h_prev, batch, tid, nt,
                         unshuffled, &ldx);
       LastStage(p.candidate, in, ldx, batch, units, tid, nt, rev,
                 task_product,
-                PlusSparse<Candidate>{p.candidate.chain.sparse,
-                                      p.reset_h_prev, batch, units, 1,
-                                      Candidate{st}});
+                PlusSparse<Candidate>{p.candidate.chain.sparse, batch, units,
+                                      1, Candidate{st}});
     }
     Barrier(nt);
   }

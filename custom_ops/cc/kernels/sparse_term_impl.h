@@ -8,10 +8,9 @@
 // - the input product of all steps (many rows): a chunk of rows is
 //   transposed once, so that every non-zero (i, j) becomes a vector
 //   multiply-add of x^T's row i over the chunk's rows;
-// - a recurrent task (one step, the batch): for each output the task owns,
-//   a gathered dot product of the CSR row with h. Outputs are split between
-//   tasks as the last stage splits them, so threads never write the same
-//   place.
+// - a recurrent step (the batch): the sliced form (SparseTerm), 16
+//   outputs per vector gather, slices split between threads, into a
+//   [batch, m] buffer that each task then reads its outputs from.
 
 // Up to NB vectors of rows (NB * V rows of x^T) of output column j.
 template <int NB>
@@ -46,77 +45,147 @@ void SparseRowsAdd(const SparseTerm& sp, int64_t n, int64_t m,
     for (int64_t r = 0; r < rows; ++r) t[r] = x[r * ldx + i];
     for (int64_t r = rows; r < ldt; ++r) t[r] = 0.0f;
   }
-  float acc[kRowChunk + V];
-  for (int64_t j = 0; j < m; ++j) {
-    if (sp.row_ptr[j] == sp.row_ptr[j + 1]) continue;
-    for (int64_t v0 = 0; v0 < ldt; v0 += 4 * V) {
-      const float* xv = xt + v0;
-      float* a = acc + v0;
-      switch (Min(4, (ldt - v0) / V)) {
-        case 4:
-          SparseColumnRows<4>(sp, j, xv, ldt, a);
-          break;
-        case 3:
-          SparseColumnRows<3>(sp, j, xv, ldt, a);
-          break;
-        case 2:
-          SparseColumnRows<2>(sp, j, xv, ldt, a);
-          break;
-        default:
-          SparseColumnRows<1>(sp, j, xv, ldt, a);
+  // Destinations (columns of y) in blocks of kDestBlock, so that the adds
+  // to each row of y touch one run of columns: dest p holds output j =
+  // (p % b) * g + p / b under the last stage's shuffle, else j = p.
+  constexpr int64_t kDestBlock = 8;
+  float acc[kDestBlock][kRowChunk + V];
+  for (int64_t p0 = 0; p0 < m; p0 += kDestBlock) {
+    const int64_t pn = Min(kDestBlock, m - p0);
+    for (int64_t q = 0; q < pn; ++q) {
+      const int64_t p = p0 + q;
+      const int64_t j = last.shuffle ? (p % last.b) * last.g + p / last.b : p;
+      float* a = acc[q];
+      if (sp.row_ptr[j] == sp.row_ptr[j + 1]) {
+        for (int64_t r = 0; r < rows; ++r) a[r] = 0.0f;
+        continue;
+      }
+      for (int64_t v0 = 0; v0 < ldt; v0 += 4 * V) {
+        const float* xv = xt + v0;
+        switch (Min(4, (ldt - v0) / V)) {
+          case 4:
+            SparseColumnRows<4>(sp, j, xv, ldt, a + v0);
+            break;
+          case 3:
+            SparseColumnRows<3>(sp, j, xv, ldt, a + v0);
+            break;
+          case 2:
+            SparseColumnRows<2>(sp, j, xv, ldt, a + v0);
+            break;
+          default:
+            SparseColumnRows<1>(sp, j, xv, ldt, a + v0);
+        }
       }
     }
-    const int64_t dest =
-        last.shuffle ? (j % last.g) * last.b + j / last.g : j;
-    for (int64_t r = 0; r < rows; ++r) y[r * ldy + dest] += acc[r];
-  }
-}
-
-// sum_k values[k] * x[col_idx[k]] over k in [k0, k1).
-inline float SparseDot(const SparseTerm& sp, int64_t k0, int64_t k1,
-                       const float* x) {
-  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-  const int32_t* col = sp.col_idx;
-  const float* val = sp.values;
-  int64_t k = k0;
-  for (; k + 4 <= k1; k += 4) {
-    s0 += val[k] * x[col[k]];
-    s1 += val[k + 1] * x[col[k + 1]];
-    s2 += val[k + 2] * x[col[k + 2]];
-    s3 += val[k + 3] * x[col[k + 3]];
-  }
-  for (; k < k1; ++k) s0 += val[k] * x[col[k]];
-  return (s0 + s1) + (s2 + s3);
-}
-
-// Adds S's part of a recurrent task's product: rec[b * ldv + q * tk.len +
-// l] (gate q, l-th unit of the task) gets output column q * units + unit
-// of x @ S for every row b of x [batch, ldx].
-void SparseTaskAdd(const SparseTerm& sp, const float* x, int64_t ldx,
-                   int64_t batch, int64_t units, int gates, const Task& tk,
-                   float* rec, int64_t ldv) {
-  if (sp.row_ptr == nullptr || sp.nnz == 0) return;
-  for (int q = 0; q < gates; ++q)
-    for (int64_t l = 0; l < tk.len; ++l) {
-      const int64_t j = q * units + tk.first_unit + l * tk.unit_stride;
-      const int64_t k0 = sp.row_ptr[j], k1 = sp.row_ptr[j + 1];
-      if (k0 == k1) continue;
-      for (int64_t b = 0; b < batch; ++b)
-        rec[b * ldv + q * tk.len + l] += SparseDot(sp, k0, k1, x + b * ldx);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* yr = y + r * ldy + p0;
+      for (int64_t q = 0; q < pn; ++q) yr[q] += acc[q][r];
     }
+  }
 }
 
-// A gate functor (rnn_engine_impl.h) behind the sparse term: adds x @ S to
-// the task's product, then runs the gate math on it.
+// The 16 lanes of a slice of `len` entries: acc[l] = sum over entries k of
+// val[16 k + l] * x[col[16 k + l]], accumulated in registers (two chains,
+// so that a gather's latency overlaps the previous multiply-add).
+inline void SliceDot(const int32_t* col, const float* val, int64_t len,
+                     const float* x, float* acc) {
+#if KA_VBYTES == 64
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 2 <= len; k += 2) {
+    const int32_t* c = col + 16 * k;
+    const float* v = val + 16 * k;
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v),
+                         _mm512_i32gather_ps(_mm512_loadu_si512(c), x, 4),
+                         a0);
+    a1 = _mm512_fmadd_ps(
+        _mm512_loadu_ps(v + 16),
+        _mm512_i32gather_ps(_mm512_loadu_si512(c + 16), x, 4), a1);
+  }
+  if (k < len)
+    a0 = _mm512_fmadd_ps(
+        _mm512_loadu_ps(val + 16 * k),
+        _mm512_i32gather_ps(_mm512_loadu_si512(col + 16 * k), x, 4), a0);
+  _mm512_storeu_ps(acc, _mm512_add_ps(a0, a1));
+#elif KA_VBYTES == 32
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < len; ++k) {
+    const int32_t* c = col + 16 * k;
+    const float* v = val + 16 * k;
+    a0 = _mm256_fmadd_ps(
+        _mm256_loadu_ps(v),
+        _mm256_i32gather_ps(
+            x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)), 4),
+        a0);
+    a1 = _mm256_fmadd_ps(
+        _mm256_loadu_ps(v + 8),
+        _mm256_i32gather_ps(
+            x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 8)),
+            4),
+        a1);
+  }
+  _mm256_storeu_ps(acc, a0);
+  _mm256_storeu_ps(acc + 8, a1);
+#else
+  for (int l = 0; l < 16; ++l) acc[l] = 0.0f;
+  for (int64_t k = 0; k < len; ++k)
+    for (int l = 0; l < 16; ++l)
+      acc[l] += val[16 * k + l] * x[col[16 * k + l]];
+#endif
+}
+
+// This thread's share of x @ S for a step (x [batch, ldx]), written to
+// sp.result [batch, m]: the slices are split between threads by entries.
+void SparseSlices(const SparseTerm& sp, const float* x, int64_t ldx,
+                  int64_t batch, int64_t m, int tid, int nt) {
+  static_assert(kSliceLanes == 16, "SliceDot works on 16 lanes");
+  const int64_t total = sp.slice_ptr[sp.num_slices];
+  const int64_t e0 = total * tid / nt, e1 = total * (tid + 1) / nt;
+  int64_t s = 0;
+  while (s < sp.num_slices && sp.slice_ptr[s] < e0) ++s;
+  for (; s < sp.num_slices && sp.slice_ptr[s] < e1; ++s) {
+    const int32_t* out = sp.slice_out + s * kSliceLanes;
+    for (int64_t b = 0; b < batch; ++b) {
+      alignas(64) float acc[kSliceLanes];
+      const int64_t k0 = sp.slice_ptr[s];
+      SliceDot(sp.slice_col + k0 * kSliceLanes,
+               sp.slice_val + k0 * kSliceLanes, sp.slice_ptr[s + 1] - k0,
+               x + b * ldx, acc);
+      float* y = sp.result + b * m;
+      for (int64_t l = 0; l < kSliceLanes; ++l)
+        if (out[l] >= 0) y[out[l]] = acc[l];
+    }
+  }
+  // Slice s runs on the thread whose entry range holds its first entry.
+  // Empty slices (outputs without entries, sorted last) never run: their
+  // results stay 0 from the setup.
+}
+
+// Whether a recurrent step must compute the sliced term.
+inline bool HasSlices(const Product& pr) {
+  return pr.chain.sparse.num_slices > 0;
+}
+
+// A gate functor (rnn_engine_impl.h) behind the sparse term: adds the
+// task's outputs of x @ S (computed by SparseSlices this step) to its
+// product, rec[b * ldv + q * tk.len + l] for gate q and the l-th unit,
+// then runs the gate math on it.
 template <class Gates>
 struct PlusSparse {
   const SparseTerm& sp;
-  const float* x;  // the product's input, [batch, units]
   int64_t batch, units;
   int gates;
   Gates next;
   void operator()(const Task& tk, float* rec, int64_t ldv) const {
-    SparseTaskAdd(sp, x, units, batch, units, gates, tk, rec, ldv);
+    if (sp.num_slices > 0) {
+      const int64_t m = gates * units;
+      for (int64_t b = 0; b < batch; ++b)
+        for (int q = 0; q < gates; ++q) {
+          const float* y = sp.result + b * m + q * units + tk.first_unit;
+          float* r = rec + b * ldv + q * tk.len;
+          for (int64_t l = 0; l < tk.len; ++l) r[l] += y[l * tk.unit_stride];
+        }
+    }
     next(tk, rec, ldv);
   }
 };

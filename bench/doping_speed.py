@@ -1,0 +1,260 @@
+"""Doping on the compiled op: doped Kronecker LSTMs vs Dense and LGP-Shuffle.
+
+Batch 1, 100 timesteps, input = hidden = d (800), float32 inference, one
+LSTM layer with the same scheme on both products. Rows: the op with
+`Dense` schemes, LGP-Shuffle at about the doped KP's multiply-adds, plain
+Kronecker, and Kronecker doped to about 10x and 25x LSTM compression (the
+sparse matrix's non-zeros and CSR indices counted as `Doped.cost` counts
+them: values + column indices + row pointers). Each is timed as the op
+called directly with its lowered stages (`kernel_stages`, the doped ones
+with their `SparseTerm`) as constant tensors, at 1 and 2 threads, and the
+doped and plain Kronecker also on the portable path (stock TF ops, the
+Keras layer in a ``tf.function``): as trained (``S * mask`` a dense masked
+matmul) and as exported (``S`` as constant CSR arrays, Gather and
+UnsortedSegmentSum).
+
+All rows are timed in one process, in interleaved rounds (every config
+once per round, the order rotating), and each time is the median over the
+rounds, so a change of machine load hits every row alike. Ratios are of
+times from this one run.
+
+Usage:
+    python bench/doping_speed.py [--d 800] [--rounds 15]
+
+Writes bench/results/doping_speed.md and doping_speed.json.
+"""
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+
+import keras_antman as am  # noqa: E402
+from keras_antman import doping  # noqa: E402
+from keras_antman.export import serving_constants  # noqa: E402
+from keras_antman import ops  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from speedup import machine  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEPS = 100
+
+
+def kron(d):
+    """Kronecker factors whose last shuffle (m2 = 40 groups) divides the
+    units, as the op's recurrent product needs; B [40, 40]."""
+    del d
+    return am.Kronecker(b_shape=(40, 40))
+
+
+def doped_sparsity(d, base, compression):
+    """The sparsity of S giving ``compression`` over the dense LSTM's two
+    d x 4d kernels, with S's values, column indices and row pointers
+    counted (`Doped.cost`)."""
+    n, m = d, 4 * d
+    per_product = 2 * n * m / compression / 2
+    nnz = (per_product - base.params(n, m) - (m + 1)) / 2
+    if nnz < 0:
+        raise SystemExit(f"{base.describe()} alone exceeds {compression}x")
+    return 1.0 - round(nnz) / (n * m)
+
+
+def lgp_groups(d, macs):
+    """LGP-Shuffle's g (dividing d and 4 d) whose MACs are nearest."""
+    choices = [g for g in range(2, d + 1) if d % g == 0]
+    return min(choices, key=lambda g: abs(d * 4 * d / g - macs))
+
+
+def layer(d, scheme, kernel, seed=0):
+    lay = am.StructuredLSTM(d, input_scheme=scheme, recurrent_scheme=scheme,
+                            kernel=kernel)
+    lay.build((1, STEPS, d))
+    rng = np.random.default_rng(seed)
+    for w in lay.weights:
+        if not w.path.endswith("mask"):
+            w.assign(rng.normal(scale=0.05, size=w.shape).astype("float32"))
+    for matrix in doping.doped_matrices(lay):
+        doping.prune(matrix, matrix.scheme.sparsity)
+    return lay
+
+
+def const(stages):
+    out = []
+    for s in stages:
+        if isinstance(s, ops.SparseTerm):
+            out.append(ops.SparseTerm(*(tf.constant(a) for a in s)))
+        else:
+            out.append(ops.Stage(tf.constant(s.blocks), s.shuffle))
+    return out
+
+
+def op_call(lay, x, threads):
+    cell = lay.cell
+    zeros = tf.zeros((1, cell.units))
+    args = (x, zeros, zeros, tf.constant(cell.bias),
+            const(cell.input_matrix.kernel_stages()),
+            const(cell.recurrent_matrix.kernel_stages()))
+    return lambda: ops.structured_lstm(*args, num_threads=threads)
+
+
+def portable_call(lay, x, served):
+    if served:
+        with serving_constants(lay):
+            fn = tf.function(lambda v: lay(v)).get_concrete_function(x)
+    else:
+        fn = tf.function(lambda v: lay(v)).get_concrete_function(x)
+    return lambda: fn(x)
+
+
+def configs(d):
+    n, m = d, 4 * d
+    rows = [("op Dense", am.Dense(), 8 * d * d)]
+    base = kron(d)
+    doped = {}
+    for c in (10, 25):
+        s = am.Doped(base, sparsity=doped_sparsity(d, base, c))
+        doped[c] = s
+        g = lgp_groups(d, s.macs(n, m))
+        rows.append((f"op LGP-Shuffle g={g} (MACs of doped KP {c}x)",
+                     am.LGPShuffle(g), None))
+    rows.append(("op Kronecker", base, None))
+    for c, s in doped.items():
+        rows.append((f"op doped KP ~{c}x", s, None))
+    return rows, base, doped
+
+
+def run(d, rounds):
+    rng = np.random.default_rng(d)
+    x = tf.constant(rng.normal(size=(1, STEPS, d)).astype("float32"))
+    rows, base, doped = configs(d)
+    calls, info = {}, {}
+    dense_params = 8 * d * d
+    for name, scheme, _ in rows:
+        lay = layer(d, scheme, "compiled")
+        mats = lay.products().values()
+        info[name] = {
+            "scheme": scheme.describe(),
+            "params": sum(mm.params() for mm in mats),
+            "macs_per_step": sum(mm.macs() for mm in mats),
+            "compression": dense_params / sum(mm.params() for mm in mats),
+        }
+        if isinstance(scheme, am.Doped):
+            info[name]["nnz_per_product"] = scheme.nnz(d, 4 * d)
+            info[name]["density"] = scheme.nnz(d, 4 * d) / (4 * d * d)
+        calls[name + " | 1 thread"] = op_call(lay, x, 1)
+        calls[name + " | 2 threads"] = op_call(lay, x, 2)
+    for name, scheme in [("Kronecker", base)] + [
+            (f"doped KP ~{c}x", s) for c, s in doped.items()]:
+        lay = layer(d, scheme, "portable")
+        calls[f"portable {name} | layer"] = portable_call(lay, x, False)
+        calls[f"portable {name} | exported form"] = portable_call(
+            lay, x, True)
+    # Check the op against the portable path before timing anything.
+    for c, s in doped.items():
+        a, b = layer(d, s, "compiled"), layer(d, s, "portable")
+        b.set_weights(a.get_weights())
+        np.testing.assert_allclose(a(x), b(x), rtol=2e-4, atol=2e-5)
+    times = {k: [] for k in calls}
+    keys = list(calls)
+    for fn in calls.values():  # warm up
+        fn()
+        fn()
+    for r in range(rounds):
+        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        for k in order:
+            t0 = time.perf_counter()
+            calls[k]()
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return med, info, rows
+
+
+def table(d, med, info, rows):
+    dense1 = med["op Dense | 1 thread"]
+    head = ["row", "scheme", "compression", "MACs/step", "1 thread (ms)",
+            "vs op Dense", "2 threads (ms)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, _, _ in rows:
+        i = info[name]
+        t1, t2 = med[name + " | 1 thread"], med[name + " | 2 threads"]
+        extra = (f", S {100 * i['density']:.2f}% dense"
+                 if "density" in i else "")
+        lines.append(
+            f"| {name} | {i['scheme']}{extra} | {i['compression']:.1f}x | "
+            f"{i['macs_per_step']:,} | {t1:.2f} | {dense1 / t1:.1f}x | "
+            f"{t2:.2f} |")
+    port = ["| portable path (stock TF ops, tf.function) | as trained: "
+            "dense masked S (ms) | exported form: CSR Gather + "
+            "SegmentSum (ms) |", "| --- | --- | --- |"]
+    for name in ["Kronecker", "doped KP ~10x", "doped KP ~25x"]:
+        port.append(f"| {name} | {med[f'portable {name} | layer']:.2f} | "
+                    f"{med[f'portable {name} | exported form']:.2f} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(port)
+
+
+def targets(med, rows):
+    out = []
+    dense = med["op Dense | 1 thread"]
+    lgp = {c: next(n for n, _, _ in rows if n.startswith("op LGP")
+                   and f"{c}x" in n) for c in (10, 25)}
+    for c in (10, 25):
+        t = med[f"op doped KP ~{c}x | 1 thread"]
+        t_lgp = med[lgp[c] + " | 1 thread"]
+        out.append(f"doped KP ~{c}x, 1 thread: {dense / t:.1f}x faster than "
+                   f"op Dense (target at 10x: >= 5x); {t / t_lgp:.2f}x the "
+                   f"time of {lgp[c]} (target: <= 1.5x)")
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d", type=int, default=800)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args()
+    if not ops.is_available():
+        raise SystemExit("The compiled op is not built: " + ops.HOW_TO_BUILD)
+    ops.set_num_threads(1)
+    med, info, rows = run(args.d, args.rounds)
+    lines = targets(med, rows)
+    text = (
+        "# Doping on the compiled op\n\n"
+        f"Machine: {machine()}.\n"
+        f"Batch 1, {STEPS} timesteps, input = hidden = d = {args.d}, "
+        "float32, inference; one LSTM layer, the same scheme on both "
+        "products. The op is called directly with its lowered stages as "
+        "constant tensors (1 or 2 OpenMP threads); the portable rows are "
+        "the Keras layer in a tf.function (TF intra/inter-op threads 1). "
+        f"Median of {args.rounds} interleaved rounds in one process; the "
+        "machine may have been loaded by other work (all rows alike). "
+        "Compression: the dense LSTM's 8 d^2 kernel weights over the "
+        "scheme's params, S's values and CSR indices included.\n\n"
+        f"Command: `python bench/doping_speed.py --d {args.d} --rounds "
+        f"{args.rounds}`\n\n"
+        + table(args.d, med, info, rows) + "\n\n"
+        + "\n".join(f"- {t}" for t in lines) + "\n")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "doping_speed.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, "doping_speed.json"), "w") as f:
+        json.dump({"machine": machine(), "d": args.d, "steps": STEPS,
+                   "rounds": args.rounds, "median_ms": med, "rows": info},
+                  f, indent=1)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
