@@ -11,12 +11,19 @@ with their `SparseTerm`) as constant tensors, at 1 and 2 threads, and the
 doped and plain Kronecker also on the portable path (stock TF ops, the
 Keras layer in a ``tf.function``): as trained (``S * mask`` a dense masked
 matmul) and as exported (``S`` as constant CSR arrays, Gather and
-UnsortedSegmentSum).
+UnsortedSegmentSum). One more doped row keeps ``S`` at the paper's 1%
+density (whatever compression that gives). "Kronecker, per-group GEMVs"
+is plain Kronecker with one element of its last tiled copy changed by
+one ulp, so that the op does not see equal blocks and runs them one GEMV
+per group, as it did before it ran equal blocks as one GEMM: the
+before/after of that change, in the same process.
 
 All rows are timed in one process, in interleaved rounds (every config
 once per round, the order rotating), and each time is the median over the
 rounds, so a change of machine load hits every row alike. Ratios are of
-times from this one run.
+times from this one run. Wall-clock times, and for one thread also the
+process CPU time of the call (less sensitive to other processes taking
+the cores; not to their use of the shared caches).
 
 Usage:
     python bench/doping_speed.py [--d 800] [--rounds 15]
@@ -43,8 +50,8 @@ tf.config.threading.set_inter_op_parallelism_threads(1)
 
 import keras_antman as am  # noqa: E402
 from keras_antman import doping  # noqa: E402
-from keras_antman.export import serving_constants  # noqa: E402
 from keras_antman import ops  # noqa: E402
+from keras_antman.export import serving_constants  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from speedup import machine  # noqa: E402
@@ -91,22 +98,27 @@ def layer(d, scheme, kernel, seed=0):
     return lay
 
 
-def const(stages):
+def const(stages, unshare=False):
+    """The lowering as constant tensors; ``unshare``: one element of the
+    last copy of each tiled stage moved by one ulp."""
     out = []
     for s in stages:
         if isinstance(s, ops.SparseTerm):
             out.append(ops.SparseTerm(*(tf.constant(a) for a in s)))
         else:
-            out.append(ops.Stage(tf.constant(s.blocks), s.shuffle))
+            blocks = np.array(s.blocks)
+            if unshare and blocks.shape[0] > 1:
+                blocks[-1, 0, 0] = np.nextafter(blocks[-1, 0, 0], 1.0)
+            out.append(ops.Stage(tf.constant(blocks), s.shuffle))
     return out
 
 
-def op_call(lay, x, threads):
+def op_call(lay, x, threads, unshare=False):
     cell = lay.cell
     zeros = tf.zeros((1, cell.units))
     args = (x, zeros, zeros, tf.constant(cell.bias),
-            const(cell.input_matrix.kernel_stages()),
-            const(cell.recurrent_matrix.kernel_stages()))
+            const(cell.input_matrix.kernel_stages(), unshare),
+            const(cell.recurrent_matrix.kernel_stages(), unshare))
     return lambda: ops.structured_lstm(*args, num_threads=threads)
 
 
@@ -121,7 +133,7 @@ def portable_call(lay, x, served):
 
 def configs(d):
     n, m = d, 4 * d
-    rows = [("op Dense", am.Dense(), 8 * d * d)]
+    rows = [("op Dense", am.Dense(), None)]
     base = kron(d)
     doped = {}
     for c in (10, 25):
@@ -131,8 +143,11 @@ def configs(d):
         rows.append((f"op LGP-Shuffle g={g} (MACs of doped KP {c}x)",
                      am.LGPShuffle(g), None))
     rows.append(("op Kronecker", base, None))
+    rows.append(("op Kronecker, per-group GEMVs (before)", base, "unshare"))
     for c, s in doped.items():
         rows.append((f"op doped KP ~{c}x", s, None))
+    rows.append(("op doped KP, S 1% dense", am.Doped(base, sparsity=0.99),
+                 None))
     return rows, base, doped
 
 
@@ -142,7 +157,7 @@ def run(d, rounds):
     rows, base, doped = configs(d)
     calls, info = {}, {}
     dense_params = 8 * d * d
-    for name, scheme, _ in rows:
+    for name, scheme, how in rows:
         lay = layer(d, scheme, "compiled")
         mats = lay.products().values()
         info[name] = {
@@ -154,8 +169,9 @@ def run(d, rounds):
         if isinstance(scheme, am.Doped):
             info[name]["nnz_per_product"] = scheme.nnz(d, 4 * d)
             info[name]["density"] = scheme.nnz(d, 4 * d) / (4 * d * d)
-        calls[name + " | 1 thread"] = op_call(lay, x, 1)
-        calls[name + " | 2 threads"] = op_call(lay, x, 2)
+        unshare = how == "unshare"
+        calls[name + " | 1 thread"] = op_call(lay, x, 1, unshare)
+        calls[name + " | 2 threads"] = op_call(lay, x, 2, unshare)
     for name, scheme in [("Kronecker", base)] + [
             (f"doped KP ~{c}x", s) for c, s in doped.items()]:
         lay = layer(d, scheme, "portable")
@@ -168,6 +184,7 @@ def run(d, rounds):
         b.set_weights(a.get_weights())
         np.testing.assert_allclose(a(x), b(x), rtol=2e-4, atol=2e-5)
     times = {k: [] for k in calls}
+    cpu = {k: [] for k in calls}
     keys = list(calls)
     for fn in calls.values():  # warm up
         fn()
@@ -175,27 +192,32 @@ def run(d, rounds):
     for r in range(rounds):
         order = keys[r % len(keys):] + keys[:r % len(keys)]
         for k in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             calls[k]()
             times[k].append(1e3 * (time.perf_counter() - t0))
+            cpu[k].append(1e3 * (time.process_time() - c0))
     med = {k: float(np.median(v)) for k, v in times.items()}
+    med.update({k + " | cpu": float(np.median(v)) for k, v in cpu.items()})
     return med, info, rows
 
 
 def table(d, med, info, rows):
     dense1 = med["op Dense | 1 thread"]
+    dense_cpu = med["op Dense | 1 thread | cpu"]
     head = ["row", "scheme", "compression", "MACs/step", "1 thread (ms)",
-            "vs op Dense", "2 threads (ms)"]
+            "vs op Dense", "1 thread, CPU time (ms)", "vs op Dense (CPU)",
+            "2 threads (ms)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, _, _ in rows:
         i = info[name]
         t1, t2 = med[name + " | 1 thread"], med[name + " | 2 threads"]
         extra = (f", S {100 * i['density']:.2f}% dense"
                  if "density" in i else "")
+        c1 = med[name + " | 1 thread | cpu"]
         lines.append(
             f"| {name} | {i['scheme']}{extra} | {i['compression']:.1f}x | "
             f"{i['macs_per_step']:,} | {t1:.2f} | {dense1 / t1:.1f}x | "
-            f"{t2:.2f} |")
+            f"{c1:.2f} | {dense_cpu / c1:.1f}x | {t2:.2f} |")
     port = ["| portable path (stock TF ops, tf.function) | as trained: "
             "dense masked S (ms) | exported form: CSR Gather + "
             "SegmentSum (ms) |", "| --- | --- | --- |"]
@@ -216,6 +238,11 @@ def targets(med, rows):
         out.append(f"doped KP ~{c}x, 1 thread: {dense / t:.1f}x faster than "
                    f"op Dense (target at 10x: >= 5x); {t / t_lgp:.2f}x the "
                    f"time of {lgp[c]} (target: <= 1.5x)")
+    before = med["op Kronecker, per-group GEMVs (before) | 1 thread"]
+    after = med["op Kronecker | 1 thread"]
+    out.append(f"Kronecker, 1 thread: {before:.2f} ms with one GEMV per "
+               f"group, {after:.2f} ms with equal blocks as one GEMM "
+               f"({before / after:.2f}x)")
     return out
 
 

@@ -7,9 +7,9 @@ input and recurrent arrays of different shapes, stage lists of the wrong
 length, ``num_threads`` 0 / -1 / huge, and sparse terms (CSR row pointers
 that do not start at 0, decrease, overrun or miss nnz; column indices
 negative or past the input; lengths and ranks that disagree; more than one
-term, or a candidate term with ``reset_after``). Tensors with a huge dimension always
-have another dimension 0, so nothing large is ever allocated by the
-fuzzer itself.
+term, or a candidate term with ``reset_after``). Tensors with a huge
+dimension always have another dimension 0, so nothing large is ever
+allocated by the fuzzer itself.
 
 A call may succeed or be rejected. A rejection must be a
 ``tf.errors.InvalidArgumentError`` whose message names an argument (or

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_export import _load_in_fresh_process
 
 import keras_antman as am
 from keras_antman import doping
@@ -18,7 +19,6 @@ from keras_antman import ops
 
 import reference
 from conftest import randomize_weights
-from test_export import _load_in_fresh_process
 
 pytestmark = pytest.mark.skipif(
     not ops.is_available(), reason="the compiled op library is not built")
