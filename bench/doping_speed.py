@@ -19,8 +19,11 @@ per group, as it did before it ran equal blocks as one GEMM: the
 before/after of that change, in the same process.
 
 All rows are timed in one process, in interleaved rounds (every config
-once per round, the order rotating), and each time is the median over the
-rounds, so a change of machine load hits every row alike. Ratios are of
+once per round, the order rotating), so a change of machine load hits
+every row alike. In a round a config runs once untimed, then ``--calls``
+timed calls back to back (a served model runs call after call, with its
+weights in cache; the first call after another config's starts cold);
+each time is the median over all rounds' timed calls. Ratios are of
 times from this one run. Wall-clock times, and for one thread also the
 process CPU time of the call (less sensitive to other processes taking
 the cores; not to their use of the shared caches).
@@ -42,6 +45,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -106,7 +110,7 @@ def const(stages, unshare=False):
         if isinstance(s, ops.SparseTerm):
             out.append(ops.SparseTerm(*(tf.constant(a) for a in s)))
         else:
-            blocks = np.array(s.blocks)
+            blocks = np.array(keras.ops.convert_to_numpy(s.blocks))
             if unshare and blocks.shape[0] > 1:
                 blocks[-1, 0, 0] = np.nextafter(blocks[-1, 0, 0], 1.0)
             out.append(ops.Stage(tf.constant(blocks), s.shuffle))
@@ -151,7 +155,7 @@ def configs(d):
     return rows, base, doped
 
 
-def run(d, rounds):
+def run(d, rounds, per_round):
     rng = np.random.default_rng(d)
     x = tf.constant(rng.normal(size=(1, STEPS, d)).astype("float32"))
     rows, base, doped = configs(d)
@@ -192,10 +196,12 @@ def run(d, rounds):
     for r in range(rounds):
         order = keys[r % len(keys):] + keys[:r % len(keys)]
         for k in order:
-            t0, c0 = time.perf_counter(), time.process_time()
             calls[k]()
-            times[k].append(1e3 * (time.perf_counter() - t0))
-            cpu[k].append(1e3 * (time.process_time() - c0))
+            for _ in range(per_round):
+                t0, c0 = time.perf_counter(), time.process_time()
+                calls[k]()
+                times[k].append(1e3 * (time.perf_counter() - t0))
+                cpu[k].append(1e3 * (time.process_time() - c0))
     med = {k: float(np.median(v)) for k, v in times.items()}
     med.update({k + " | cpu": float(np.median(v)) for k, v in cpu.items()})
     return med, info, rows
@@ -232,12 +238,16 @@ def targets(med, rows):
     dense = med["op Dense | 1 thread"]
     lgp = {c: next(n for n, _, _ in rows if n.startswith("op LGP")
                    and f"{c}x" in n) for c in (10, 25)}
+    dense_cpu = med["op Dense | 1 thread | cpu"]
     for c in (10, 25):
         t = med[f"op doped KP ~{c}x | 1 thread"]
         t_lgp = med[lgp[c] + " | 1 thread"]
+        c1 = med[f"op doped KP ~{c}x | 1 thread | cpu"]
+        c_lgp = med[lgp[c] + " | 1 thread | cpu"]
         out.append(f"doped KP ~{c}x, 1 thread: {dense / t:.1f}x faster than "
-                   f"op Dense (target at 10x: >= 5x); {t / t_lgp:.2f}x the "
-                   f"time of {lgp[c]} (target: <= 1.5x)")
+                   f"op Dense (CPU time: {dense_cpu / c1:.1f}x; target at "
+                   f"10x: >= 5x); {t / t_lgp:.2f}x the time of {lgp[c]} "
+                   f"(CPU time: {c1 / c_lgp:.2f}x; target: <= 1.5x)")
     before = med["op Kronecker, per-group GEMVs (before) | 1 thread"]
     after = med["op Kronecker | 1 thread"]
     out.append(f"Kronecker, 1 thread: {before:.2f} ms with one GEMV per "
@@ -249,13 +259,15 @@ def targets(med, rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d", type=int, default=800)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--calls", type=int, default=3,
+                        help="timed calls per config and round")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
     if not ops.is_available():
         raise SystemExit("The compiled op is not built: " + ops.HOW_TO_BUILD)
     ops.set_num_threads(1)
-    med, info, rows = run(args.d, args.rounds)
+    med, info, rows = run(args.d, args.rounds, args.calls)
     lines = targets(med, rows)
     text = (
         "# Doping on the compiled op\n\n"
@@ -265,12 +277,19 @@ def main():
         "products. The op is called directly with its lowered stages as "
         "constant tensors (1 or 2 OpenMP threads); the portable rows are "
         "the Keras layer in a tf.function (TF intra/inter-op threads 1). "
-        f"Median of {args.rounds} interleaved rounds in one process; the "
-        "machine may have been loaded by other work (all rows alike). "
+        f"{args.rounds} interleaved rounds in one process, each running "
+        f"every config once untimed then {args.calls} timed calls; the "
+        "median of the timed calls. The machine was shared with other "
+        "work (load average at the start: "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): all rows "
+        "alike on one thread, but the 2-thread OpenMP team waits at a "
+        "barrier every step, so a core taken by another process stalls "
+        "it (see bench/results/speedup.md for 2-thread runs on a quiet "
+        "machine). "
         "Compression: the dense LSTM's 8 d^2 kernel weights over the "
         "scheme's params, S's values and CSR indices included.\n\n"
         f"Command: `python bench/doping_speed.py --d {args.d} --rounds "
-        f"{args.rounds}`\n\n"
+        f"{args.rounds} --calls {args.calls}`\n\n"
         + table(args.d, med, info, rows) + "\n\n"
         + "\n".join(f"- {t}" for t in lines) + "\n")
     os.makedirs(args.out, exist_ok=True)
@@ -278,7 +297,9 @@ def main():
         f.write(text)
     with open(os.path.join(args.out, "doping_speed.json"), "w") as f:
         json.dump({"machine": machine(), "d": args.d, "steps": STEPS,
-                   "rounds": args.rounds, "median_ms": med, "rows": info},
+                   "rounds": args.rounds, "calls_per_round": args.calls,
+                   "load_average": os.getloadavg(), "median_ms": med,
+                   "rows": info},
                   f, indent=1)
     print(text)
 
