@@ -42,7 +42,9 @@ argument               product
 For example, a dense kernel ``k`` is ``[Stage(k[None], False)]``, a
 factorization ``u @ v`` is ``[Stage(u[None], False), Stage(v[None],
 False)]``, and g blocks on the diagonal followed by the shuffle are
-``[Stage(blocks, True)]``.
+``[Stage(blocks, True)]``. A stage whose g blocks are all equal (a tiled
+Kronecker factor) runs as one GEMM with the groups as rows instead of g
+small ones; the op compares the blocks on every call.
 
 A product may also add one sparse matrix: a `SparseTerm` in the list
 (after the stages) makes it ``x @ W = chain(x) + x @ S``, with ``S``
@@ -50,8 +52,12 @@ A product may also add one sparse matrix: a `SparseTerm` in the list
 output is one sparse dot product over ``x`` and threads split the outputs
 without sharing). `sparse_term` builds it from a dense matrix. In the input
 product of all steps the op transposes a chunk of rows of ``x`` and runs
-each non-zero as a vector multiply-add over the rows; in a recurrent step,
-each output is a gathered dot product with ``h``. A scheme with
+each non-zero as a vector multiply-add over the rows; for the recurrent
+steps it re-packs ``S`` once per call (outputs sorted by their number of
+non-zeros, 16 per slice, one per vector lane) and each step runs a slice
+entry as one gather of ``h`` and one multiply-add, the slices split
+between threads. The op checks every row pointer and column index on
+every call (O(m + nnz)). A scheme with
 unstructured non-zeros (``Doped``, later grow-and-prune) lowers to its
 base's stages plus this term.
 
