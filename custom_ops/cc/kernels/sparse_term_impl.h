@@ -2,7 +2,9 @@
 // y += x @ S with S given as CSR of S^T, so each output column j is one
 // sparse dot product over the input row. Included by rnn_engine_impl.h
 // inside its anonymous namespace (it uses vf, V, LoadU, Splat, Task); like
-// that file it includes nothing.
+// that file it includes nothing. The gathers are intrinsics, chosen by
+// KA_VBYTES: rnn_engine_avx2.cc and rnn_engine_avx512.cc include
+// <immintrin.h> for them; the generic build loops.
 //
 // Two shapes of work:
 // - the input product of all steps (many rows): a chunk of rows is
