@@ -42,7 +42,24 @@ argument               product
 For example, a dense kernel ``k`` is ``[Stage(k[None], False)]``, a
 factorization ``u @ v`` is ``[Stage(u[None], False), Stage(v[None],
 False)]``, and g blocks on the diagonal followed by the shuffle are
-``[Stage(blocks, True)]``.
+``[Stage(blocks, True)]``. A stage whose g blocks are all equal (a tiled
+Kronecker factor) runs as one GEMM with the groups as rows instead of g
+small ones; the op compares the blocks on every call.
+
+A product may also add one sparse matrix: a `SparseTerm` in the list
+(after the stages) makes it ``x @ W = chain(x) + x @ S``, with ``S``
+[n, m] given as CSR of ``S^T`` (one CSR row per output column, so each
+output is one sparse dot product over ``x`` and threads split the outputs
+without sharing). `sparse_term` builds it from a dense matrix. In the input
+product of all steps the op transposes a chunk of rows of ``x`` and runs
+each non-zero as a vector multiply-add over the rows; for the recurrent
+steps it re-packs ``S`` once per call (outputs sorted by their number of
+non-zeros, 16 per slice, one per vector lane) and each step runs a slice
+entry as one gather of ``h`` and one multiply-add, the slices split
+between threads. The op checks every row pointer and column index on
+every call (O(m + nnz)). A scheme with
+unstructured non-zeros (``Doped``, later grow-and-prune) lowers to its
+base's stages plus this term.
 
 Threads: one OpenMP team per op call, one thread by default. Set the
 process-wide count with `set_num_threads` (or ``KERAS_ANTMAN_NUM_THREADS``
@@ -97,6 +114,63 @@ Attributes:
 """
 Stage.blocks.__doc__ = "float32 [g, a, b]; a dense [n, m] matrix is [1, n, m]."
 Stage.shuffle.__doc__ = "bool: shuffle-mix the output of this stage."
+
+SparseTerm = collections.namedtuple(
+    "SparseTerm", ["row_ptr", "col_idx", "values"])
+SparseTerm.__doc__ = """\
+A sparse matrix ``S`` [n, m] added to a product: ``y = chain(x) + x @ S``.
+
+Given as CSR of ``S^T`` (rows are the outputs): output ``j`` is
+``sum(values[k] * x[..., col_idx[k]] for k in range(row_ptr[j],
+row_ptr[j + 1]))``. The op checks every entry: ``row_ptr`` starts at 0,
+never decreases and ends at ``nnz``; every ``col_idx`` is in [0, n).
+`sparse_term` builds one from a dense matrix. At most one per product,
+after its stages.
+
+Attributes:
+    row_ptr: int32 [m + 1].
+    col_idx: int32 [nnz], input indices, ascending within a row (not
+        required).
+    values: float32 [nnz].
+"""
+SparseTerm.row_ptr.__doc__ = "int32 [m + 1]: where each output's entries start."
+SparseTerm.col_idx.__doc__ = "int32 [nnz]: the input index of each entry."
+SparseTerm.values.__doc__ = "float32 [nnz]: the entries."
+
+
+def sparse_term(matrix):
+    """The `SparseTerm` of the non-zeros of a dense ``[n, m]`` matrix.
+
+    Works on NumPy arrays (the result holds NumPy arrays, e.g. constants of
+    an exported graph) and on tensors or variables (TF ops, so it runs
+    inside a traced function with the matrix's current value).
+
+    Args:
+        matrix: float32 ``[n, m]``; its zeros are left out.
+
+    Returns:
+        `SparseTerm` (CSR of ``matrix.T``).
+    """
+    if isinstance(matrix, np.ndarray):
+        t = np.asarray(matrix, "float32").T
+        rows, cols = np.nonzero(t)  # row-major: sorted by output
+        counts = np.bincount(rows, minlength=t.shape[0])
+        row_ptr = np.concatenate([[0], np.cumsum(counts)]).astype("int32")
+        return SparseTerm(row_ptr, cols.astype("int32"), t[rows, cols])
+    t = tf.transpose(tf.convert_to_tensor(matrix, tf.float32))
+    where = tf.where(tf.not_equal(t, 0.0))  # row-major: sorted by output
+    rows = tf.cast(where[:, 0], tf.int32)
+    counts = tf.math.bincount(rows, minlength=tf.shape(t)[0],
+                              maxlength=tf.shape(t)[0], dtype=tf.int32)
+    row_ptr = tf.concat([[0], tf.cumsum(counts)], 0)
+    return SparseTerm(row_ptr, tf.cast(where[:, 1], tf.int32),
+                      tf.gather_nd(t, where))
+
+
+def lowered_stages(elements):
+    """The `Stage` elements of a lowering (a list that may end with a
+    `SparseTerm`), in order."""
+    return [e for e in elements if not isinstance(e, SparseTerm)]
 
 _PORTABLE_ENV = "KERAS_ANTMAN_PORTABLE"
 _ISA_ENV = "KERAS_ANTMAN_ISA"
@@ -467,9 +541,12 @@ def _describe(value):
 
 
 def _stages(stages, argname):
-    """Checks a chain given in Python; returns (blocks list, shuffle list).
+    """Checks a chain given in Python; returns (blocks list, shuffle list,
+    sparse inputs).
 
-    Shapes are left to the op, which checks them (the blocks may be
+    The chain may end with one `SparseTerm`; the sparse inputs are then
+    ``[[row_ptr], [col_idx], [values]]``, else three empty lists. Shapes
+    and contents are left to the op, which checks them (the arrays may be
     symbolic tensors here).
     """
     expected = (
@@ -487,8 +564,23 @@ def _stages(stages, argname):
         raise TypeError(f"{expected}. Received: {_describe(stages)}")
     if not stages:
         raise ValueError(f"{expected}; received an empty list.")
+    sparse = [[], [], []]
+    if isinstance(stages[-1], SparseTerm):
+        sparse = [[stages[-1].row_ptr], [stages[-1].col_idx],
+                  [stages[-1].values]]
+        stages = stages[:-1]
+    if not stages:
+        raise ValueError(
+            f"{expected}; received no stage (a SparseTerm alone is not a "
+            f"product: give the stages first, e.g. a [1, n, m] zero matrix)."
+        )
     blocks, shuffle = [], []
     for i, stage in enumerate(stages):
+        if isinstance(stage, SparseTerm):
+            raise TypeError(
+                f"{expected}; {argname}[{i}] is a SparseTerm, which may only "
+                f"come last (one per product)."
+            )
         if isinstance(stage, (str, bytes)) or not (
             isinstance(stage, collections.abc.Sequence) and len(stage) == 2
         ):
@@ -503,7 +595,13 @@ def _stages(stages, argname):
             )
         blocks.append(array)
         shuffle.append(bool(flag))
-    return blocks, shuffle
+    return blocks, shuffle, sparse
+
+
+def _sparse_args(product, sparse):
+    """The op's three sparse-term inputs of ``product``."""
+    return {f"{product}_sparse_{part}": arrays for part, arrays in
+            zip(("row_ptr", "col_idx", "values"), sparse)}
 
 
 def structured_lstm(
@@ -529,9 +627,10 @@ def structured_lstm(
         initial_c: float32 [batch, units].
         bias: float32 [4 * units].
         input_stages: list of `Stage` (or ``(blocks, shuffle)`` pairs), the
-            input product (features -> 4 * units).
-        recurrent_stages: list of `Stage`, the recurrent product (units ->
-            4 * units).
+            input product (features -> 4 * units), optionally ending with
+            a `SparseTerm` added to it.
+        recurrent_stages: list of `Stage` (and an optional `SparseTerm`),
+            the recurrent product (units -> 4 * units).
         go_backwards: process the steps from last to first; the returned
             sequence is then in processing order (reversed), as in Keras.
         return_sequences: return every step's output, not only the last.
@@ -558,12 +657,15 @@ def structured_lstm(
     ...     np.zeros((1, 2), "float32"), np.zeros((8,), "float32"),
     ...     [Stage(k_in[None])], [Stage(k_rec[None])])
     """
-    in_blocks, in_shuffle = _stages(input_stages, "input_stages")
-    rec_blocks, rec_shuffle = _stages(recurrent_stages, "recurrent_stages")
+    in_blocks, in_shuffle, in_sparse = _stages(input_stages, "input_stages")
+    rec_blocks, rec_shuffle, rec_sparse = _stages(
+        recurrent_stages, "recurrent_stages")
     num_threads = _num_threads_attr(num_threads)
     lib = load()
     return tuple(
         lib.keras_antman_structured_lstm(
+            **_sparse_args("input", in_sparse),
+            **_sparse_args("recurrent", rec_sparse),
             x=x,
             initial_h=initial_h,
             initial_c=initial_c,
@@ -625,8 +727,10 @@ def structured_gru(
             None or an int >= 0.
         CompiledOpsUnavailableError: see `load`.
     """
-    in_blocks, in_shuffle = _stages(input_stages, "input_stages")
-    rec_blocks, rec_shuffle = _stages(recurrent_stages, "recurrent_stages")
+    in_blocks, in_shuffle, in_sparse = _stages(input_stages, "input_stages")
+    rec_blocks, rec_shuffle, rec_sparse = _stages(
+        recurrent_stages, "recurrent_stages")
+    cand_sparse = [[], [], []]
     if reset_after:
         if candidate_stages is not None and (
             not isinstance(candidate_stages, collections.abc.Sequence)
@@ -647,13 +751,16 @@ def structured_gru(
                 "gates z and r) and candidate_stages product B (units -> "
                 "units, applied to r * h)."
             )
-        cand_blocks, cand_shuffle = _stages(
+        cand_blocks, cand_shuffle, cand_sparse = _stages(
             candidate_stages, "candidate_stages"
         )
     num_threads = _num_threads_attr(num_threads)
     lib = load()
     return tuple(
         lib.keras_antman_structured_gru(
+            **_sparse_args("input", in_sparse),
+            **_sparse_args("recurrent", rec_sparse),
+            **_sparse_args("candidate", cand_sparse),
             x=x,
             initial_h=initial_h,
             bias=bias,

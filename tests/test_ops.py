@@ -742,6 +742,11 @@ def test_block_diag_matmul(shuffle, threads):
 # -- bad inputs: InvalidArgument naming the argument ------------------------
 
 
+# The raw ops' sparse-term inputs, empty: no term (lists of 0 tensors).
+NO_SPARSE = {f"{p}_sparse_{part}": [] for p in ("input", "recurrent")
+             for part in ("row_ptr", "col_idx", "values")}
+
+
 def lstm_raw(**over):
     """Calls the raw op (no Python-side checks) with overrides."""
     case = lstm_case("blocks_shuffle", "low_rank", seed=2)
@@ -754,6 +759,7 @@ def lstm_raw(**over):
         recurrent_stages=[s.blocks for s in case["recurrent_stages"]],
         input_shuffle=[True],
         recurrent_shuffle=[False, False],
+        **NO_SPARSE,
     )
     args.update(over)
     return ops.load().keras_antman_structured_lstm(**args)
@@ -908,6 +914,10 @@ def gru_raw(reset_after, **over):
         recurrent_shuffle=[False],
         candidate_shuffle=[False] * len(cand),
         reset_after=reset_after,
+        **NO_SPARSE,
+        candidate_sparse_row_ptr=[],
+        candidate_sparse_col_idx=[],
+        candidate_sparse_values=[],
     )
     args.update(over)
     return ops.load().keras_antman_structured_gru(**args)

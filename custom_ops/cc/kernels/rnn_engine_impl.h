@@ -1,11 +1,12 @@
 // The engine's kernels, written once with GCC vector extensions and
 // compiled once per instruction set: each rnn_engine_<isa>.cc includes this
 // file inside namespace keras_antman::<isa> after setting the target and
-// KA_VBYTES (the vector width in bytes). This file includes nothing (the
-// AVX2 and AVX-512 files include <immintrin.h> for masked moves) and
-// everything in it has internal linkage except RunRnn and RunBlockDiag, so
-// no differently-compiled copy of a function can be picked by the linker
-// for another instruction set.
+// KA_VBYTES (the vector width in bytes). This file includes nothing but
+// its own part sparse_term_impl.h (the AVX2 and AVX-512 files include
+// <immintrin.h> for masked moves and gathers), and everything in it has
+// internal linkage except RunRnn and RunBlockDiag, so no
+// differently-compiled copy of a function can be picked by the linker for
+// another instruction set.
 //
 // Row-vector convention: y = x @ W with W [n, m] row-major.
 
@@ -415,6 +416,26 @@ void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
 void StageColumns(const Stage& s, const float* x, int64_t ldx, int64_t rows,
                   int64_t c0, int64_t c1, float* y, int64_t ldy,
                   float* pack = nullptr) {
+  if (s.shared) {  // whole groups in range: rows of one GEMM with block 0
+    const int64_t gi0 = (c0 + s.b - 1) / s.b, gi1 = c1 / s.b;
+    if (gi0 < gi1) {
+      // Groups before gi0 and from gi1 on, then this.
+      StageColumns(Stage{s.w, s.g, s.a, s.b, s.shuffle, false}, x, ldx, rows,
+                   c0, gi0 * s.b, y, ldy, pack);
+      StageColumns(Stage{s.w, s.g, s.a, s.b, s.shuffle, false}, x, ldx, rows,
+                   gi1 * s.b, c1, y + (gi1 * s.b - c0), ldy, pack);
+      const int64_t ng = gi1 - gi0;
+      float* yg = y + (gi0 * s.b - c0);
+      if (ng == s.g && ldx == s.g * s.a && ldy == s.g * s.b) {
+        Gemm(x, s.a, rows * s.g, s.w, s.b, s.a, s.b, yg, s.b, pack);
+        return;
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        Gemm(x + r * ldx + gi0 * s.a, s.a, ng, s.w, s.b, s.a, s.b,
+             yg + r * ldy, s.b, pack);
+      return;
+    }
+  }
   while (c0 < c1) {
     const int64_t gi = c0 / s.b;
     const int64_t cend = Min(c1, (gi + 1) * s.b);
@@ -474,8 +495,10 @@ inline void ScatterUnits(const float* src, const Task& tk, float* row) {
   Scatter(src, tk.len, row + tk.first_unit, tk.unit_stride);
 }
 
-// The input product for every (batch, step) row at once, then the gather
-// into the slot layout with the bias folded in.
+#include "custom_ops/cc/kernels/sparse_term_impl.h"
+
+// The input product for every (batch, step) row at once (its sparse term
+// included), then the gather into the slot layout with the bias folded in.
 void InputPhase(const RnnPlan& p, int tid, int nt) {
   const Chain& ch = p.input;
   const int64_t rows = p.batch * p.steps, zw = p.z_width;
@@ -507,6 +530,9 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
       in = out;
       ldx = ldy;
     }
+    SparseRowsAdd(ch.sparse, ch.n, ch.m, ch.stages[ch.num_stages - 1],
+                  p.x + r * ch.n, ch.n, rc, thread_scratch + p.off_sparse_x,
+                  p.x_proj + r * zw, zw);
     for (int64_t i = 0; i < rc; ++i) {
       float* z = p.x_proj + (r + i) * zw;
       const float* src = z;  // one run is the identity: in place
@@ -572,6 +598,15 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
     // u = i + g * l: exactly the task layout, so it is written in place.
     const int64_t g0 = s.g * tid / nt, g1 = s.g * (tid + 1) / nt;
     const int64_t len = units / s.g;
+    if (s.shared) {  // the thread's groups as rows of one GEMM per row
+      const int64_t ldv = (g1 - g0) * s.b;
+      for (int64_t r = 0; r < batch; ++r)
+        Gemm(in + r * ldx + g0 * s.a, s.a, g1 - g0, s.w, s.b, s.a, s.b,
+             task_product + r * ldv, s.b);
+      for (int64_t i = g0; i < g1; ++i)
+        gate(Task{i, s.g, len, i * len}, task_product + (i - g0) * s.b, ldv);
+      return;
+    }
     for (int64_t j = 0; j < g1 - g0; ++j) {
       const int64_t i = rev ? g1 - 1 - j : g0 + j;
       Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b,
@@ -789,17 +824,32 @@ void RecurrentPhase(const RnnPlan& p, int tid, int nt, Sync& sync) {
                       p.h[s & 1], p.h[(s + 1) & 1], v};
     const bool rev = (s & 1) != 0;
     int64_t ldx;
+    // A sparse term's outputs are all computed before the last stage; a
+    // chain of 2+ stages has a barrier in Intermediate in between.
+    if (HasSlices(p.recurrent)) {
+      SparseSlices(p.recurrent.chain.sparse, st.h_prev, units, batch,
+                   p.recurrent.gates * units, tid, nt);
+      if (p.recurrent.chain.num_stages == 1) sync.Wait();
+    }
     const float* in =
         Intermediate(p.recurrent, st.h_prev, batch, tid, nt, sync,
                      unshuffled, &ldx);
     LastStage(p.recurrent, in, ldx, batch, units, tid, nt, rev, task_product,
-              Gates{st});
+              PlusSparse<Gates>{p.recurrent.chain.sparse, batch, units,
+                                p.recurrent.gates, Gates{st}});
     if constexpr (Candidate::kPresent) {
       sync.Wait();  // every unit's r * h_prev is written
+      if (HasSlices(p.candidate)) {
+        SparseSlices(p.candidate.chain.sparse, p.reset_h_prev, units, batch,
+                     units, tid, nt);
+        if (p.candidate.chain.num_stages == 1) sync.Wait();
+      }
       in = Intermediate(p.candidate, p.reset_h_prev, batch, tid, nt, sync,
                         unshuffled, &ldx);
       LastStage(p.candidate, in, ldx, batch, units, tid, nt, rev,
-                task_product, Candidate{st});
+                task_product,
+                PlusSparse<Candidate>{p.candidate.chain.sparse, batch, units,
+                                      1, Candidate{st}});
     }
     sync.Wait();
   }
