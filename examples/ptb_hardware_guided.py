@@ -404,16 +404,13 @@ def stage_measure(run):
     x = np.random.default_rng(0).normal(size=(1, steps, width)).astype(
         "float32")
     load = list(os.getloadavg())
-    times = hw.measure(candidates, x, repeats=a.measure_repeats, warmup=5)
+    samples = dict(zip(candidates, hw.round_robin_samples(
+        [_call(m, x) for m in candidates.values()], a.measure_repeats, 5)))
     out = {}
     for name, ps in paths.items():
-        t = {p: times[f"{name}|{p}"] for p in ps}
-        best = min(t, key=lambda p: t[p].median_ms)
-        out[name] = dict(
-            best_path=best, median_ms=t[best].median_ms,
-            iqr_ms=t[best].spread_ms,
-            paths={p: dict(median_ms=v.median_ms, iqr_ms=v.spread_ms,
-                           repeats=v.repeats) for p, v in t.items()})
+        t = {p: _stats(samples[f"{name}|{p}"]) for p in ps}
+        best = min(t, key=lambda p: t[p]["median_ms"])
+        out[name] = dict(best_path=best, **t[best], paths=t)
     run.results["latency"] = dict(
         rows=out, steps=steps, width=width, batch=1, threads=1,
         repeats=a.measure_repeats, load_average_1_5_15_at_start=load,
@@ -425,6 +422,24 @@ def stage_measure(run):
         print(f"{name}: {r['median_ms']:.3f} ms ({r['best_path']})")
 
 
+def _call(model, x):
+    """A call of ``model`` on ``x`` as `keras_antman.hardware.measure`
+    makes it (inference, in a ``tf.function``)."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda v: model(v, training=False))
+    x = tf.constant(x)
+    return lambda: fn(x)
+
+
+def _stats(ms):
+    """Median, interquartile range and 10th percentile of latencies (ms):
+    on a loaded machine the 10th percentile is the least disturbed."""
+    p10, q25, q50, q75 = np.percentile(ms, [10, 25, 50, 75])
+    return dict(median_ms=float(q50), iqr_ms=float(q75 - q25),
+                p10_ms=float(p10), repeats=len(ms))
+
+
 def _reused_rows(run):
     with open(os.path.join(run.args.teacher_run, "results.json")) as f:
         old = json.load(f)
@@ -432,6 +447,11 @@ def _reused_rows(run):
     for o, new in REUSED.items():
         rows[new] = old["students"][o]
     return rows
+
+
+def _loads(d, when):
+    return ", ".join(f"{x:.2f}" for x in
+                     d.get(f"load_average_1_5_15_at_{when}", []))
 
 
 def stage_report(run):
@@ -444,9 +464,11 @@ def stage_report(run):
     k = res.get("latency", {}).get("machine", cv.get("key", {}))
     table = [
         "| model | test ppl | vs teacher | LSTM params (nonzero) | LSTM "
-        "MACs/token | latency median (ms) | IQR (ms) | path | other path "
-        "(ms) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+        "MACs/token | latency median (ms) | IQR (ms) | 10th pct (ms) | "
+        "median / AntMan 10x | path | other path, median (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+        "--- | --- |"]
+    ref = lat.get(REUSED["LGP-Shuffle g=10"], {}).get("median_ms")
     for name, r in rows.items():
         t = lat.get(name, {})
         others = ", ".join(f"{p} {v['median_ms']:.3f}" for p, v in
@@ -457,8 +479,10 @@ def stage_report(run):
             f"{100 * (r['test_ppl'] / teacher - 1):+.1f}% | "
             f"{r['lstm_params']:,} ({nz:,}) | {r['lstm_macs']:,} | "
             + (f"{t['median_ms']:.3f} | {t['iqr_ms']:.3f} | "
+               f"{t.get('p10_ms', float('nan')):.3f} | "
+               f"{t['median_ms'] / ref if ref else float('nan'):.2f} | "
                f"{t['best_path']} | {others or '-'} |" if t else
-               "- | - | - | - |"))
+               "- | - | - | - | - | - |"))
     budget = cv.get("budget", {})
     choice, dense = cv.get("choice", {}), cv.get("dense_choice", {})
     conf = cv.get("confirm", {})
@@ -478,8 +502,8 @@ def stage_report(run):
         "one core (`taskset -c 1`), TF intra/inter-op threads "
         f"{k.get('tf_threads')}, op threads 1. Load average (1, 5, 15 min) "
         f"at the start / end of the timing: "
-        f"{res.get('latency', {}).get('load_average_1_5_15_at_start')} / "
-        f"{res.get('latency', {}).get('load_average_1_5_15_at_end')} (a "
+        f"{_loads(res.get('latency', {}), 'start')} / "
+        f"{_loads(res.get('latency', {}), 'end')} (a "
         "shared 2-core VM; other jobs ran).",
         "",
         "## Rows at equal measured latency",
@@ -487,13 +511,20 @@ def stage_report(run):
         *table,
         "",
         "Latency: every row's stack timed interleaved in one process "
-        f"(`keras_antman.hardware.measure`, {a.measure_repeats} rounds, "
-        "5 warm-up calls), on each path it has: stock Keras (`keras`) and "
+        "(`keras_antman.hardware.round_robin_samples`, calls as "
+        f"`hardware.measure` makes them: {a.measure_repeats} rounds, 5 "
+        "warm-up calls), on each path it has: stock Keras (`keras`) and "
         "the compiled op with Dense schemes (`op`, `compress(stack)`) for "
         "stock LSTMs, zeros included (main has no sparse path: the "
         "unstructured zeros of the hardware-guided row cost as much as "
         "dense weights), the op for structured ones; the faster is the "
-        "row's. IQR: interquartile range. Params: both LSTM layers "
+        "row's (lowest median). IQR: interquartile range; 10th pct: the "
+        "10th percentile, the least disturbed by other jobs on this loaded "
+        "machine; median / AntMan 10x: the row's median over the "
+        "LGP-Shuffle g=10 row's, the latency budget. The stacks return "
+        "every timestep (as in the model), so they differ slightly from "
+        "the curve's, whose last layer returns the last step only. "
+        "Params: both LSTM layers "
         "(weights + biases), nonzero in brackets; MACs as executed (zeros "
         "included).",
         "",
@@ -595,7 +626,7 @@ def build_parser():
     p.add_argument("--confirm-window", type=int, default=16)
     p.add_argument("--confirm-repeats", type=int, default=121)
     p.add_argument("--confirm-rounds", type=int, default=3)
-    p.add_argument("--measure-repeats", type=int, default=301)
+    p.add_argument("--measure-repeats", type=int, default=1001)
     p.add_argument("--grow-fraction", type=float, default=0.1)
     p.add_argument("--gp-frequency", type=int, default=50)
     p.add_argument("--gp-schedule", type=ptb._floats,

@@ -137,6 +137,7 @@ def test_curve_students_measure_report(example, tmp_path):
     for r in lat.values():
         assert r["median_ms"] == min(p["median_ms"]
                                      for p in r["paths"].values())
+        assert r["p10_ms"] <= r["median_ms"] and r["repeats"] == 3
     table = (out / "ptb_hardware_results.md").read_text()
     assert all(n in table for n in lat)
     assert "--stages curve" in table and "ISA" in table
