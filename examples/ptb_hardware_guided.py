@@ -627,7 +627,8 @@ def build_parser():
     p.add_argument("--confirm-repeats", type=int, default=121)
     p.add_argument("--confirm-rounds", type=int, default=3)
     p.add_argument("--measure-repeats", type=int, default=1001)
-    p.add_argument("--grow-fraction", type=float, default=0.1)
+    p.add_argument("--grow-fraction", type=float, default=0.05,
+                   help="of each kernel's entries grown per event")
     p.add_argument("--gp-frequency", type=int, default=50)
     p.add_argument("--gp-schedule", type=ptb._floats,
                    default=[0.05, 0.2, 0.75],
