@@ -56,6 +56,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -238,22 +239,27 @@ def _lstms(model):
 
 
 class _MaskState(keras.callbacks.Callback):
-    """Saves the masks and the callbacks' step counters with each chunk,
-    so a resumed run continues on the same masks and schedule."""
+    """Saves the masks and the callbacks' step counters at each chunk's
+    end (before the chunk's backup), so a resumed run continues on the
+    same masks and schedule."""
 
     def __init__(self, masks, grow, prune, path):
         super().__init__()
         self.masks, self.grow, self.prune, self.path = (
             masks, grow, prune, path)
 
-    def restore(self):
-        if not os.path.exists(self.path + ".npz"):
+    def restore(self, chunks):
+        """Loads the state saved after ``chunks`` chunks; False if the
+        saved state is of another chunk (or absent)."""
+        if not os.path.exists(self.path + ".json"):
+            return False
+        with open(self.path + ".json") as f:
+            s = json.load(f)
+        if s["chunks"] != chunks:
             return False
         with np.load(self.path + ".npz") as f:
             self.masks.set_masks([f[f"m{i}"] for i in
                                   range(len(self.masks.masks))])
-        with open(self.path + ".json") as f:
-            s = json.load(f)
         self.grow.step, self.grow.grown = s["grow_step"], s["grown"]
         self.prune.step, self.prune.pruned = s["prune_step"], s["pruned"]
         return True
@@ -263,7 +269,8 @@ class _MaskState(keras.callbacks.Callback):
         np.savez(self.path + ".tmp.npz", **arrays)
         os.replace(self.path + ".tmp.npz", self.path + ".npz")
         with open(self.path + ".tmp", "w") as f:
-            json.dump(dict(grow_step=self.grow.step, grown=self.grow.grown,
+            json.dump(dict(chunks=epoch + 1, grow_step=self.grow.step,
+                           grown=self.grow.grown,
                            prune_step=self.prune.step,
                            pruned=self.prune.pruned), f)
         os.replace(self.path + ".tmp", self.path + ".json")
@@ -295,9 +302,16 @@ def train_hw(run, teacher, units, name, grow_prune=True):
                          frequency=a.gp_frequency)
         state = _MaskState(masks, grow, prune,
                            run.file(f"masks_{ptb._slug(name)}"))
-        backup = os.path.join(run.file(f"backup_{ptb._slug(key)}"),
-                              "training_metadata.json")
-        if not (os.path.exists(backup) and state.restore()):
+        backup = run.file(f"backup_{ptb._slug(key)}")
+        meta = os.path.join(backup, "training_metadata.json")
+        done = -1
+        if os.path.exists(meta):
+            with open(meta) as f:
+                done = json.load(f).get("epoch", 0)
+        if not state.restore(done):
+            # Fresh, or killed between the masks' save and the backup's:
+            # start over (the backup's weights need their masks).
+            shutil.rmtree(backup, ignore_errors=True)
             masks.prune_to(target)  # the seed: largest magnitudes kept
         callbacks = [grow, prune, state]
         info.update(target_sparsity=target, grow_fraction=a.grow_fraction,

@@ -238,8 +238,9 @@ def train_chunked(run, model, key, steps, callbacks=()):
     total rounded up to a multiple of the chunk count) of the repeated
     training data; `BackupAndRestore` saves weights and optimizer state at
     each chunk's end, and a resumed run skips the batches already seen, so
-    it continues on the same data as an uninterrupted one; ``callbacks``
-    run after those two. Returns
+    it continues on the same data as an uninterrupted one. ``callbacks``
+    run before those two, so state they save at a chunk's end is on disk
+    before the chunk's backup. Returns
     ``(steps actually run, seconds spent over all sessions)``.
     """
     chunks = max(1, math.ceil(steps / run.args.chunk_steps))
@@ -255,9 +256,8 @@ def train_chunked(run, model, key, steps, callbacks=()):
     data = run.train.repeat().skip(done * chunk)
     model.fit(data, epochs=chunks, steps_per_epoch=chunk, shuffle=False,
               verbose=run.args.verbose,
-              callbacks=[keras.callbacks.BackupAndRestore(
-                  backup, delete_checkpoint=False), _Clock(run, key),
-                  *callbacks])
+              callbacks=[*callbacks, keras.callbacks.BackupAndRestore(
+                  backup, delete_checkpoint=False), _Clock(run, key)])
     seconds = run.results.get("elapsed", {}).get(key, 0.0)
     return chunks * chunk, seconds
 

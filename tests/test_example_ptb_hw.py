@@ -173,3 +173,61 @@ def test_shrink_teacher_keeps_the_strongest_units(example, tmp_path):
     x = np.random.default_rng(0).integers(0, run.vocab, (2, 3))
     np.testing.assert_allclose(small.predict(x, verbose=0),
                                ref.predict(x, verbose=0), atol=1e-5)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_grow_prune_student_resumes_on_its_masks(example, tmp_path,
+                                                 monkeypatch):
+    """Killed after its 2nd chunk, the hw student resumes on the saved
+    masks and schedule: the rerun trains only the remaining chunks, fires
+    no event twice, and ends with the counts of an uninterrupted run."""
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    src = tmp_path / "teacher_run"
+    src.mkdir()
+    _teacher_run(example, src, am.datasets.load_ptb(str(data)).vocab_size,
+                 40)
+
+    def argv(run_dir):
+        return ["--data", str(data), "--teacher-run", str(src),
+                "--run-dir", str(run_dir), "--out", str(tmp_path / "out"),
+                "--hidden", "40", "--batch-size", "4", "--num-steps", "5",
+                "--chunk-steps", "2", "--student-steps", "8",
+                "--eval-batches", "2", "--verbose", "0", "--eager",
+                "--gp-frequency", "2", "--gp-schedule", "0.25,0.25,0.75",
+                "--grow-fraction", "0.05"]
+
+    curve = ["--stages", "curve", "--latency-steps", "3", "--curve-fine",
+             "8,8", "--curve-high", "40", "--curve-repeats", "1",
+             "--curve-passes", "1", "--confirm-repeats", "1",
+             "--confirm-rounds", "1", "--budget-ms", "1000"]
+    train = ["--stages", "students", "--students", "hw"]
+    whole = example.main(argv(tmp_path / "a") + curve)
+    whole = example.main(argv(tmp_path / "a") + train)
+    name = example.student_names(40)["hw"]
+
+    chunk_ends = []
+    clock_end = example.ptb._Clock.on_epoch_end
+
+    def counting_end(self, epoch, logs=None):
+        clock_end(self, epoch, logs)
+        chunk_ends.append(epoch)
+        if stop and len(chunk_ends) == 2:
+            raise _Stop()
+
+    monkeypatch.setattr(example.ptb._Clock, "on_epoch_end", counting_end)
+    example.main(argv(tmp_path / "b") + curve)
+    stop = True
+    with pytest.raises(_Stop):
+        example.main(argv(tmp_path / "b") + train)
+    stop, chunk_ends[:] = False, []
+    resumed = example.main(argv(tmp_path / "b") + train)
+    assert chunk_ends == [2, 3]  # only the remaining chunks
+    a, b = whole["students"][name], resumed["students"][name]
+    assert b["grown"] == a["grown"] and b["pruned"] == a["pruned"]
+    assert len(b["grown"]) == 1 and len(b["pruned"]) == 2
+    assert b["nonzero_lstm_params"] == a["nonzero_lstm_params"]
