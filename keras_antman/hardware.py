@@ -919,6 +919,12 @@ def policy(profile, budget_ms=None, reduction=None, capacity="params",
         raise ValueError(
             "`on_missing` must be 'raise' or 'nearest'. Received: "
             f"on_missing={on_missing!r}")
+    depth = getattr(profile, "key", {}).get("depth", 1)
+    if depth != 1:
+        raise ValueError(
+            f"policy: the profile times stacks of {depth} LSTMs "
+            "(`profile(depth=...)`), but a policy picks each layer's scheme "
+            "from single-layer latencies; profile with depth=1.")
     rows = [r for r in _rows_of(profile) if r.path in paths]
 
     def pick(layer):

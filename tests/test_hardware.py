@@ -125,6 +125,8 @@ def test_profile_depth_times_a_stack(tmp_path, monkeypatch):
     assert built[-1][-1] == 2 and again[0].params == p.rows[0].params
     with pytest.raises(ValueError, match=r"`depth` must be >= 1.*depth=0"):
         hw.profile([8], depth=0, **kw)
+    with pytest.raises(ValueError, match=r"stacks of 2 LSTMs.*depth=1"):
+        hw.policy(p, budget_ms=1.0)
 
 
 def test_profile_markdown_and_plot(tmp_path):
