@@ -479,9 +479,10 @@ def stage_report(run):
     table = [
         "| model | test ppl | vs teacher | LSTM params (nonzero) | LSTM "
         "MACs/token | latency median (ms) | IQR (ms) | 10th pct (ms) | "
-        "median / AntMan 10x | path | other path, median (ms) |",
+        "median / AntMan 10x | path | other path, median (ms) | init | "
+        "train (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
-        "--- | --- |"]
+        "--- | --- | --- | ---: |"]
     ref = lat.get(REUSED["LGP-Shuffle g=10"], {}).get("median_ms")
     for name, r in rows.items():
         t = lat.get(name, {})
@@ -496,7 +497,8 @@ def stage_report(run):
                f"{t.get('p10_ms', float('nan')):.3f} | "
                f"{t['median_ms'] / ref if ref else float('nan'):.2f} | "
                f"{t['best_path']} | {others or '-'} |" if t else
-               "- | - | - | - | - | - |"))
+               "- | - | - | - | - | - |")
+            + f" {r.get('init', '')} | {r.get('train_seconds', 0):.0f} |")
     budget = cv.get("budget", {})
     choice, dense = cv.get("choice", {}), cv.get("dense_choice", {})
     conf = cv.get("confirm", {})
@@ -600,6 +602,10 @@ def stage_report(run):
         "",
         "## Commands",
         "",
+        "From the repository root, in the order they last ran; the curve "
+        "and measure commands under `taskset -c 1`, the training ones one "
+        "at a time (all cores):",
+        "",
         *[f"    {c}" for c in res.get("config", {}).get("commands", [])],
         "",
     ]
@@ -696,9 +702,11 @@ def _main(args, argv, stages):
     config = run.results.setdefault("config", {})
     command = ("python examples/ptb_hardware_guided.py "
                + shlex.join(argv))
-    config.setdefault("commands", [])
-    if command not in config["commands"] and stages != ["report"]:
-        config["commands"].append(command)
+    commands = config.setdefault("commands", [])
+    if stages != ["report"]:  # in the order they last ran
+        if command in commands:
+            commands.remove(command)
+        commands.append(command)
     config.update(args=vars(args), keras=keras.__version__,
                   tensorflow=tf.__version__, epoch_steps=run.epoch_steps)
     run.save()
