@@ -540,6 +540,8 @@ def stage_report(run):
         "LGP-Shuffle g=10 row's, the latency budget. The stacks return "
         "every timestep (as in the model), so they differ slightly from "
         "the curve's, whose last layer returns the last step only. "
+        "A row without latency was trained after the last `measure` "
+        "(rerun `--stages measure,report` to time it). "
         "Params: both LSTM layers "
         "(weights + biases), nonzero in brackets; MACs as executed (zeros "
         "included).",
