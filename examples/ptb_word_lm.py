@@ -235,14 +235,16 @@ class _Clock(keras.callbacks.Callback):
         self.run.save()
 
 
-def train_chunked(run, model, key, steps):
+def train_chunked(run, model, key, steps, callbacks=()):
     """``model.fit`` for ``steps`` steps, resumable chunk by chunk.
 
     Keras epochs are equal chunks of at most ``--chunk-steps`` steps (the
     total rounded up to a multiple of the chunk count) of the repeated
     training data; `BackupAndRestore` saves weights and optimizer state at
     each chunk's end, and a resumed run skips the batches already seen, so
-    it continues on the same data as an uninterrupted one. Returns
+    it continues on the same data as an uninterrupted one. ``callbacks``
+    run before those two, so state they save at a chunk's end is on disk
+    before the chunk's backup. Returns
     ``(steps actually run, seconds spent over all sessions)``.
     """
     chunks = max(1, math.ceil(steps / run.args.chunk_steps))
@@ -258,7 +260,7 @@ def train_chunked(run, model, key, steps):
     data = run.train.repeat().skip(done * chunk)
     model.fit(data, epochs=chunks, steps_per_epoch=chunk, shuffle=False,
               verbose=run.args.verbose,
-              callbacks=[keras.callbacks.BackupAndRestore(
+              callbacks=[*callbacks, keras.callbacks.BackupAndRestore(
                   backup, delete_checkpoint=False), _Clock(run, key)])
     seconds = run.results.get("elapsed", {}).get(key, 0.0)
     return chunks * chunk, seconds
@@ -308,12 +310,13 @@ def make_student(run, teacher, kind, arg):
                           run.args.dropout)
 
 
-def distill(run, teacher, student, coefficients, steps, key, lr=None):
+def distill(run, teacher, student, coefficients, steps, key, lr=None,
+            callbacks=()):
     d = am.Distiller(student=student, teacher=teacher)
     lr = run.args.student_lr if lr is None else lr
     decay = steps if run.args.student_schedule == "cosine" else 0
     d.compile(optimizer=optimizer(lr, run.args, decay), **coefficients)
-    return train_chunked(run, d, key, steps)
+    return train_chunked(run, d, key, steps, callbacks)
 
 
 def coefficients(run):

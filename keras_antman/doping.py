@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from keras_antman import _keras
+from keras_antman import ops as compiled_ops
 from keras_antman import schemes as schemes_lib
 from keras_antman._keras import keras
 from keras_antman._keras import ops
@@ -92,9 +93,14 @@ class Doped(schemes_lib.Scheme):
     Training runs ``x (S * mask)`` as a dense masked matmul (and, with
     ``cmr_rate > 0``, drops entries of that product with inverted
     dropout: CMR); inference is deterministic. `export` writes ``S`` as
-    constant sparse arrays (see `serving_arrays`). The compiled op has no
-    CSR stage yet (`kernel_stages` raises), so the layers run doped
-    matrices on stock TF ops. `from_spec` has no name for this scheme: its
+    constant sparse arrays (see `serving_arrays`). On the compiled op
+    (`kernel_stages`) a doped matrix is its base's stages plus a
+    `keras_antman.ops.SparseTerm`: the CSR of ``S^T`` above, an
+    ``nnz``-multiply-add sparse product beside the structured one (the
+    base must lower too: `Kronecker`, `LowRank`, `HMD`...). Outside
+    `export` the CSR arrays are found from ``S * mask`` on every traced
+    call (a pass over the dense ``[n, m]`` mask); the exported graph holds
+    them as constants. `from_spec` has no name for this scheme: its
     argument is another scheme, which the spec grammar cannot nest.
 
     Args:
@@ -227,15 +233,19 @@ class Doped(schemes_lib.Scheme):
             ordered by output (CSR row of ``S^T``) then input, their input
             indices (the CSR column indices), their output indices (the CSR
             row pointers expanded to one per entry, which is what
-            ``UnsortedSegmentSum`` takes; TFLite has no CSR product) and
-            ``(n, m)``.
+            ``UnsortedSegmentSum`` takes; TFLite has no CSR product),
+            ``"row_ptr"`` (the CSR row pointers, int32 [m + 1], for the
+            compiled op's `keras_antman.ops.SparseTerm`) and ``(n, m)``.
         """
         s = (arrays["sparse"] * arrays["mask"]).astype("float32")
-        outputs, inputs = np.nonzero(s.T)
+        term = compiled_ops.sparse_term(s)
+        outputs = np.repeat(np.arange(s.shape[1], dtype="int32"),
+                            np.diff(term.row_ptr))
         return {
-            "values": s[inputs, outputs],
-            "inputs": inputs.astype("int32"),
-            "outputs": outputs.astype("int32"),
+            "values": term.values,
+            "inputs": term.col_idx,
+            "outputs": outputs,
+            "row_ptr": term.row_ptr,
             "shape": s.shape,
         }
 
@@ -252,6 +262,16 @@ class Doped(schemes_lib.Scheme):
         picked = picked * ops.expand_dims(constants["values"], 1)
         ys = ops.segment_sum(picked, constants["outputs"], num_segments=m)
         return y + ops.reshape(ops.transpose(ys), (*lead, m))
+
+    def kernel_stages(self, w):
+        return [*self.base.kernel_stages(self._base_weights(w)),
+                compiled_ops.sparse_term(w["sparse"] * w["mask"])]
+
+    def serving_kernel_stages(self, w, constants):
+        return [*self.base.kernel_stages(self._base_weights(w)),
+                compiled_ops.SparseTerm(constants["row_ptr"],
+                                        constants["inputs"],
+                                        constants["values"])]
 
     def dense_from_arrays(self, arrays):
         base = self.base.dense_from_arrays(self._base_weights(arrays))

@@ -124,12 +124,13 @@ def _set_tf_threads(threads):
             conf.get_inter_op_parallelism_threads())
 
 
-def machine_key(batch_size=1, steps=100, threads=1):
+def machine_key(batch_size=1, steps=100, threads=1, depth=1):
     """What a profile depends on: the persisted file is reused only when
-    every entry is equal."""
+    every entry is equal (``depth`` is an entry only when it is not 1, so
+    files of single-layer profiles stay valid)."""
     from keras_antman import __version__
 
-    return {
+    key = {
         "cpu": cpu_model(),
         "isa": _isa(),
         "threads": int(threads),
@@ -140,6 +141,9 @@ def machine_key(batch_size=1, steps=100, threads=1):
         "batch_size": int(batch_size),
         "steps": int(steps),
     }
+    if int(depth) != 1:
+        key["depth"] = int(depth)
+    return key
 
 
 # -- the sweep ---------------------------------------------------------------
@@ -188,9 +192,12 @@ class Row:
             `StructuredLSTM` on stock TF ops).
         scheme: the scheme's text (``"LGPShuffle(groups=4)"``).
         spec: the scheme as spec text (`keras_antman.schemes.from_spec`).
-        hidden, input: the layer's units and input features.
-        params: weights of the layer (both products and the bias).
-        macs: multiply-adds of both products per timestep and example.
+        hidden, input: the layer's units and input features (of the first
+            layer, for a stack: `profile`'s ``depth``).
+        params: weights of the layer (both products and the bias), summed
+            over the layers of a stack.
+        macs: multiply-adds of both products per timestep and example
+            (summed over a stack's layers).
         median_ms: median latency of one layer call.
         spread_ms: interquartile range of the latencies.
         repeats: how many timed calls.
@@ -228,10 +235,14 @@ def _spec(scheme):
     return f"{name}:{args}" if args else name
 
 
-def _cost(scheme, n, h):
-    p_in, m_in = scheme.cost(n, 4 * h)
-    p_rec, m_rec = scheme.cost(h, 4 * h)
-    return p_in + p_rec + 4 * h, m_in + m_rec
+def _cost(scheme, n, h, depth=1):
+    params = macs = 0
+    for i in range(depth):
+        p_in, m_in = scheme.cost(n if i == 0 else h, 4 * h)
+        p_rec, m_rec = scheme.cost(h, 4 * h)
+        params += p_in + p_rec + 4 * h
+        macs += m_in + m_rec
+    return params, macs
 
 
 def _valid(scheme, n, h):
@@ -309,15 +320,25 @@ def _layer_fn(layer, x):
     return lambda: fn(x)
 
 
-def _make_layer(path, scheme, n, h, batch_size, steps, seed):
-    if path == "keras":
-        layer = keras.layers.LSTM(h)
-    else:
+def _make_layer(path, scheme, n, h, batch_size, steps, seed, depth=1):
+    """One LSTM layer (``depth`` 1) or a ``keras.Sequential`` stack of
+    ``depth`` (every layer but the last returns sequences), built on
+    ``[batch_size, steps, n]`` with seeded random weights."""
+
+    def one(return_sequences):
+        if path == "keras":
+            return keras.layers.LSTM(h, return_sequences=return_sequences)
         from keras_antman.layers import StructuredLSTM
 
         kernel = "compiled" if path == "op" else "portable"
-        layer = StructuredLSTM(h, input_scheme=scheme,
-                               recurrent_scheme=scheme, kernel=kernel)
+        return StructuredLSTM(h, input_scheme=scheme,
+                              recurrent_scheme=scheme, kernel=kernel,
+                              return_sequences=return_sequences)
+
+    if depth == 1:
+        layer = one(False)
+    else:
+        layer = keras.Sequential([one(i < depth - 1) for i in range(depth)])
     layer.build((batch_size, steps, n))
     rng = np.random.default_rng(seed)
     for w in layer.weights:
@@ -363,10 +384,11 @@ class Profile:
         """
         rows = [_as_row(r) for r in rows]
         b, t = self.key.get("batch_size", 1), self.key.get("steps", 100)
+        depth = self.key.get("depth", 1)
         fns = []
         for i, r in enumerate(rows):
             layer = _make_layer(r.path, r.make_scheme(), r.input, r.hidden,
-                                b, t, seed + i)
+                                b, t, seed + i, depth)
             x = np.random.default_rng(seed).normal(
                 size=(b, t, r.input)).astype("float32")
             fns.append(_layer_fn(layer, x))
@@ -520,7 +542,7 @@ def profile_file(key, cache_dir=None):
 def profile(hidden_sizes=None, input_size=None, batch_size=1, steps=100,
             threads=1, schemes=DEFAULT_SCHEMES, paths=("keras", "op"),
             repeats=21, warmup=2, cache=None, chunk=12, passes=1,
-            progress=True, seed=0):
+            progress=True, seed=0, depth=1):
     """Measures LSTM inference latency on this machine.
 
     For every hidden size, path and scheme (configurations a scheme cannot
@@ -570,6 +592,11 @@ def profile(hidden_sizes=None, input_size=None, batch_size=1, steps=100,
         passes: sweeps over all configurations (see above).
         progress: show a `keras.utils.Progbar` over the configurations.
         seed: of the random weights.
+        depth: LSTM layers per configuration. Above 1, a stack as in a
+            stacked model (the first layer reads ``input_size`` features,
+            the others the previous layer's ``hidden``; every layer but the
+            last returns sequences), timed as one call; rows then give the
+            stack's parameters and MACs. ``depth`` is part of the key.
 
     Returns:
         A `Profile` of the requested configurations.
@@ -604,7 +631,10 @@ def profile(hidden_sizes=None, input_size=None, batch_size=1, steps=100,
 
     if compiled_ops.is_available():
         compiled_ops.set_num_threads(int(threads))
-    key = machine_key(batch_size, steps, threads)
+    if int(depth) < 1:
+        raise ValueError(
+            f"profile: `depth` must be >= 1. Received: depth={depth!r}")
+    key = machine_key(batch_size, steps, threads, depth)
     file = None if cache is False else profile_file(
         key, None if cache is None else str(cache))
     stored = {}
@@ -632,13 +662,14 @@ def profile(hidden_sizes=None, input_size=None, batch_size=1, steps=100,
            if progress and todo else None)
     with _QuietRetracing():
         _measure_chunks(todo, chunk, passes, stored, meta, key, file, bar,
-                        batch_size, steps, repeats, warmup, seed)
+                        batch_size, steps, repeats, warmup, seed,
+                        int(depth))
     rows = [stored[cfg_key(c)] for c in configs]
     return Profile(key, rows, meta, measured=len(todo), file=file)
 
 
 def _measure_chunks(todo, chunk, passes, stored, meta, key, file, bar,
-                    batch_size, steps, repeats, warmup, seed):
+                    batch_size, steps, repeats, warmup, seed, depth=1):
     per_pass = -(-repeats // passes)
     chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
     samples = {}
@@ -648,7 +679,7 @@ def _measure_chunks(todo, chunk, passes, stored, meta, key, file, bar,
             fns = []
             for i, (path, s, h, n) in enumerate(part):
                 layer = _make_layer(path, s, n, h, batch_size, steps,
-                                    seed + i)
+                                    seed + i, depth)
                 x = np.random.default_rng(seed).normal(
                     size=(batch_size, steps, n)).astype("float32")
                 fns.append(_layer_fn(layer, x))
@@ -657,7 +688,7 @@ def _measure_chunks(todo, chunk, passes, stored, meta, key, file, bar,
                 path, s, h, n = c
                 acc = samples.setdefault((path, _spec(s), h, n), [])
                 acc.extend(t)
-                params, macs = _cost(s, n, h)
+                params, macs = _cost(s, n, h, depth)
                 timing = _timing(acc)
                 row = Row(path, s.describe(), _spec(s), h, n, params, macs,
                           timing.median_ms, timing.spread_ms, timing.repeats)
@@ -888,6 +919,12 @@ def policy(profile, budget_ms=None, reduction=None, capacity="params",
         raise ValueError(
             "`on_missing` must be 'raise' or 'nearest'. Received: "
             f"on_missing={on_missing!r}")
+    depth = getattr(profile, "key", {}).get("depth", 1)
+    if depth != 1:
+        raise ValueError(
+            f"policy: the profile times stacks of {depth} LSTMs "
+            "(`profile(depth=...)`), but a policy picks each layer's scheme "
+            "from single-layer latencies; profile with depth=1.")
     rows = [r for r in _rows_of(profile) if r.path in paths]
 
     def pick(layer):

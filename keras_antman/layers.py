@@ -563,8 +563,9 @@ class _StructuredRNN(_keras.RNN):
                 reasons.append(f"the {name} product: {e}")
                 continue
             lowered[name] = stages
-            groups = int(stages[-1].blocks.shape[0])
-            if name != "input" and stages[-1].shuffle and cell.units % groups:
+            last = compiled_ops.lowered_stages(stages)[-1]
+            groups = int(last.blocks.shape[0])
+            if name != "input" and last.shuffle and cell.units % groups:
                 # The op gives each group of a shuffling last stage every
                 # gate of its units.
                 reasons.append(

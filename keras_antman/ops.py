@@ -42,7 +42,24 @@ argument               product
 For example, a dense kernel ``k`` is ``[Stage(k[None], False)]``, a
 factorization ``u @ v`` is ``[Stage(u[None], False), Stage(v[None],
 False)]``, and g blocks on the diagonal followed by the shuffle are
-``[Stage(blocks, True)]``.
+``[Stage(blocks, True)]``. A stage whose g blocks are all equal (a tiled
+Kronecker factor) runs as one GEMM with the groups as rows instead of g
+small ones; the op compares the blocks on every call.
+
+A product may also add one sparse matrix: a `SparseTerm` in the list
+(after the stages) makes it ``x @ W = chain(x) + x @ S``, with ``S``
+[n, m] given as CSR of ``S^T`` (one CSR row per output column, so each
+output is one sparse dot product over ``x`` and threads split the outputs
+without sharing). `sparse_term` builds it from a dense matrix. In the input
+product of all steps the op transposes a chunk of rows of ``x`` and runs
+each non-zero as a vector multiply-add over the rows; for the recurrent
+steps it re-packs ``S`` once per call (outputs sorted by their number of
+non-zeros, 16 per slice, one per vector lane) and each step runs a slice
+entry as one gather of ``h`` and one multiply-add, the slices split
+between threads. The op checks every row pointer and column index on
+every call (O(m + nnz)). A scheme with
+unstructured non-zeros (``Doped``, later grow-and-prune) lowers to its
+base's stages plus this term.
 
 Threads: one OpenMP team per op call, one thread by default. Set the
 process-wide count with `set_num_threads` (or ``KERAS_ANTMAN_NUM_THREADS``
@@ -55,6 +72,13 @@ tensorflow-addons' ``TF_ADDONS_PY_OPS``: `load` raises
 `CompiledOpsUnavailableError` and `is_available` returns False without a
 warning, so ``kernel="auto"`` layers run on stock TF ops. It is read on
 every `load` call; `portable_forced` tells whether it is set.
+
+Instruction set: the kernels are compiled for ``generic`` (SSE2), ``avx2``
+(AVX2 + FMA) and ``avx512`` (F, VL, BW, DQ), and run the best this CPU has.
+``KERAS_ANTMAN_ISA=generic|avx2|avx512`` in the environment, read when the
+library loads, or `set_instruction_set` picks another one (for tests and
+benchmarks); `isa` names the one in use, `supported_instruction_sets` the
+ones this CPU can run.
 """
 
 import collections
@@ -91,7 +115,66 @@ Attributes:
 Stage.blocks.__doc__ = "float32 [g, a, b]; a dense [n, m] matrix is [1, n, m]."
 Stage.shuffle.__doc__ = "bool: shuffle-mix the output of this stage."
 
+SparseTerm = collections.namedtuple(
+    "SparseTerm", ["row_ptr", "col_idx", "values"])
+SparseTerm.__doc__ = """\
+A sparse matrix ``S`` [n, m] added to a product: ``y = chain(x) + x @ S``.
+
+Given as CSR of ``S^T`` (rows are the outputs): output ``j`` is
+``sum(values[k] * x[..., col_idx[k]] for k in range(row_ptr[j],
+row_ptr[j + 1]))``. The op checks every entry: ``row_ptr`` starts at 0,
+never decreases and ends at ``nnz``; every ``col_idx`` is in [0, n).
+`sparse_term` builds one from a dense matrix. At most one per product,
+after its stages.
+
+Attributes:
+    row_ptr: int32 [m + 1].
+    col_idx: int32 [nnz], input indices, ascending within a row (not
+        required).
+    values: float32 [nnz].
+"""
+SparseTerm.row_ptr.__doc__ = "int32 [m + 1]: where each output's entries start."
+SparseTerm.col_idx.__doc__ = "int32 [nnz]: the input index of each entry."
+SparseTerm.values.__doc__ = "float32 [nnz]: the entries."
+
+
+def sparse_term(matrix):
+    """The `SparseTerm` of the non-zeros of a dense ``[n, m]`` matrix.
+
+    Works on NumPy arrays (the result holds NumPy arrays, e.g. constants of
+    an exported graph) and on tensors or variables (TF ops, so it runs
+    inside a traced function with the matrix's current value).
+
+    Args:
+        matrix: float32 ``[n, m]``; its zeros are left out.
+
+    Returns:
+        `SparseTerm` (CSR of ``matrix.T``).
+    """
+    if isinstance(matrix, np.ndarray):
+        t = np.asarray(matrix, "float32").T
+        rows, cols = np.nonzero(t)  # row-major: sorted by output
+        counts = np.bincount(rows, minlength=t.shape[0])
+        row_ptr = np.concatenate([[0], np.cumsum(counts)]).astype("int32")
+        return SparseTerm(row_ptr, cols.astype("int32"), t[rows, cols])
+    t = tf.transpose(tf.convert_to_tensor(matrix, tf.float32))
+    where = tf.where(tf.not_equal(t, 0.0))  # row-major: sorted by output
+    rows = tf.cast(where[:, 0], tf.int32)
+    counts = tf.math.bincount(rows, minlength=tf.shape(t)[0],
+                              maxlength=tf.shape(t)[0], dtype=tf.int32)
+    row_ptr = tf.concat([[0], tf.cumsum(counts)], 0)
+    return SparseTerm(row_ptr, tf.cast(where[:, 1], tf.int32),
+                      tf.gather_nd(t, where))
+
+
+def lowered_stages(elements):
+    """The `Stage` elements of a lowering (a list that may end with a
+    `SparseTerm`), in order."""
+    return [e for e in elements if not isinstance(e, SparseTerm)]
+
 _PORTABLE_ENV = "KERAS_ANTMAN_PORTABLE"
+_ISA_ENV = "KERAS_ANTMAN_ISA"
+INSTRUCTION_SETS = ("generic", "avx2", "avx512")
 _TRUE_VALUES = ("1", "true", "yes", "on")
 
 _HOW_TO_FIX = (
@@ -114,7 +197,13 @@ class CompiledOpsUnavailableError(RuntimeError):
 
 
 _lock = threading.Lock()
-_state = {"module": None, "cdll": None, "error": None, "warned": False}
+_state = {
+    "module": None,
+    "cdll": None,
+    "error": None,
+    "warned": False,
+    "isa_env": None,  # the KERAS_ANTMAN_ISA value applied at load
+}
 _pending_threads = None
 
 
@@ -189,6 +278,7 @@ def load():
         )
     with _lock:
         if _state["module"] is not None:
+            _apply_isa_env()
             return _state["module"]
         if _state["error"] is not None:
             raise CompiledOpsUnavailableError(_state["error"])
@@ -212,7 +302,45 @@ def load():
         if _pending_threads is not None:
             cdll.keras_antman_set_num_threads(_pending_threads)
         _state["module"], _state["cdll"] = module, cdll
+        _apply_isa_env()
         return module
+
+
+def _apply_isa_env():
+    """Applies ``KERAS_ANTMAN_ISA`` once per value (the lock is held).
+
+    Raises:
+        ValueError: the value is not an instruction set this CPU supports;
+            raised by every `load` until the variable is fixed.
+    """
+    value = os.environ.get(_ISA_ENV, "").strip().lower()
+    if not value or value == _state["isa_env"]:
+        return
+    source = f"{_ISA_ENV}={os.environ[_ISA_ENV]!r} in the environment"
+    _select_isa(value, source)
+    _state["isa_env"] = value
+
+
+def _select_isa(name, source):
+    cdll = _state["cdll"]
+    rc = cdll.keras_antman_set_isa(str(name).encode())
+    supported = _supported(cdll)
+    if rc == -1:
+        raise ValueError(
+            f"{source} names no instruction set: use one of "
+            f"{', '.join(map(repr, INSTRUCTION_SETS))} (this CPU supports "
+            f"{', '.join(map(repr, supported))})."
+        )
+    if rc == -2:
+        raise ValueError(
+            f"{source}: this CPU does not support {name!r}; it supports "
+            f"{', '.join(map(repr, supported))}."
+        )
+
+
+def _supported(cdll):
+    best = cdll.keras_antman_best_isa().decode()
+    return INSTRUCTION_SETS[: INSTRUCTION_SETS.index(best) + 1]
 
 
 def is_available():
@@ -300,13 +428,27 @@ def instruction_set():
 
     Returns:
         ``"avx512"``, ``"avx2"`` or ``"generic"``: the best this CPU has,
-        unless lowered by ``KERAS_ANTMAN_ISA`` or `set_instruction_set`.
+        unless ``KERAS_ANTMAN_ISA`` or `set_instruction_set` chose another.
+
+    Raises:
+        CompiledOpsUnavailableError: see `load`.
+        ValueError: ``KERAS_ANTMAN_ISA`` names no supported instruction set.
+    """
+    load()
+    return _state["cdll"].keras_antman_get_isa().decode()
+
+
+isa = instruction_set
+
+
+def supported_instruction_sets():
+    """The instruction sets this CPU can run, from ``"generic"`` up.
 
     Raises:
         CompiledOpsUnavailableError: see `load`.
     """
     load()
-    return _state["cdll"].keras_antman_get_isa().decode()
+    return _supported(_state["cdll"])
 
 
 def set_instruction_set(name=None):
@@ -321,29 +463,25 @@ def set_instruction_set(name=None):
         CompiledOpsUnavailableError: see `load`.
     """
     load()
-    cdll = _state["cdll"]
     if name is None:
-        name = cdll.keras_antman_best_isa().decode()
-    rc = cdll.keras_antman_set_isa(str(name).encode())
-    if rc == -1:
-        raise ValueError(
-            "`name` must be one of 'generic', 'avx2', 'avx512' or None. "
-            f"Received: name={name!r}"
-        )
-    if rc == -2:
-        raise ValueError(
-            f"This CPU does not support instruction set {name!r}; the best "
-            f"it has is {cdll.keras_antman_best_isa().decode()!r}."
-        )
+        name = _state["cdll"].keras_antman_best_isa().decode()
+    _select_isa(name, f"set_instruction_set({name!r})")
 
 
 def threads_used(step_macs, num_threads=None):
     """The OpenMP threads a `structured_lstm` / `structured_gru` call uses.
 
-    A sequence whose recurrent products cost fewer than 131072 (128K)
+    A sequence whose recurrent products cost fewer than 16384 (16K)
     multiply-adds per step, summed over the batch, runs on one thread
     whatever is asked: the per-step barrier would cost more than the
-    threads save (measured on a 2-core EPYC).
+    threads save. Above that the op measures: the first 6 calls of each
+    size class (the bit length of ``step_macs``) and thread count alternate
+    between one thread and the count asked, and later calls use whichever
+    ran a step faster. The class is measured again every 200 calls, and
+    at once when a call on more threads runs a step 25% slower than one
+    thread's best (a second thread loses when other work holds the
+    cores). This returns the choice as it stands (the count asked while
+    the class is still being measured) without counting as a call.
 
     Args:
         step_macs: batch size x multiply-adds of the recurrent product(s)
@@ -354,10 +492,8 @@ def threads_used(step_macs, num_threads=None):
         CompiledOpsUnavailableError: see `load`.
     """
     load()
-    threshold = _state["cdll"].keras_antman_min_parallel_macs_per_step()
-    if step_macs < threshold:
-        return 1
-    return min(num_threads or get_num_threads(), os.cpu_count() or 1)
+    return int(_state["cdll"].keras_antman_rnn_threads(
+        ctypes.c_longlong(int(step_macs)), int(num_threads or 0)))
 
 
 _MAX_THREADS = 1 << 16
@@ -405,9 +541,12 @@ def _describe(value):
 
 
 def _stages(stages, argname):
-    """Checks a chain given in Python; returns (blocks list, shuffle list).
+    """Checks a chain given in Python; returns (blocks list, shuffle list,
+    sparse inputs).
 
-    Shapes are left to the op, which checks them (the blocks may be
+    The chain may end with one `SparseTerm`; the sparse inputs are then
+    ``[[row_ptr], [col_idx], [values]]``, else three empty lists. Shapes
+    and contents are left to the op, which checks them (the arrays may be
     symbolic tensors here).
     """
     expected = (
@@ -425,8 +564,23 @@ def _stages(stages, argname):
         raise TypeError(f"{expected}. Received: {_describe(stages)}")
     if not stages:
         raise ValueError(f"{expected}; received an empty list.")
+    sparse = [[], [], []]
+    if isinstance(stages[-1], SparseTerm):
+        sparse = [[stages[-1].row_ptr], [stages[-1].col_idx],
+                  [stages[-1].values]]
+        stages = stages[:-1]
+    if not stages:
+        raise ValueError(
+            f"{expected}; received no stage (a SparseTerm alone is not a "
+            f"product: give the stages first, e.g. a [1, n, m] zero matrix)."
+        )
     blocks, shuffle = [], []
     for i, stage in enumerate(stages):
+        if isinstance(stage, SparseTerm):
+            raise TypeError(
+                f"{expected}; {argname}[{i}] is a SparseTerm, which may only "
+                f"come last (one per product)."
+            )
         if isinstance(stage, (str, bytes)) or not (
             isinstance(stage, collections.abc.Sequence) and len(stage) == 2
         ):
@@ -441,7 +595,13 @@ def _stages(stages, argname):
             )
         blocks.append(array)
         shuffle.append(bool(flag))
-    return blocks, shuffle
+    return blocks, shuffle, sparse
+
+
+def _sparse_args(product, sparse):
+    """The op's three sparse-term inputs of ``product``."""
+    return {f"{product}_sparse_{part}": arrays for part, arrays in
+            zip(("row_ptr", "col_idx", "values"), sparse)}
 
 
 def structured_lstm(
@@ -467,9 +627,10 @@ def structured_lstm(
         initial_c: float32 [batch, units].
         bias: float32 [4 * units].
         input_stages: list of `Stage` (or ``(blocks, shuffle)`` pairs), the
-            input product (features -> 4 * units).
-        recurrent_stages: list of `Stage`, the recurrent product (units ->
-            4 * units).
+            input product (features -> 4 * units), optionally ending with
+            a `SparseTerm` added to it.
+        recurrent_stages: list of `Stage` (and an optional `SparseTerm`),
+            the recurrent product (units -> 4 * units).
         go_backwards: process the steps from last to first; the returned
             sequence is then in processing order (reversed), as in Keras.
         return_sequences: return every step's output, not only the last.
@@ -496,12 +657,15 @@ def structured_lstm(
     ...     np.zeros((1, 2), "float32"), np.zeros((8,), "float32"),
     ...     [Stage(k_in[None])], [Stage(k_rec[None])])
     """
-    in_blocks, in_shuffle = _stages(input_stages, "input_stages")
-    rec_blocks, rec_shuffle = _stages(recurrent_stages, "recurrent_stages")
+    in_blocks, in_shuffle, in_sparse = _stages(input_stages, "input_stages")
+    rec_blocks, rec_shuffle, rec_sparse = _stages(
+        recurrent_stages, "recurrent_stages")
     num_threads = _num_threads_attr(num_threads)
     lib = load()
     return tuple(
         lib.keras_antman_structured_lstm(
+            **_sparse_args("input", in_sparse),
+            **_sparse_args("recurrent", rec_sparse),
             x=x,
             initial_h=initial_h,
             initial_c=initial_c,
@@ -563,8 +727,10 @@ def structured_gru(
             None or an int >= 0.
         CompiledOpsUnavailableError: see `load`.
     """
-    in_blocks, in_shuffle = _stages(input_stages, "input_stages")
-    rec_blocks, rec_shuffle = _stages(recurrent_stages, "recurrent_stages")
+    in_blocks, in_shuffle, in_sparse = _stages(input_stages, "input_stages")
+    rec_blocks, rec_shuffle, rec_sparse = _stages(
+        recurrent_stages, "recurrent_stages")
+    cand_sparse = [[], [], []]
     if reset_after:
         if candidate_stages is not None and (
             not isinstance(candidate_stages, collections.abc.Sequence)
@@ -585,13 +751,16 @@ def structured_gru(
                 "gates z and r) and candidate_stages product B (units -> "
                 "units, applied to r * h)."
             )
-        cand_blocks, cand_shuffle = _stages(
+        cand_blocks, cand_shuffle, cand_sparse = _stages(
             candidate_stages, "candidate_stages"
         )
     num_threads = _num_threads_attr(num_threads)
     lib = load()
     return tuple(
         lib.keras_antman_structured_gru(
+            **_sparse_args("input", in_sparse),
+            **_sparse_args("recurrent", rec_sparse),
+            **_sparse_args("candidate", cand_sparse),
             x=x,
             initial_h=initial_h,
             bias=bias,

@@ -421,8 +421,8 @@ class Scheme:
 
         Returns:
             A list of `keras_antman.ops.Stage` (block-diagonal ``[g, a, b]``
-            arrays, a dense matrix being ``[1, n, m]``; only the last stage
-            may shuffle).
+            arrays, a dense matrix being ``[1, n, m]``), optionally ending
+            with one `keras_antman.ops.SparseTerm` added to their product.
 
         Raises:
             NotImplementedError: the op cannot run this scheme (the layers
@@ -431,6 +431,13 @@ class Scheme:
         raise NotImplementedError(
             f"{self.describe()} has no lowering to the compiled op"
         )
+
+    def serving_kernel_stages(self, w, constants):
+        """`kernel_stages` while `export` traces the model, given
+        `serving_arrays` (e.g. a sparse term as constant CSR arrays).
+        Default: `kernel_stages`."""
+        del constants
+        return self.kernel_stages(w)
 
     # -- binding ----------------------------------------------------------
 
@@ -598,9 +605,15 @@ class StructuredMatrix(keras.layers.Layer):
     def kernel_stages(self):
         """This product lowered to the compiled op (`Scheme.kernel_stages`).
 
+        Inside `serving_constants` (while `export` traces), the scheme's
+        serving constants are used (`Scheme.serving_kernel_stages`).
+
         Raises:
             NotImplementedError: the op cannot run this scheme.
         """
+        if self._serving is not None:
+            return self.scheme.serving_kernel_stages(
+                self.scheme_weights(), self._serving)
         return self.scheme.kernel_stages(self.scheme_weights())
 
     def params(self):
@@ -1335,8 +1348,11 @@ class HMD(Scheme):
     same construction on the other side, and adds the two parts instead of
     concatenating them.) `from_dense` copies the dense rows and takes the
     truncated SVD of the rest (singular values split evenly). The Doping
-    paper's LMF is `LowRank`. The compiled op has no stage for the split
-    yet (`kernel_stages` raises): the layers use stock TF ops.
+    paper's LMF is `LowRank`. On the compiled op (`kernel_stages`) it is
+    two dense stages, ``x [[I, 0], [0, U]]`` (the dense rows pass through
+    unchanged beside ``x_r U``) then ``[[D], [V]]``: ``n (n_d + k) +
+    (n_d + k) m`` multiply-adds, ``n_d (n + k)`` more than `cost`
+    counts (the identity block and its zero neighbours).
 
     Args:
         rank: ``k``, the rank of the low-rank rows
@@ -1398,6 +1414,17 @@ class HMD(Scheme):
     def dense_from_arrays(self, arrays):
         return np.concatenate(
             [arrays["dense"], arrays["u"] @ arrays["v"]], axis=0)
+
+    def kernel_stages(self, w):
+        dense, u, v = w["dense"], w["u"], w["v"]
+        nd, (nr, k) = dense.shape[0], u.shape
+        first = ops.concatenate([
+            ops.concatenate([ops.eye(nd, dtype=u.dtype),
+                             ops.zeros((nd, k), u.dtype)], axis=1),
+            ops.concatenate([ops.zeros((nr, nd), u.dtype), u], axis=1),
+        ], axis=0)
+        return [_dense_stage(first),
+                _dense_stage(ops.concatenate([dense, v], axis=0))]
 
     def arrays_from_data(self, w, xtx, xty, ridge=1e-6):
         """Alternating least squares from `arrays_from_dense`.

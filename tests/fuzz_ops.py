@@ -4,9 +4,12 @@ Each call mutates a valid LSTM, GRU or block-diagonal call: ranks, every
 dimension (0, 1, mismatched, values whose products overflow int64), group
 counts that do not divide, T = 0, an empty batch, wrong dtypes, NaN/Inf,
 input and recurrent arrays of different shapes, stage lists of the wrong
-length, ``num_threads`` 0 / -1 / huge. Tensors with a huge dimension always
-have another dimension 0, so nothing large is ever allocated by the
-fuzzer itself.
+length, ``num_threads`` 0 / -1 / huge, and sparse terms (CSR row pointers
+that do not start at 0, decrease, overrun or miss nnz; column indices
+negative or past the input; lengths and ranks that disagree; more than one
+term, or a candidate term with ``reset_after``). Tensors with a huge
+dimension always have another dimension 0, so nothing large is ever
+allocated by the fuzzer itself.
 
 A call may succeed or be rejected. A rejection must be a
 ``tf.errors.InvalidArgumentError`` whose message names an argument (or
@@ -38,7 +41,9 @@ SMALL = [0, 1, 2, 3, 4, 5, 7, 8, 16]
 _NAMED = re.compile(
     r"\b(x|initial_h|initial_c|bias|input_stages|recurrent_stages|"
     r"candidate_stages|input_shuffle|recurrent_shuffle|candidate_shuffle|"
-    r"num_threads|blocks|output|y)\b")
+    r"num_threads|blocks|output|y|"
+    r"(num_)?(input|recurrent|candidate)_sparse(_row_ptr|_col_idx|"
+    r"_values)?)\b")
 _DTYPE = re.compile(r"expected to be a float tensor")
 
 
@@ -109,6 +114,41 @@ def _stage_list(rng, n, m, max_stages=5):
     return shapes, flags
 
 
+def _sparse(rng, n, m):
+    """The three sparse-term lists of a product n -> m: usually none, else
+    one valid CSR of S^T, sometimes broken."""
+    import numpy as np
+
+    if rng.random() < 0.6:
+        return [[], [], []]
+    nnz = int(rng.integers(0, n * m + 1))
+    rows = np.sort(rng.integers(0, m, size=nnz))
+    row_ptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=m))])
+    row_ptr = row_ptr.astype("int32")
+    col = rng.integers(0, n, size=nnz).astype("int32")
+    values = rng.normal(size=nnz).astype("float32")
+    roll = rng.random()
+    if roll < 0.05 and m > 0:
+        row_ptr[int(rng.integers(1, m + 1))] = int(rng.choice(
+            [-1, 2**31 - 1, nnz + 1]))
+    elif roll < 0.1:
+        row_ptr[0] = int(rng.choice([1, -1]))
+    elif roll < 0.15 and nnz:
+        col[int(rng.integers(nnz))] = int(rng.choice([-1, n, 2**31 - 1]))
+    elif roll < 0.2:
+        row_ptr = row_ptr[:-1] if rng.random() < 0.5 else np.append(
+            row_ptr, nnz).astype("int32")
+    elif roll < 0.25:
+        values = values[:-1] if nnz else np.zeros(1, "float32")
+    elif roll < 0.28:
+        col = col.reshape(1, -1)
+    elif roll < 0.3:
+        return [[row_ptr] * 2, [col] * 2, [values] * 2]  # two terms
+    elif roll < 0.32:
+        return [[row_ptr], [col], [_array(rng, [0, 2**31])]]
+    return [[row_ptr], [col], [values]]
+
+
 def _call(lib, rng):
     """One mutated call of a raw op."""
     import tensorflow as tf
@@ -156,6 +196,11 @@ def _call(lib, rng):
         input_shuffle=in_flags, recurrent_shuffle=rec_flags,
         go_backwards=bool(rng.random() < 0.5),
         return_sequences=bool(rng.random() < 0.5), num_threads=threads)
+    for product, (n, m) in [("input", (features, gates * units)),
+                            ("recurrent", (units, rec_width))]:
+        for part, arrays in zip(("row_ptr", "col_idx", "values"),
+                                _sparse(rng, n, m)):
+            args[f"{product}_sparse_{part}"] = arrays
     if rng.random() < 0.03:
         args["x"] = tf.cast(args["x"], tf.float64)
     if lstm:
@@ -166,7 +211,13 @@ def _call(lib, rng):
         cand_shapes, cand_flags = [], []
     if not reset_after and rng.random() < 0.05:
         cand_shapes, cand_flags = [], []
+    cand_sparse = _sparse(rng, units, units)
+    if reset_after and rng.random() < 0.8:
+        cand_sparse = [[], [], []]
     return lib.keras_antman_structured_gru(
+        candidate_sparse_row_ptr=cand_sparse[0],
+        candidate_sparse_col_idx=cand_sparse[1],
+        candidate_sparse_values=cand_sparse[2],
         candidate_stages=[_array(rng, s) for s in cand_shapes],
         candidate_shuffle=cand_flags, reset_after=reset_after, **args)
 

@@ -260,13 +260,38 @@ def test_doping_invalid_arguments(make, pattern):
         make()
 
 
-def test_hmd_and_doped_do_not_lower_to_the_op():
-    for scheme, n in [(am.HMD(2), 8), (am.Doped(am.LGPShuffle(2)), 8)]:
-        s = scheme.bind(8)
-        s.build((None, n))
-        with pytest.raises(NotImplementedError,
-                           match="has no lowering to the compiled op"):
-            s.kernel_stages()
+def _lowered_dense(elements):
+    """The dense matrix of a lowering, from its stages and sparse term."""
+    from keras_antman import ops
+
+    w, sparse = None, 0.0
+    for e in elements:
+        if isinstance(e, ops.SparseTerm):
+            row_ptr, col, val = (np.asarray(a) for a in e)
+            st = np.zeros((len(row_ptr) - 1, w.shape[0]))
+            for j in range(len(row_ptr) - 1):
+                st[j, col[row_ptr[j]:row_ptr[j + 1]]] = val[
+                    row_ptr[j]:row_ptr[j + 1]]
+            sparse = st.T
+            continue
+        blocks = np.asarray(e.blocks, "float64")
+        d = reference.block_diag(blocks)
+        if e.shuffle:
+            d = reference.shuffled(d, blocks.shape[0])
+        w = d if w is None else w @ d
+    return w + sparse
+
+
+@pytest.mark.parametrize("scheme", [
+    am.HMD(2), am.Doped(am.HMD(3), sparsity=0.9),
+    am.Doped(am.Kronecker(), sparsity=0.5), am.Doped(am.HMD(2), 1.0),
+], ids=lambda s: s.describe())
+def test_hmd_and_doped_lower_to_the_op_exactly(scheme):
+    s = built(scheme, 8, 12, seed=4)
+    if isinstance(scheme, am.Doped):
+        doping.prune(s, scheme.sparsity)
+    np.testing.assert_allclose(_lowered_dense(s.kernel_stages()),
+                               _dense_of(s), rtol=1e-5, atol=1e-5)
 
 
 def test_spec_grammar_and_serialization():
@@ -603,7 +628,7 @@ def test_kronecker_runs_on_the_compiled_op(terms, rng):
                                        atol=1e-5)
         finally:
             ops.set_num_threads(1)
-            ops._set_min_parallel_work(per_step=128 * 1024)
+            ops._set_min_parallel_work(per_step=16 * 1024)
 
 
 def test_kronecker_whose_groups_miss_the_units_runs_on_tf_ops(rng):

@@ -96,6 +96,39 @@ def test_profile_table_persists_and_is_reused(tmp_path, monkeypatch):
     assert len(built) == 18 and {r.repeats for r in again} == {3}
 
 
+def test_profile_depth_times_a_stack(tmp_path, monkeypatch):
+    """``depth=2``: each configuration is a stack of two LSTMs (the first
+    reading ``input_size``), its row counts the stack's weights as Keras
+    does, and the depth is part of the key (another file)."""
+    built = []
+    make = hw._make_layer
+    monkeypatch.setattr(hw, "_make_layer",
+                        lambda *a: built.append(a) or make(*a))
+    kw = dict(input_size=12, steps=T, schemes=["dense", "lgp_shuffle:2"],
+              paths=("keras", OP), repeats=3, warmup=1, cache=tmp_path,
+              progress=False)
+    p = hw.profile([8], depth=2, **kw)
+    assert p.key["depth"] == 2 and "depth" not in hw.machine_key()
+    for r, a in zip(p.rows, built):
+        stack = make(*a)
+        assert isinstance(stack, keras.Sequential)
+        assert [layer.units for layer in stack.layers] == [8, 8]
+        assert [layer.return_sequences for layer in stack.layers] == [
+            True, False]
+        assert r.input == 12 and r.params == stack.count_params()
+    assert p.rows[0].params == 4 * 8 * (12 + 8 + 1) + 4 * 8 * (8 + 8 + 1)
+    assert p.rows[1].macs == 4 * 8 * (12 + 8) + 4 * 8 * 16
+    assert p.rows[2].macs == p.rows[1].macs // 2
+    one = hw.profile([8], **kw)
+    assert one.file != p.file and one.rows[0].params == 4 * 8 * 21
+    again = p.remeasure(p.rows[:1], repeats=2, warmup=1)
+    assert built[-1][-1] == 2 and again[0].params == p.rows[0].params
+    with pytest.raises(ValueError, match=r"`depth` must be >= 1.*depth=0"):
+        hw.profile([8], depth=0, **kw)
+    with pytest.raises(ValueError, match=r"stacks of 2 LSTMs.*depth=1"):
+        hw.policy(p, budget_ms=1.0)
+
+
 def test_profile_markdown_and_plot(tmp_path):
     rows = [row(8, 2.0), row(16, 1.0), row(8, 1.0, "keras", "dense")]
     p = hw.Profile({"cpu": "test", "batch_size": 1, "steps": T}, rows,

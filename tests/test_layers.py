@@ -267,7 +267,7 @@ def test_a_new_scheme_reaches_the_op_by_its_lowering(threads, rng,
     finally:
         if inference_path == "compiled":
             ops.set_num_threads(1)
-            ops._set_min_parallel_work(per_step=128 * 1024)
+            ops._set_min_parallel_work(per_step=16 * 1024)
 
 
 def test_a_scheme_without_lowering_runs_on_tf_ops_or_says_why(rng):

@@ -60,7 +60,7 @@ def _restore_settings():
     yield
     if ops.is_available():
         ops.set_instruction_set(None)
-        ops._set_min_parallel_work(128 * 1024, 512 * 1024)  # the defaults
+        ops._set_min_parallel_work(16 * 1024, 512 * 1024)  # the defaults
         ops.set_num_threads(1)
 
 
@@ -742,6 +742,11 @@ def test_block_diag_matmul(shuffle, threads):
 # -- bad inputs: InvalidArgument naming the argument ------------------------
 
 
+# The raw ops' sparse-term inputs, empty: no term (lists of 0 tensors).
+NO_SPARSE = {f"{p}_sparse_{part}": [] for p in ("input", "recurrent")
+             for part in ("row_ptr", "col_idx", "values")}
+
+
 def lstm_raw(**over):
     """Calls the raw op (no Python-side checks) with overrides."""
     case = lstm_case("blocks_shuffle", "low_rank", seed=2)
@@ -754,6 +759,7 @@ def lstm_raw(**over):
         recurrent_stages=[s.blocks for s in case["recurrent_stages"]],
         input_shuffle=[True],
         recurrent_shuffle=[False, False],
+        **NO_SPARSE,
     )
     args.update(over)
     return ops.load().keras_antman_structured_lstm(**args)
@@ -908,6 +914,10 @@ def gru_raw(reset_after, **over):
         recurrent_shuffle=[False],
         candidate_shuffle=[False] * len(cand),
         reset_after=reset_after,
+        **NO_SPARSE,
+        candidate_sparse_row_ptr=[],
+        candidate_sparse_col_idx=[],
+        candidate_sparse_values=[],
     )
     args.update(over)
     return ops.load().keras_antman_structured_gru(**args)
@@ -1233,13 +1243,32 @@ def test_portable_env_applies_after_loading(monkeypatch):
 @needs_op
 def test_threads_used_follows_the_per_step_threshold():
     ops.set_num_threads(2)
-    assert ops.threads_used(128 * 1024 - 1) == 1  # the default threshold
-    assert ops.threads_used(128 * 1024) == 2
     cores = os.cpu_count()
-    assert ops.threads_used(10**6, num_threads=3) == min(3, cores)
-    assert ops.threads_used(10**6, num_threads=1000) == cores
+    assert ops.threads_used(16 * 1024 - 1) == 1  # the default threshold
+    # A size class not measured yet: the count asked (capped at the cores).
+    assert ops.threads_used(3 * 2**40) == min(2, cores)
+    assert ops.threads_used(3 * 2**40, num_threads=3) == min(3, cores)
+    assert ops.threads_used(3 * 2**40, num_threads=1000) == cores
     ops._set_min_parallel_work(per_step=1000)
     assert ops.threads_used(999) == 1 and ops.threads_used(1000) == 2
+
+
+@needs_op
+@pytest.mark.skipif(os.cpu_count() < 2, reason="needs 2 cores")
+def test_threads_by_measurement_keep_results():
+    """The first 6 calls of a size class alternate 1 and 2 threads; the
+    class then keeps one count. Every call matches the reference."""
+    ops.set_num_threads(2)
+    case = lstm_case("blocks_shuffle", "blocks_shuffle", 7, batch=2,
+                     features=64, units=128)
+    step_macs = 2 * 128 * 4 * 128 // 4  # g = 4 blocks of 32 x 128
+    assert ops.threads_used(step_macs) == 2  # not measured yet
+    first = check_lstm(case, False, True, num_threads=None)
+    for _ in range(7):
+        again = check_lstm(case, False, True, num_threads=None)
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
+    assert ops.threads_used(step_macs) in (1, 2)
 
 
 def test_set_num_threads_validates():

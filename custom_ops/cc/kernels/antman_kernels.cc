@@ -7,6 +7,7 @@
 // shape. The engine itself (rnn_engine_impl.h) trusts the plan.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -15,6 +16,7 @@
 
 #include "custom_ops/cc/kernels/chain_checks.h"
 #include "custom_ops/cc/kernels/rnn_engine.h"
+#include "custom_ops/cc/kernels/sparse_checks.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
@@ -84,11 +86,13 @@ std::atomic<int>& ThreadSetting() {
 }
 
 // Below this many multiply-adds per step (summed over the batch), one
-// thread is faster than two: the per-step barrier and the team's start-up
-// cost more than the work saved. Measured on a 2-core AMD EPYC (see
-// bench/); conservative on bigger machines.
-// Tests lower both to 0 to run the parallel paths on small shapes.
-std::atomic<int64_t> min_parallel_macs_per_step{128 * 1024};
+// thread is faster than two on any machine we know: the per-step barrier
+// and the team's start-up cost more than the work saved (2-core AMD EPYC,
+// Zen 4: two threads start to pay between 25K and 50K). Above it the
+// choice is measured (ThreadsByMeasurement).
+// Tests lower both to 0 to run the parallel paths on small shapes (0 also
+// turns the measuring off: every call uses the threads asked).
+std::atomic<int64_t> min_parallel_macs_per_step{16 * 1024};
 // The same for one block-diagonal product (a region per call, no barrier).
 std::atomic<int64_t> min_parallel_macs_block_diag{512 * 1024};
 
@@ -109,6 +113,85 @@ int ThreadsFor(int64_t attr, int64_t work,
   if (work < threshold.load()) n = 1;
   n = std::min({n, CoreCount(), max_tasks});
   return static_cast<int>(std::max<int64_t>(1, n));
+}
+
+// Threads by measurement. Whether more threads pay for a sequence depends
+// on the machine (barrier cost, caches, what else runs), so the first
+// kProbeCalls calls of each size class (the bit length of the
+// multiply-adds per step) and thread count alternate between one thread
+// and the count asked, and the class then keeps whichever ran a step
+// faster (best of kProbeCalls / 2 calls each). The threads do not change
+// the result, so probing costs only the slower probes' time. The choice is
+// measured again every kReprobeCalls calls, and at once when a call on
+// more threads runs a step 25% slower than one thread's best: what else
+// runs on the machine changes (a second thread loses badly when the cores
+// are oversubscribed, since every step waits for both threads to hold a
+// core).
+constexpr int kProbeCalls = 6;
+constexpr int kReprobeCalls = 200;
+constexpr int kMaxProbedThreads = 64;
+
+struct ThreadProbe {
+  std::atomic<uint32_t> calls{0};
+  // Best ns per step on one thread ([0]) and on the count asked ([1]); 0:
+  // none yet.
+  std::atomic<int64_t> best_ns[2] = {};
+};
+
+ThreadProbe& ProbeFor(int64_t work, int threads) {
+  static ThreadProbe probes[65][kMaxProbedThreads + 1];
+  const int bits = 64 - __builtin_clzll(static_cast<uint64_t>(work) | 1);
+  return probes[bits][std::min(threads, kMaxProbedThreads)];
+}
+
+// The threads for a call with `asked` threads (already capped) and `work`
+// multiply-adds per step; sets *probe_slot to 0 or 1 when this call is a
+// probe to be timed (RecordProbe), else to -1.
+int ThreadsByMeasurement(int asked, int64_t work, int* probe_slot) {
+  *probe_slot = -1;
+  if (asked <= 1 || min_parallel_macs_per_step.load() == 0) return asked;
+  ThreadProbe& probe = ProbeFor(work, asked);
+  const uint32_t call =
+      probe.calls.fetch_add(1, std::memory_order_relaxed) % kReprobeCalls;
+  if (call == 0) {
+    probe.best_ns[0].store(0);
+    probe.best_ns[1].store(0);
+  }
+  if (call < kProbeCalls) {
+    *probe_slot = call & 1;
+    return call & 1 ? asked : 1;
+  }
+  const int64_t one = probe.best_ns[0].load(), many = probe.best_ns[1].load();
+  return many > 0 && (one == 0 || many < one) ? asked : 1;
+}
+
+void RecordProbe(int asked, int64_t work, int slot, int64_t ns_per_step) {
+  std::atomic<int64_t>& best = ProbeFor(work, asked).best_ns[slot];
+  ns_per_step = std::max<int64_t>(1, ns_per_step);
+  int64_t cur = best.load();
+  while ((cur == 0 || ns_per_step < cur) &&
+         !best.compare_exchange_weak(cur, ns_per_step)) {
+  }
+}
+
+// A call that ran on more threads than one after the measurement chose
+// them: if a step took clearly longer than one thread's best, the machine
+// has changed (other work now holds the cores), so the next calls measure
+// again.
+void CheckParallelCall(int asked, int64_t work, int64_t ns_per_step) {
+  ThreadProbe& probe = ProbeFor(work, asked);
+  const int64_t one = probe.best_ns[0].load();
+  if (one > 0 && ns_per_step > one + one / 4) probe.calls.store(0);
+}
+
+// The choice as it stands, without counting a call: 1 below the
+// threshold, the count asked while still probing, then the faster.
+int ThreadsChosen(int asked, int64_t work) {
+  if (asked <= 1 || min_parallel_macs_per_step.load() == 0) return asked;
+  ThreadProbe& probe = ProbeFor(work, asked);
+  if (probe.calls.load() % kReprobeCalls < kProbeCalls) return asked;
+  const int64_t one = probe.best_ns[0].load(), many = probe.best_ns[1].load();
+  return many > 0 && (one == 0 || many < one) ? asked : 1;
 }
 
 // Every tensor the ops allocate is capped far above any machine's memory
@@ -164,10 +247,93 @@ absl::Status BuildChain(const OpInputList& arrays,
   chain->num_stages = num;
   chain->n = spec.n;
   chain->m = spec.m;
-  for (int i = 0; i < num; ++i)
-    chain->stages[i] = Stage{arrays[i].flat<float>().data(), dims[i].g,
-                             dims[i].a, dims[i].b, shuffle[i]};
+  for (int i = 0; i < num; ++i) {
+    const float* w = arrays[i].flat<float>().data();
+    const int64_t block = dims[i].a * dims[i].b;
+    bool shared = dims[i].g > 1;
+    for (int64_t k = 1; shared && k < dims[i].g; ++k)
+      shared = std::memcmp(w, w + k * block, block * sizeof(float)) == 0;
+    chain->stages[i] = Stage{w, dims[i].g, dims[i].a, dims[i].b, shuffle[i],
+                             shared};
+  }
   return absl::OkStatus();
+}
+
+// A product's optional sparse term (lists of 0 or 1 tensors), checked
+// (sparse_checks.h: shapes, then every row pointer and column index) and
+// set as the chain's SparseTerm.
+absl::Status BuildSparse(const OpInputList& row_ptr,
+                         const OpInputList& col_idx,
+                         const OpInputList& values, const ChainSpec& spec,
+                         Chain* chain) {
+  chain->sparse = SparseTerm{};
+  if (row_ptr.size() == 0) return absl::OkStatus();
+  const Tensor& rp = row_ptr[0];
+  const Tensor& ci = col_idx[0];
+  const Tensor& va = values[0];
+  SparseDims d;
+  d.row_ptr_rank = rp.dims();
+  d.col_idx_rank = ci.dims();
+  d.values_rank = va.dims();
+  d.row_ptr_size = rp.dims() == 1 ? rp.dim_size(0) : -1;
+  d.col_idx_size = ci.dims() == 1 ? ci.dim_size(0) : -1;
+  d.values_size = va.dims() == 1 ? va.dim_size(0) : -1;
+  d.row_ptr_shape = Shape(rp);
+  d.col_idx_shape = Shape(ci);
+  d.values_shape = Shape(va);
+  TF_RETURN_IF_ERROR(CheckSparseDims(spec, d));
+  const int32_t* ptr = rp.flat<int32_t>().data();
+  const int32_t* col = ci.flat<int32_t>().data();
+  TF_RETURN_IF_ERROR(CheckSparseContents(spec, ptr, col, d.col_idx_size));
+  chain->sparse = SparseTerm{};
+  chain->sparse.row_ptr = ptr;
+  chain->sparse.col_idx = col;
+  chain->sparse.values = va.flat<float>().data();
+  chain->sparse.nnz = d.col_idx_size;
+  return absl::OkStatus();
+}
+
+// The sliced form of a recurrent product's sparse term (SparseTerm in
+// rnn_engine.h): outputs sorted by entry count (longest first), 16 per
+// slice, each slice as long as its longest row, so padding stays small.
+// O(m log m + nnz) per call.
+struct SlicedStorage {
+  std::vector<int64_t> ptr;
+  std::vector<int32_t> col, out;
+  std::vector<float> val;
+};
+
+void BuildSlices(int64_t m, SparseTerm* sp, SlicedStorage* st) {
+  if (sp->row_ptr == nullptr || sp->nnz == 0) return;
+  const int32_t* row_ptr = sp->row_ptr;
+  auto length = [row_ptr](int64_t j) { return row_ptr[j + 1] - row_ptr[j]; };
+  std::vector<int32_t> order(m);
+  for (int64_t j = 0; j < m; ++j) order[j] = static_cast<int32_t>(j);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return length(a) > length(b);
+  });
+  const int64_t slices = (m + kSliceLanes - 1) / kSliceLanes;
+  st->ptr.assign(slices + 1, 0);
+  st->out.assign(slices * kSliceLanes, -1);
+  for (int64_t s = 0; s < slices; ++s)
+    st->ptr[s + 1] = st->ptr[s] + length(order[s * kSliceLanes]);
+  st->col.assign(st->ptr[slices] * kSliceLanes, 0);
+  st->val.assign(st->ptr[slices] * kSliceLanes, 0.0f);
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t s = i / kSliceLanes, lane = i % kSliceLanes;
+    const int32_t j = order[i];
+    st->out[i] = j;
+    for (int64_t t = 0; t < length(j); ++t) {
+      const int64_t at = (st->ptr[s] + t) * kSliceLanes + lane;
+      st->col[at] = sp->col_idx[row_ptr[j] + t];
+      st->val[at] = sp->values[row_ptr[j] + t];
+    }
+  }
+  sp->num_slices = slices;
+  sp->slice_ptr = st->ptr.data();
+  sp->slice_col = st->col.data();
+  sp->slice_val = st->val.data();
+  sp->slice_out = st->out.data();
 }
 
 // ---------------------------------------------------------------------------
@@ -180,8 +346,10 @@ void PlanProduct(Product* pr, int gates, int64_t units, int64_t batch) {
   pr->mode = last.shuffle ? kGroupOwned : kUnitColumns;
   // kUnitColumns: a task is kUnitChunk units, or at small batch a thread's
   // whole unit range when a large single block is streamed (LastStage).
+  // Shared blocks: a thread runs all its groups as one GEMM first, so its
+  // task product holds every unit.
   pr->max_task_units =
-      pr->mode == kGroupOwned ? units / last.g
+      pr->mode == kGroupOwned ? (last.shared ? units : units / last.g)
       : batch <= kStreamRows  ? units
                               : std::min<int64_t>(units, kUnitChunk);
 }
@@ -231,7 +399,7 @@ int64_t ProductMacs(const Chain& ch) {
   int64_t macs = 0;
   for (int s = 0; s < ch.num_stages; ++s)
     macs += ch.stages[s].g * ch.stages[s].a * ch.stages[s].b;
-  return macs;
+  return macs + ch.sparse.nnz;
 }
 
 void RunRnnOnBestIsa(const RnnPlan& plan) {
@@ -295,6 +463,8 @@ struct RnnInputs {
   const Tensor* initial_c = nullptr;  // LSTM only
   const Tensor* bias = nullptr;
   OpInputList input_stages, recurrent_stages, candidate_stages;
+  // Sparse terms: [product][row_ptr, col_idx, values], lists of 0 or 1.
+  OpInputList sparse[3][3];
   int64_t batch = 0, steps = 0, features = 0, units = 0;
 };
 
@@ -348,6 +518,17 @@ class StructuredRnnOp : public OpKernel {
         OP_REQUIRES_OK(ctx, CheckChainAttrs(CandidateChainSpec(-1),
                                             num_candidate,
                                             candidate_shuffle_));
+      int64_t num_sparse;
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("num_candidate_sparse", &num_sparse));
+      OP_REQUIRES_OK(ctx, CheckCandidateSparseAttr(reset_after, num_sparse));
+    }
+    for (const ChainSpec& spec :
+         {InputChainSpec(traits_.gates, -1, -1),
+          RecurrentChainSpec(traits_.recurrent_gates, traits_.has_candidate,
+                             -1, -1)}) {
+      int64_t num_sparse;
+      OP_REQUIRES_OK(ctx, ctx->GetAttr(SparseCountAttr(spec), &num_sparse));
+      OP_REQUIRES_OK(ctx, CheckSparseCount(spec, num_sparse));
     }
   }
 
@@ -365,12 +546,36 @@ class StructuredRnnOp : public OpKernel {
     }
     SlotLayout layout;
     PlanLayout(in, &layout, &plan);
+    SlicedStorage slices[2];
+    BuildSlices(traits_.recurrent_gates * in.units,
+                &plan.recurrent.chain.sparse, &slices[0]);
+    BuildSlices(in.units, &plan.candidate.chain.sparse, &slices[1]);
+    const int64_t work = StepMacs(in, plan);
+    const int asked =
+        ThreadsFor(num_threads_, work, min_parallel_macs_per_step);
+    int probe_slot;
+    plan.num_threads = ThreadsByMeasurement(asked, work, &probe_slot);
     Tensor scratch;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(
                             tensorflow::DT_FLOAT,
                             TensorShape({SizeScratch(in, &plan)}), &scratch));
     SetupBuffers(in, out, &scratch, &plan);
+    struct alignas(64) {
+      int64_t arrivals = 0;
+      char pad[56];
+    } barrier;
+    plan.barrier_arrivals = &barrier.arrivals;
+    const auto start = std::chrono::steady_clock::now();
     RunRnnOnBestIsa(plan);
+    if (plan.num_threads > 1 || probe_slot >= 0) {
+      const int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                             std::chrono::steady_clock::now() - start)
+                             .count();
+      if (probe_slot >= 0)
+        RecordProbe(asked, work, probe_slot, ns / in.steps);
+      else
+        CheckParallelCall(asked, work, ns / in.steps);
+    }
     WriteStates(in, plan, out);
   }
 
@@ -388,6 +593,13 @@ class StructuredRnnOp : public OpKernel {
     if (traits_.has_candidate)
       TF_RETURN_IF_ERROR(
           ctx->input_list("candidate_stages", &in->candidate_stages));
+    const char* products[3] = {"input", "recurrent", "candidate"};
+    const char* parts[3] = {"_sparse_row_ptr", "_sparse_col_idx",
+                            "_sparse_values"};
+    for (int i = 0; i < (traits_.cell == kGru ? 3 : 2); ++i)
+      for (int j = 0; j < 3; ++j)
+        TF_RETURN_IF_ERROR(ctx->input_list(
+            std::string(products[i]) + parts[j], &in->sparse[i][j]));
 
     const Tensor& x = *in->x;
     if (x.dims() != 3)
@@ -444,20 +656,28 @@ class StructuredRnnOp : public OpKernel {
     p->z_width = traits_.gates * units;
     p->go_backwards = go_backwards_;
     p->return_sequences = return_sequences_;
-    TF_RETURN_IF_ERROR(BuildChain(
-        in.input_stages, input_shuffle_,
-        InputChainSpec(traits_.gates, in.features, p->z_width), &p->input));
+    const ChainSpec input_spec =
+        InputChainSpec(traits_.gates, in.features, p->z_width);
+    TF_RETURN_IF_ERROR(
+        BuildChain(in.input_stages, input_shuffle_, input_spec, &p->input));
+    TF_RETURN_IF_ERROR(BuildSparse(in.sparse[0][0], in.sparse[0][1],
+                                   in.sparse[0][2], input_spec, &p->input));
     const int rec_gates = traits_.recurrent_gates;
-    TF_RETURN_IF_ERROR(BuildChain(
-        in.recurrent_stages, recurrent_shuffle_,
-        RecurrentChainSpec(rec_gates, traits_.has_candidate, units,
-                           rec_gates * units),
-        &p->recurrent.chain));
+    const ChainSpec recurrent_spec = RecurrentChainSpec(
+        rec_gates, traits_.has_candidate, units, rec_gates * units);
+    TF_RETURN_IF_ERROR(BuildChain(in.recurrent_stages, recurrent_shuffle_,
+                                  recurrent_spec, &p->recurrent.chain));
+    TF_RETURN_IF_ERROR(BuildSparse(in.sparse[1][0], in.sparse[1][1],
+                                   in.sparse[1][2], recurrent_spec,
+                                   &p->recurrent.chain));
     PlanProduct(&p->recurrent, rec_gates, units, in.batch);
     if (traits_.has_candidate) {
+      const ChainSpec candidate_spec = CandidateChainSpec(units);
       TF_RETURN_IF_ERROR(BuildChain(in.candidate_stages, candidate_shuffle_,
-                                    CandidateChainSpec(units),
-                                    &p->candidate.chain));
+                                    candidate_spec, &p->candidate.chain));
+      TF_RETURN_IF_ERROR(BuildSparse(in.sparse[2][0], in.sparse[2][1],
+                                     in.sparse[2][2], candidate_spec,
+                                     &p->candidate.chain));
       PlanProduct(&p->candidate, 1, units, in.batch);
     }
     return absl::OkStatus();
@@ -527,29 +747,36 @@ class StructuredRnnOp : public OpKernel {
                                   : nullptr;
   }
 
-  // Sets the thread count and the per-thread scratch layout; returns the
+  // Multiply-adds of the recurrent products of one step, the whole batch.
+  int64_t StepMacs(const RnnInputs& in, const RnnPlan& p) const {
+    return in.batch *
+           (ProductMacs(p.recurrent.chain) +
+            (traits_.has_candidate ? ProductMacs(p.candidate.chain) : 0));
+  }
+
+  // Sets the per-thread scratch layout for p->num_threads; returns the
   // floats to allocate: the shared buffers in SetupBuffers' order, then one
   // block per thread, which the input phase and the recurrent phase reuse.
   int64_t SizeScratch(const RnnInputs& in, RnnPlan* p) const {
     const int64_t batch = in.batch, width = p->z_width;
-    const int64_t macs =
-        ProductMacs(p->recurrent.chain) +
-        (traits_.has_candidate ? ProductMacs(p->candidate.chain) : 0);
-    p->num_threads =
-        ThreadsFor(num_threads_, batch * macs, min_parallel_macs_per_step);
 
     const int64_t state = RoundUp16(batch * in.units);
     int64_t shared = RoundUp16(batch * in.steps * width) + 2 * state;
     if (traits_.has_cell_state) shared += state;
     if (traits_.has_candidate) shared += 2 * state;
-    for (const Product* pr : {&p->recurrent, &p->candidate})
+    for (const Product* pr : {&p->recurrent, &p->candidate}) {
       if (pr->chain.num_stages > 0)
         shared += 2 * RoundUp16(batch * MaxIntermediateWidth(pr->chain));
+      if (pr->chain.sparse.num_slices > 0)
+        shared += RoundUp16(batch * pr->chain.m);
+    }
 
     const int64_t stage_floats =
         RoundUp16(kRowChunk * MaxIntermediateWidth(p->input));
-    const int64_t input_need =
-        2 * stage_floats + RoundUp16(width) + kBlockFloats;
+    const int64_t sparse_x_floats =
+        p->input.sparse.nnz > 0 ? RoundUp16(in.features * kRowChunk) : 0;
+    const int64_t input_need = 2 * stage_floats + RoundUp16(width) +
+                               kBlockFloats + sparse_x_floats;
     const int64_t task_units =
         std::max(p->recurrent.max_task_units, p->candidate.max_task_units);
     const int64_t task_product =
@@ -568,6 +795,7 @@ class StructuredRnnOp : public OpKernel {
     p->off_stage[1] = stage_floats;
     p->off_row_copy = 2 * stage_floats;
     p->off_pack = 2 * stage_floats + RoundUp16(width);
+    p->off_sparse_x = p->off_pack + kBlockFloats;
     p->off_task_product = 0;
     p->off_task_vectors = task_product;
     return shared + p->num_threads * p->scratch_stride;
@@ -599,6 +827,10 @@ class StructuredRnnOp : public OpKernel {
       const int64_t mid = batch * MaxIntermediateWidth(pr->chain);
       pr->stage_out[0] = take(mid);
       pr->stage_out[1] = take(mid);
+      if (pr->chain.sparse.num_slices > 0) {
+        pr->chain.sparse.result = take(batch * pr->chain.m);
+        std::fill_n(pr->chain.sparse.result, batch * pr->chain.m, 0.0f);
+      }
     }
     p->scratch = cur;
     p->out = return_sequences_ ? out.output->flat<float>().data() : nullptr;
@@ -776,6 +1008,17 @@ __attribute__((visibility("default"))) void keras_antman_set_min_parallel_work(
 __attribute__((visibility("default"))) long long
 keras_antman_min_parallel_macs_per_step() {
   return keras_antman::min_parallel_macs_per_step.load();
+}
+
+// The threads a structured_lstm / structured_gru call with `asked` threads
+// (0: the process-wide setting) and `work` multiply-adds per step would
+// use now (ThreadsChosen), without counting as a call.
+__attribute__((visibility("default"))) int keras_antman_rnn_threads(
+    long long work, int asked) {
+  return keras_antman::ThreadsChosen(
+      keras_antman::ThreadsFor(asked, work,
+                               keras_antman::min_parallel_macs_per_step),
+      work);
 }
 
 __attribute__((visibility("default"))) const char* keras_antman_best_isa() {

@@ -25,6 +25,41 @@ struct Stage {
   const float* w;  // [g, a, b], row-major
   int64_t g, a, b;  // input n = g * a, output m = g * b
   bool shuffle;
+  // All g blocks are equal (the kernel compares them; a Kronecker factor
+  // is a tiled block): the groups of a row are then rows of one GEMM with
+  // block 0 instead of g GEMVs.
+  bool shared;
+};
+
+// An additive sparse term of a product, y += x @ S with S [n, m] given as
+// CSR of S^T: one CSR row per output column j of S, holding the input
+// indices col_idx[k] in [0, n) and values[k] for k in
+// [row_ptr[j], row_ptr[j + 1]). Each output is then one sparse dot product
+// over x, so tasks that own outputs share nothing (sparse_term_impl.h).
+// nnz = 0 (or no term: row_ptr null) adds nothing.
+//
+// A recurrent product also gets the term in sliced form ("SELL-16"), made
+// by the kernel: the outputs sorted by their number of entries and taken
+// 16 at a time, one per vector lane, so that a step runs 16 outputs per
+// gather with no horizontal sum; slice s holds entries [slice_ptr[s],
+// slice_ptr[s + 1]) of 16 lanes each (lane padding: column 0, value 0),
+// and lane l of slice s is output slice_out[16 s + l] (-1: none). A step
+// writes x @ S into `result` [batch, m] first (threads split the slices),
+// and each task adds its outputs from there.
+constexpr int64_t kSliceLanes = 16;
+
+struct SparseTerm {
+  const int32_t* row_ptr;  // [m + 1], null: no sparse term
+  const int32_t* col_idx;  // [nnz]
+  const float* values;     // [nnz]
+  int64_t nnz;
+  // Sliced form (recurrent products only; num_slices = 0 otherwise).
+  int64_t num_slices;
+  const int64_t* slice_ptr;  // [num_slices + 1]
+  const int32_t* slice_col;  // [slice_ptr[num_slices] * kSliceLanes]
+  const float* slice_val;    // same
+  const int32_t* slice_out;  // [num_slices * kSliceLanes]
+  float* result;             // [batch, m]
 };
 
 // Intermediate stage outputs alternate between two buffers, so the engine
@@ -35,6 +70,7 @@ struct Chain {
   int num_stages;  // 1..kMaxStages
   Stage stages[kMaxStages];
   int64_t n, m;
+  SparseTerm sparse;  // added to the chain's product (row_ptr null: none)
 };
 
 // How the last stage of a recurrent product is split into tasks; each task
@@ -91,6 +127,9 @@ struct RnnPlan {
   int64_t z_width;  // gate pre-activations per row: 4 * units or 3 * units
   bool go_backwards, return_sequences;
   int num_threads;
+  // The threads' barrier counter (rnn_engine_impl.h, Sync): zero, on a
+  // cache line of its own.
+  int64_t* barrier_arrivals;
 
   const float* x;  // [batch, steps, features]
   Chain input;     // features -> z_width
@@ -127,6 +166,9 @@ struct RnnPlan {
   int64_t off_stage[2];  // input phase: stage outputs of a row chunk
   int64_t off_row_copy;  // input phase: a copy of one z row (permutation)
   int64_t off_pack;      // input phase: kBlockFloats, a packed W block
+  // Input phase with a sparse term: a row chunk of x transposed,
+  // [features, kRowChunk] (0 floats without one).
+  int64_t off_sparse_x;
   // Recurrent phase: a task's product, [batch, G * max_task_units] ...
   int64_t off_task_product;
   // ... and 4 vectors of max_task_units for its gate math.

@@ -2,7 +2,9 @@
 // The instruction set is set here with a target pragma, not a -m flag, so
 // the library as a whole stays loadable on any x86-64 CPU; the op picks
 // this variant at run time (antman_kernels.cc).
+#include <immintrin.h>  // masked moves; gathers of the sparse term
 #include <omp.h>
+#include <sched.h>
 
 #include <cstdint>
 

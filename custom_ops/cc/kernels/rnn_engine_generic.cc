@@ -4,6 +4,7 @@
 // the library as a whole stays loadable on any x86-64 CPU; the op picks
 // this variant at run time (antman_kernels.cc).
 #include <omp.h>
+#include <sched.h>
 
 #include <cstdint>
 

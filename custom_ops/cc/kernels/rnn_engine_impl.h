@@ -1,10 +1,12 @@
 // The engine's kernels, written once with GCC vector extensions and
 // compiled once per instruction set: each rnn_engine_<isa>.cc includes this
 // file inside namespace keras_antman::<isa> after setting the target and
-// KA_VBYTES (the vector width in bytes). This file includes nothing and
-// everything in it has internal linkage except RunRnn and RunBlockDiag, so
-// no differently-compiled copy of a function can be picked by the linker
-// for another instruction set.
+// KA_VBYTES (the vector width in bytes). This file includes nothing but
+// its own part sparse_term_impl.h (the AVX2 and AVX-512 files include
+// <immintrin.h> for masked moves and gathers), and everything in it has
+// internal linkage except RunRnn and RunBlockDiag, so no
+// differently-compiled copy of a function can be picked by the linker for
+// another instruction set.
 //
 // Row-vector convention: y = x @ W with W [n, m] row-major.
 
@@ -28,6 +30,40 @@ inline void StoreU(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 
 // Partial vectors are padded with zeros so that every lane runs the same
 // code: a unit's result does not depend on where it falls in a vector.
+// AVX-512 and AVX2 move them with masked loads and stores (a task's units
+// end mid-vector whenever units / g is not a multiple of V).
+#if KA_VBYTES == 64
+inline __mmask16 FirstLanes(int64_t n) {
+  return static_cast<__mmask16>((1u << n) - 1);
+}
+inline vf LoadN(const float* p, int64_t n) {
+  if (n == V) return LoadU(p);
+  return (vf)_mm512_maskz_loadu_ps(FirstLanes(n), p);
+}
+inline void StoreN(float* p, vf v, int64_t n) {
+  if (n == V) {
+    StoreU(p, v);
+    return;
+  }
+  _mm512_mask_storeu_ps(p, FirstLanes(n), (__m512)v);
+}
+#elif KA_VBYTES == 32
+inline __m256i FirstLanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline vf LoadN(const float* p, int64_t n) {
+  if (n == V) return LoadU(p);
+  return (vf)_mm256_maskload_ps(p, FirstLanes(n));
+}
+inline void StoreN(float* p, vf v, int64_t n) {
+  if (n == V) {
+    StoreU(p, v);
+    return;
+  }
+  _mm256_maskstore_ps(p, FirstLanes(n), (__m256)v);
+}
+#else
 inline vf LoadN(const float* p, int64_t n) {
   if (n == V) return LoadU(p);
   float t[V] = {};
@@ -43,10 +79,34 @@ inline void StoreN(float* p, vf v, int64_t n) {
   StoreU(t, v);
   for (int64_t i = 0; i < n; ++i) p[i] = t[i];
 }
+#endif
 
 // exp with the Cephes expf polynomial (about 1 ulp on the clamped range);
 // the clamp keeps 2^n finite and is far beyond where sigmoid and tanh
 // saturate in float32.
+#if KA_VBYTES == 64
+// AVX-512: the nearest integer n and the final y * 2^n in one instruction
+// each (roundscale, scalef).
+inline vf Exp(vf x) {
+  const vf hi = Splat(87.0f), lo = Splat(-87.0f);
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const vf nf = (vf)_mm512_roundscale_ps(
+      (__m512)(x * 1.44269504088896341f),
+      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = x - nf * 0.693359375f;
+  x = x - nf * -2.12194440e-4f;
+  vf z = x * x;
+  vf y = Splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  return (vf)_mm512_scalef_ps((__m512)y, (__m512)nf);
+}
+#else
 inline vf Exp(vf x) {
   const vf hi = Splat(87.0f), lo = Splat(-87.0f);
   x = x > hi ? hi : x;
@@ -69,6 +129,7 @@ inline vf Exp(vf x) {
   vi e = (n + 127) << 23;
   return y * (vf)e;
 }
+#endif
 inline vf Sigmoid(vf x) { return 1.0f / (1.0f + Exp(-x)); }
 inline vf Tanh(vf x) { return 2.0f / (1.0f + Exp(-2.0f * x)) - 1.0f; }
 
@@ -79,11 +140,36 @@ inline void AddRow(const float* a, const float* b, int64_t n, float* y) {
   if (k < n) StoreN(y + k, LoadN(a + k, n - k) + LoadN(b + k, n - k), n - k);
 }
 
-inline void Barrier(int nt) {
-  if (nt > 1) {
-#pragma omp barrier
+// The barrier of the step loop, one per step or more: each thread adds
+// its arrival to a shared counter and spins (pausing) until all nt have
+// arrived. On a 2-core Zen 4 VM a step at d = 16 took 0.4 us longer on two
+// threads than on one with the OpenMP barrier, 0.1 us with this one (best
+// of 40 calls); a step at d = 400 takes about 5 us. A thread still waiting
+// after kSpins pauses yields its core: on a busy machine the thread it
+// waits for may be waiting for a core.
+constexpr int kSpins = 500;
+
+struct Sync {
+  int64_t* arrivals;  // shared, zero before the first barrier
+  int nt;
+  int64_t passed;  // nt x the barriers this thread has passed
+
+  void Wait() {
+    if (nt <= 1) return;
+    passed += nt;
+    __atomic_fetch_add(arrivals, 1, __ATOMIC_ACQ_REL);
+    for (int i = 0; __atomic_load_n(arrivals, __ATOMIC_ACQUIRE) < passed;
+         ++i) {
+      if (i < kSpins) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        sched_yield();
+      }
+    }
   }
-}
+};
 
 // Contiguous split of [0, n) over nt threads with boundaries on multiples
 // of `align` (so no two threads write the same cache line when it can be
@@ -105,25 +191,25 @@ inline void Kern(const float* __restrict x, int64_t ldx,
                  const float* __restrict w, int64_t ldw, int64_t k_len,
                  float* __restrict y, int64_t ldy) {
   vf acc[MR][NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 32
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
+#pragma GCC unroll 32
     for (int j = 0; j < NV; ++j) acc[i][j] = Splat(0.0f);
   for (int64_t k = 0; k < k_len; ++k) {
     const float* wk = w + k * ldw;
     vf wv[NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 32
     for (int j = 0; j < NV; ++j) wv[j] = LoadU(wk + j * V);
-#pragma GCC unroll 4
+#pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) {
       const vf xb = Splat(x[i * ldx + k]);
-#pragma GCC unroll 4
+#pragma GCC unroll 32
       for (int j = 0; j < NV; ++j) acc[i][j] += xb * wv[j];
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 32
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
+#pragma GCC unroll 32
     for (int j = 0; j < NV; ++j) StoreU(y + i * ldy + j * V, acc[i][j]);
 }
 
@@ -144,19 +230,83 @@ inline void KernTail(const float* __restrict x, int64_t ldx,
     for (int64_t c = 0; c < nc; ++c) y[i * ldy + c] = acc[i][c];
 }
 
+// Register tiles: MR rows x NV vectors of accumulators, plus NV weight
+// vectors and one broadcast, within the vector registers (32 with AVX-512,
+// 16 otherwise). One row (batch 1) takes a whole 24- or 12-vector row
+// segment of W per pass, so the FMAs of one weight row are independent and
+// each weight is read once; more rows share each weight load (a small
+// GEMM: the batch reuses every weight MR times from a register).
+constexpr int kRegs = KA_VBYTES == 64 ? 32 : 16;
+constexpr int kMaxRowTile = KA_VBYTES == 64 ? 8 : 4;
+constexpr int MaxNv(int mr) {
+  return mr == 1 ? (kRegs * 3) / 4 : (kRegs - 1) / (mr + 1);
+}
+
+typedef void (*KernFn)(const float*, int64_t, const float*, int64_t, int64_t,
+                       float*, int64_t);
+
+// Kern<MR, nv> for a run-time nv in [1, NV].
+template <int MR, int NV>
+KernFn PickKern(int64_t nv) {
+  if constexpr (NV == 0) {
+    return nullptr;
+  } else {
+    return nv == NV ? &Kern<MR, NV> : PickKern<MR, NV - 1>(nv);
+  }
+}
+
+// `tiles` tiles of MR rows: Y[tiles * MR, n] = X @ W. Columns outer, in
+// near-equal chunks of at most MaxNv(MR) vectors, rows inner, so a chunk of
+// W stays in L1 while every row tile passes over it.
 template <int MR>
-void GemmRows(const float* x, int64_t ldx, const float* w, int64_t ldw,
-              int64_t k_len, int64_t n, float* y, int64_t ldy) {
-  // At most 12 accumulators: fits the 16 registers of SSE/AVX2.
-  constexpr int NV = MR <= 2 ? 4 : (MR == 3 ? 3 : 2);
+void RowTiles(const float* x, int64_t ldx, int64_t tiles, const float* w,
+              int64_t ldw, int64_t k_len, int64_t n, float* y, int64_t ldy) {
+  constexpr int kNv = MaxNv(MR);
+  const int64_t nvec = n / V;
+  const int64_t chunks = (nvec + kNv - 1) / kNv;
   int64_t c = 0;
-  for (; c + NV * V <= n; c += NV * V)
-    Kern<MR, NV>(x, ldx, w + c, ldw, k_len, y + c, ldy);
-  if (NV > 2)
-    for (; c + 2 * V <= n; c += 2 * V)
-      Kern<MR, 2>(x, ldx, w + c, ldw, k_len, y + c, ldy);
-  for (; c + V <= n; c += V) Kern<MR, 1>(x, ldx, w + c, ldw, k_len, y + c, ldy);
-  if (c < n) KernTail<MR>(x, ldx, w + c, ldw, k_len, y + c, ldy, n - c);
+  for (int64_t j = 0; j < chunks; ++j) {
+    const int64_t nv = nvec / chunks + (j < nvec % chunks ? 1 : 0);
+    const KernFn fn = PickKern<MR, kNv>(nv);
+    for (int64_t t = 0; t < tiles; ++t)
+      fn(x + t * MR * ldx, ldx, w + c, ldw, k_len, y + t * MR * ldy + c, ldy);
+    c += nv * V;
+  }
+  if (c < n)
+    for (int64_t t = 0; t < tiles; ++t)
+      KernTail<MR>(x + t * MR * ldx, ldx, w + c, ldw, k_len,
+                   y + t * MR * ldy + c, ldy, n - c);
+}
+
+// Y[rows, n] = X[rows, k_len] @ W[k_len, n] in register tiles: as many
+// kMaxRowTile-row tiles as fit, then one tile of the rest.
+void TileGemm(const float* x, int64_t ldx, int64_t rows, const float* w,
+              int64_t ldw, int64_t k_len, int64_t n, float* y, int64_t ldy) {
+  int64_t r = 0;
+  if (rows - r >= kMaxRowTile) {
+    const int64_t tiles = (rows - r) / kMaxRowTile;
+    RowTiles<kMaxRowTile>(x, ldx, tiles, w, ldw, k_len, n, y, ldy);
+    r += tiles * kMaxRowTile;
+  }
+  if (kMaxRowTile > 4 && rows - r >= 4) {
+    RowTiles<4>(x + r * ldx, ldx, 1, w, ldw, k_len, n, y + r * ldy, ldy);
+    r += 4;
+  }
+  const float* xr = x + r * ldx;
+  float* yr = y + r * ldy;
+  switch (rows - r) {
+    case 3:
+      RowTiles<3>(xr, ldx, 1, w, ldw, k_len, n, yr, ldy);
+      break;
+    case 2:
+      RowTiles<2>(xr, ldx, 1, w, ldw, k_len, n, yr, ldy);
+      break;
+    case 1:
+      RowTiles<1>(xr, ldx, 1, w, ldw, k_len, n, yr, ldy);
+      break;
+    default:
+      break;
+  }
 }
 
 // One or two rows against the gate columns [q * units + u0, + len) of a
@@ -257,25 +407,7 @@ void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
       wb = pack;
       ldb = nc;
     }
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4)
-      GemmRows<4>(x + r * ldx, ldx, wb, ldb, k_len, nc, y + r * ldy + c0,
-                  ldy);
-    const float* xr = x + r * ldx;
-    float* yr = y + r * ldy + c0;
-    switch (rows - r) {
-      case 3:
-        GemmRows<3>(xr, ldx, wb, ldb, k_len, nc, yr, ldy);
-        break;
-      case 2:
-        GemmRows<2>(xr, ldx, wb, ldb, k_len, nc, yr, ldy);
-        break;
-      case 1:
-        GemmRows<1>(xr, ldx, wb, ldb, k_len, nc, yr, ldy);
-        break;
-      default:
-        break;
-    }
+    TileGemm(x, ldx, rows, wb, ldb, k_len, nc, y + c0, ldy);
   }
 }
 
@@ -284,6 +416,26 @@ void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
 void StageColumns(const Stage& s, const float* x, int64_t ldx, int64_t rows,
                   int64_t c0, int64_t c1, float* y, int64_t ldy,
                   float* pack = nullptr) {
+  if (s.shared) {  // whole groups in range: rows of one GEMM with block 0
+    const int64_t gi0 = (c0 + s.b - 1) / s.b, gi1 = c1 / s.b;
+    if (gi0 < gi1) {
+      // Groups before gi0 and from gi1 on, then this.
+      StageColumns(Stage{s.w, s.g, s.a, s.b, s.shuffle, false}, x, ldx, rows,
+                   c0, gi0 * s.b, y, ldy, pack);
+      StageColumns(Stage{s.w, s.g, s.a, s.b, s.shuffle, false}, x, ldx, rows,
+                   gi1 * s.b, c1, y + (gi1 * s.b - c0), ldy, pack);
+      const int64_t ng = gi1 - gi0;
+      float* yg = y + (gi0 * s.b - c0);
+      if (ng == s.g && ldx == s.g * s.a && ldy == s.g * s.b) {
+        Gemm(x, s.a, rows * s.g, s.w, s.b, s.a, s.b, yg, s.b, pack);
+        return;
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        Gemm(x + r * ldx + gi0 * s.a, s.a, ng, s.w, s.b, s.a, s.b,
+             yg + r * ldy, s.b, pack);
+      return;
+    }
+  }
   while (c0 < c1) {
     const int64_t gi = c0 / s.b;
     const int64_t cend = Min(c1, (gi + 1) * s.b);
@@ -343,8 +495,10 @@ inline void ScatterUnits(const float* src, const Task& tk, float* row) {
   Scatter(src, tk.len, row + tk.first_unit, tk.unit_stride);
 }
 
-// The input product for every (batch, step) row at once, then the gather
-// into the slot layout with the bias folded in.
+#include "custom_ops/cc/kernels/sparse_term_impl.h"
+
+// The input product for every (batch, step) row at once (its sparse term
+// included), then the gather into the slot layout with the bias folded in.
 void InputPhase(const RnnPlan& p, int tid, int nt) {
   const Chain& ch = p.input;
   const int64_t rows = p.batch * p.steps, zw = p.z_width;
@@ -376,6 +530,9 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
       in = out;
       ldx = ldy;
     }
+    SparseRowsAdd(ch.sparse, ch.n, ch.m, ch.stages[ch.num_stages - 1],
+                  p.x + r * ch.n, ch.n, rc, thread_scratch + p.off_sparse_x,
+                  p.x_proj + r * zw, zw);
     for (int64_t i = 0; i < rc; ++i) {
       float* z = p.x_proj + (r + i) * zw;
       const float* src = z;  // one run is the identity: in place
@@ -401,7 +558,7 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
 // shuffling stage's columns are computed into the thread's `unshuffled`
 // buffer and scattered to their shuffled places.
 const float* Intermediate(const Product& pr, const float* in, int64_t batch,
-                          int tid, int nt, float* unshuffled,
+                          int tid, int nt, Sync& sync, float* unshuffled,
                           int64_t* ldx_out) {
   int64_t ldx = pr.chain.n;
   for (int s = 0; s + 1 < pr.chain.num_stages; ++s) {
@@ -416,7 +573,7 @@ const float* Intermediate(const Product& pr, const float* in, int64_t batch,
     } else if (c0 < c1) {
       StageColumns(stage, in, ldx, batch, c0, c1, out + c0, ms);
     }
-    Barrier(nt);
+    sync.Wait();
     in = out;
     ldx = ms;
   }
@@ -441,6 +598,15 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
     // u = i + g * l: exactly the task layout, so it is written in place.
     const int64_t g0 = s.g * tid / nt, g1 = s.g * (tid + 1) / nt;
     const int64_t len = units / s.g;
+    if (s.shared) {  // the thread's groups as rows of one GEMM per row
+      const int64_t ldv = (g1 - g0) * s.b;
+      for (int64_t r = 0; r < batch; ++r)
+        Gemm(in + r * ldx + g0 * s.a, s.a, g1 - g0, s.w, s.b, s.a, s.b,
+             task_product + r * ldv, s.b);
+      for (int64_t i = g0; i < g1; ++i)
+        gate(Task{i, s.g, len, i * len}, task_product + (i - g0) * s.b, ldv);
+      return;
+    }
     for (int64_t j = 0; j < g1 - g0; ++j) {
       const int64_t i = rev ? g1 - 1 - j : g0 + j;
       Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b,
@@ -640,7 +806,7 @@ struct NoCandidate {
 // stages, its last stage fused with `Gates`, and for the GRU without
 // reset_after the candidate product fused with `Candidate`.
 template <class Gates, class Candidate>
-void RecurrentPhase(const RnnPlan& p, int tid, int nt) {
+void RecurrentPhase(const RnnPlan& p, int tid, int nt, Sync& sync) {
   const int64_t batch = p.batch, units = p.units;
   float* thread_scratch = p.scratch + tid * p.scratch_stride;
   float* task_product = thread_scratch + p.off_task_product;
@@ -658,31 +824,47 @@ void RecurrentPhase(const RnnPlan& p, int tid, int nt) {
                       p.h[s & 1], p.h[(s + 1) & 1], v};
     const bool rev = (s & 1) != 0;
     int64_t ldx;
+    // A sparse term's outputs are all computed before the last stage; a
+    // chain of 2+ stages has a barrier in Intermediate in between.
+    if (HasSlices(p.recurrent)) {
+      SparseSlices(p.recurrent.chain.sparse, st.h_prev, units, batch,
+                   p.recurrent.gates * units, tid, nt);
+      if (p.recurrent.chain.num_stages == 1) sync.Wait();
+    }
     const float* in =
-        Intermediate(p.recurrent, st.h_prev, batch, tid, nt, unshuffled,
-                     &ldx);
+        Intermediate(p.recurrent, st.h_prev, batch, tid, nt, sync,
+                     unshuffled, &ldx);
     LastStage(p.recurrent, in, ldx, batch, units, tid, nt, rev, task_product,
-              Gates{st});
+              PlusSparse<Gates>{p.recurrent.chain.sparse, batch, units,
+                                p.recurrent.gates, Gates{st}});
     if constexpr (Candidate::kPresent) {
-      Barrier(nt);  // every unit's r * h_prev is written
-      in = Intermediate(p.candidate, p.reset_h_prev, batch, tid, nt,
+      sync.Wait();  // every unit's r * h_prev is written
+      if (HasSlices(p.candidate)) {
+        SparseSlices(p.candidate.chain.sparse, p.reset_h_prev, units, batch,
+                     units, tid, nt);
+        if (p.candidate.chain.num_stages == 1) sync.Wait();
+      }
+      in = Intermediate(p.candidate, p.reset_h_prev, batch, tid, nt, sync,
                         unshuffled, &ldx);
       LastStage(p.candidate, in, ldx, batch, units, tid, nt, rev,
-                task_product, Candidate{st});
+                task_product,
+                PlusSparse<Candidate>{p.candidate.chain.sparse, batch, units,
+                                      1, Candidate{st}});
     }
-    Barrier(nt);
+    sync.Wait();
   }
 }
 
 void RnnBody(const RnnPlan& p, int tid, int nt) {
+  Sync sync{p.barrier_arrivals, nt, 0};
   InputPhase(p, tid, nt);
-  Barrier(nt);
+  sync.Wait();
   if (p.cell == kLstm)
-    RecurrentPhase<LstmGates, NoCandidate>(p, tid, nt);
+    RecurrentPhase<LstmGates, NoCandidate>(p, tid, nt, sync);
   else if (p.reset_after)
-    RecurrentPhase<GruResetAfterGates, NoCandidate>(p, tid, nt);
+    RecurrentPhase<GruResetAfterGates, NoCandidate>(p, tid, nt, sync);
   else
-    RecurrentPhase<GruGatesA, GruCandidate>(p, tid, nt);
+    RecurrentPhase<GruGatesA, GruCandidate>(p, tid, nt, sync);
 }
 
 void BlockDiagBody(const BlockDiagPlan& p, int tid, int nt) {

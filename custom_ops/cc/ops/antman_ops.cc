@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "custom_ops/cc/kernels/chain_checks.h"
+#include "custom_ops/cc/kernels/sparse_checks.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -42,6 +43,33 @@ absl::Status CheckStages(InferenceContext* c, const ChainSpec& spec) {
                         c->Value(c->Dim(stage, 2))};
   }
   return CheckChainDims(spec, dims, shuffle, received);
+}
+
+// A product's optional sparse term (sparse_checks.h): its count attr, and
+// the ranks and lengths known now.
+absl::Status CheckSparse(InferenceContext* c, const ChainSpec& spec) {
+  int64_t num;
+  TF_RETURN_IF_ERROR(c->GetAttr(SparseCountAttr(spec), &num));
+  TF_RETURN_IF_ERROR(CheckSparseCount(spec, num));
+  if (num == 0) return absl::OkStatus();
+  const std::string p = SparsePrefix(spec);
+  SparseDims d;
+  auto read = [&](const char* suffix, int* rank, int64_t* size,
+                  std::string* text) -> absl::Status {
+    std::vector<ShapeHandle> list;
+    TF_RETURN_IF_ERROR(c->input(p + suffix, &list));
+    *text = c->DebugString(list[0]);
+    *rank = c->RankKnown(list[0]) ? c->Rank(list[0]) : -1;
+    *size = *rank == 1 ? c->Value(c->Dim(list[0], 0)) : -1;
+    return absl::OkStatus();
+  };
+  TF_RETURN_IF_ERROR(
+      read("_row_ptr", &d.row_ptr_rank, &d.row_ptr_size, &d.row_ptr_shape));
+  TF_RETURN_IF_ERROR(
+      read("_col_idx", &d.col_idx_rank, &d.col_idx_size, &d.col_idx_shape));
+  TF_RETURN_IF_ERROR(
+      read("_values", &d.values_rank, &d.values_size, &d.values_shape));
+  return CheckSparseDims(spec, d);
 }
 
 absl::Status CheckRank(InferenceContext* c, int index, int rank,
@@ -105,11 +133,14 @@ absl::Status RnnShape(InferenceContext* c, bool lstm) {
   auto times_units = [&](int k) {
     return n_units < 0 ? int64_t{-1} : k * n_units;
   };
-  TF_RETURN_IF_ERROR(CheckStages(
-      c, InputChainSpec(gates, features, times_units(gates))));
-  TF_RETURN_IF_ERROR(CheckStages(
-      c, RecurrentChainSpec(rec_gates, !lstm && !reset_after, n_units,
-                            times_units(rec_gates))));
+  const ChainSpec input_spec =
+      InputChainSpec(gates, features, times_units(gates));
+  const ChainSpec recurrent_spec = RecurrentChainSpec(
+      rec_gates, !lstm && !reset_after, n_units, times_units(rec_gates));
+  TF_RETURN_IF_ERROR(CheckStages(c, input_spec));
+  TF_RETURN_IF_ERROR(CheckStages(c, recurrent_spec));
+  TF_RETURN_IF_ERROR(CheckSparse(c, input_spec));
+  TF_RETURN_IF_ERROR(CheckSparse(c, recurrent_spec));
   if (!lstm) {
     std::vector<ShapeHandle> candidate;
     TF_RETURN_IF_ERROR(c->input("candidate_stages", &candidate));
@@ -117,8 +148,13 @@ absl::Status RnnShape(InferenceContext* c, bool lstm) {
     TF_RETURN_IF_ERROR(c->GetAttr("candidate_shuffle", &shuffle));
     TF_RETURN_IF_ERROR(
         CheckCandidateAttrs(reset_after, candidate.size(), shuffle));
-    if (!candidate.empty())
+    int64_t num_sparse;
+    TF_RETURN_IF_ERROR(c->GetAttr("num_candidate_sparse", &num_sparse));
+    TF_RETURN_IF_ERROR(CheckCandidateSparseAttr(reset_after, num_sparse));
+    if (!candidate.empty()) {
       TF_RETURN_IF_ERROR(CheckStages(c, CandidateChainSpec(n_units)));
+      TF_RETURN_IF_ERROR(CheckSparse(c, CandidateChainSpec(n_units)));
+    }
   }
   int64_t num_threads;
   TF_RETURN_IF_ERROR(c->GetAttr("num_threads", &num_threads));
@@ -146,11 +182,19 @@ REGISTER_OP("KerasAntman>StructuredLstm")
     .Input("bias: float")
     .Input("input_stages: num_input_stages * float")
     .Input("recurrent_stages: num_recurrent_stages * float")
+    .Input("input_sparse_row_ptr: num_input_sparse * int32")
+    .Input("input_sparse_col_idx: num_input_sparse * int32")
+    .Input("input_sparse_values: num_input_sparse * float")
+    .Input("recurrent_sparse_row_ptr: num_recurrent_sparse * int32")
+    .Input("recurrent_sparse_col_idx: num_recurrent_sparse * int32")
+    .Input("recurrent_sparse_values: num_recurrent_sparse * float")
     .Output("output: float")
     .Output("final_h: float")
     .Output("final_c: float")
     .Attr("num_input_stages: int >= 1")
     .Attr("num_recurrent_stages: int >= 1")
+    .Attr("num_input_sparse: int >= 0 = 0")
+    .Attr("num_recurrent_sparse: int >= 0 = 0")
     .Attr("input_shuffle: list(bool)")
     .Attr("recurrent_shuffle: list(bool)")
     .Attr("go_backwards: bool = false")
@@ -181,6 +225,13 @@ final_c: [batch, units].
 input_shuffle: one flag per input stage: shuffle-mix that stage's output.
 recurrent_shuffle: one flag per recurrent stage; if the last is true, its
   groups must divide units.
+input_sparse_row_ptr, input_sparse_col_idx, input_sparse_values: an
+  optional sparse term S [features, 4 * units] added to the input product,
+  K_in = chain + S, as CSR of S^T: row_ptr int32 [4 * units + 1] (one CSR
+  row per output column j), col_idx int32 [nnz] (input indices), values
+  [nnz]. Zero or one tensor each (num_input_sparse).
+recurrent_sparse_row_ptr, recurrent_sparse_col_idx, recurrent_sparse_values:
+  the same for the recurrent product (S [units, 4 * units]).
 go_backwards: process the steps in reverse.
 num_threads: OpenMP threads; 0 uses the process-wide setting. Small
   problems run on one thread whatever is asked.
@@ -193,11 +244,23 @@ REGISTER_OP("KerasAntman>StructuredGru")
     .Input("input_stages: num_input_stages * float")
     .Input("recurrent_stages: num_recurrent_stages * float")
     .Input("candidate_stages: num_candidate_stages * float")
+    .Input("input_sparse_row_ptr: num_input_sparse * int32")
+    .Input("input_sparse_col_idx: num_input_sparse * int32")
+    .Input("input_sparse_values: num_input_sparse * float")
+    .Input("recurrent_sparse_row_ptr: num_recurrent_sparse * int32")
+    .Input("recurrent_sparse_col_idx: num_recurrent_sparse * int32")
+    .Input("recurrent_sparse_values: num_recurrent_sparse * float")
+    .Input("candidate_sparse_row_ptr: num_candidate_sparse * int32")
+    .Input("candidate_sparse_col_idx: num_candidate_sparse * int32")
+    .Input("candidate_sparse_values: num_candidate_sparse * float")
     .Output("output: float")
     .Output("final_h: float")
     .Attr("num_input_stages: int >= 1")
     .Attr("num_recurrent_stages: int >= 1")
     .Attr("num_candidate_stages: int >= 0")
+    .Attr("num_input_sparse: int >= 0 = 0")
+    .Attr("num_recurrent_sparse: int >= 0 = 0")
+    .Attr("num_candidate_sparse: int >= 0 = 0")
     .Attr("input_shuffle: list(bool)")
     .Attr("recurrent_shuffle: list(bool)")
     .Attr("candidate_shuffle: list(bool) = []")
@@ -214,7 +277,9 @@ as in StructuredLstm. With reset_after, bias is [2, 3 * units],
 recurrent_stages map units -> 3 * units and candidate_stages is empty.
 Without it, bias is [3 * units], recurrent_stages are product A (units ->
 2 * units, gates z and r) and candidate_stages product B (units -> units,
-applied to r * h).
+applied to r * h). Each product may add a sparse term as in
+StructuredLstm (candidate_sparse_*: only without reset_after, S
+[units, units]).
 )doc");
 
 REGISTER_OP("KerasAntman>BlockDiagMatMul")

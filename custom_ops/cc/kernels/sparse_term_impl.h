@@ -1,0 +1,193 @@
+// The sparse additive term of a product (SparseTerm in rnn_engine.h):
+// y += x @ S with S given as CSR of S^T, so each output column j is one
+// sparse dot product over the input row. Included by rnn_engine_impl.h
+// inside its anonymous namespace (it uses vf, V, LoadU, Splat, Task); like
+// that file it includes nothing. The gathers are intrinsics, chosen by
+// KA_VBYTES: rnn_engine_avx2.cc and rnn_engine_avx512.cc include
+// <immintrin.h> for them; the generic build loops.
+//
+// Two shapes of work:
+// - the input product of all steps (many rows): a chunk of rows is
+//   transposed once, so that every non-zero (i, j) becomes a vector
+//   multiply-add of x^T's row i over the chunk's rows;
+// - a recurrent step (the batch): the sliced form (SparseTerm), 16
+//   outputs per vector gather, slices split between threads, into a
+//   [batch, m] buffer that each task then reads its outputs from.
+
+// Up to NB vectors of rows (NB * V rows of x^T) of output column j.
+template <int NB>
+inline void SparseColumnRows(const SparseTerm& sp, int64_t j, const float* xt,
+                             int64_t ldt, float* acc_out) {
+  vf acc[NB];
+#pragma GCC unroll 4
+  for (int v = 0; v < NB; ++v) acc[v] = Splat(0.0f);
+  const int64_t k1 = sp.row_ptr[j + 1];
+  for (int64_t k = sp.row_ptr[j]; k < k1; ++k) {
+    const vf w = Splat(sp.values[k]);
+    const float* xr = xt + sp.col_idx[k] * ldt;
+#pragma GCC unroll 4
+    for (int v = 0; v < NB; ++v) acc[v] += w * LoadU(xr + v * V);
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NB; ++v) StoreU(acc_out + v * V, acc[v]);
+}
+
+// Rows [0, rows) of x (rows <= kRowChunk, stride ldx, n inputs) times S,
+// added to y: output column j lands at column dest(j) of y (the unshuffled
+// place of j when the product's last stage shuffles, so that the sum goes
+// through the same gather as the stages' output). `xt` holds n * kRowChunk
+// floats.
+void SparseRowsAdd(const SparseTerm& sp, int64_t n, int64_t m,
+                   const Stage& last, const float* x, int64_t ldx,
+                   int64_t rows, float* xt, float* y, int64_t ldy) {
+  if (sp.row_ptr == nullptr || sp.nnz == 0 || rows <= 0) return;
+  const int64_t ldt = (rows + V - 1) / V * V;  // padded with zero rows
+  for (int64_t i = 0; i < n; ++i) {
+    float* t = xt + i * ldt;
+    for (int64_t r = 0; r < rows; ++r) t[r] = x[r * ldx + i];
+    for (int64_t r = rows; r < ldt; ++r) t[r] = 0.0f;
+  }
+  // Destinations (columns of y) in blocks of kDestBlock, so that the adds
+  // to each row of y touch one run of columns: dest p holds output j =
+  // (p % b) * g + p / b under the last stage's shuffle, else j = p.
+  constexpr int64_t kDestBlock = 8;
+  float acc[kDestBlock][kRowChunk + V];
+  for (int64_t p0 = 0; p0 < m; p0 += kDestBlock) {
+    const int64_t pn = Min(kDestBlock, m - p0);
+    for (int64_t q = 0; q < pn; ++q) {
+      const int64_t p = p0 + q;
+      const int64_t j = last.shuffle ? (p % last.b) * last.g + p / last.b : p;
+      float* a = acc[q];
+      if (sp.row_ptr[j] == sp.row_ptr[j + 1]) {
+        for (int64_t r = 0; r < rows; ++r) a[r] = 0.0f;
+        continue;
+      }
+      for (int64_t v0 = 0; v0 < ldt; v0 += 4 * V) {
+        const float* xv = xt + v0;
+        switch (Min(4, (ldt - v0) / V)) {
+          case 4:
+            SparseColumnRows<4>(sp, j, xv, ldt, a + v0);
+            break;
+          case 3:
+            SparseColumnRows<3>(sp, j, xv, ldt, a + v0);
+            break;
+          case 2:
+            SparseColumnRows<2>(sp, j, xv, ldt, a + v0);
+            break;
+          default:
+            SparseColumnRows<1>(sp, j, xv, ldt, a + v0);
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* yr = y + r * ldy + p0;
+      for (int64_t q = 0; q < pn; ++q) yr[q] += acc[q][r];
+    }
+  }
+}
+
+// The 16 lanes of a slice of `len` entries: acc[l] = sum over entries k of
+// val[16 k + l] * x[col[16 k + l]], accumulated in registers (two chains,
+// so that a gather's latency overlaps the previous multiply-add).
+inline void SliceDot(const int32_t* col, const float* val, int64_t len,
+                     const float* x, float* acc) {
+#if KA_VBYTES == 64
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 2 <= len; k += 2) {
+    const int32_t* c = col + 16 * k;
+    const float* v = val + 16 * k;
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v),
+                         _mm512_i32gather_ps(_mm512_loadu_si512(c), x, 4),
+                         a0);
+    a1 = _mm512_fmadd_ps(
+        _mm512_loadu_ps(v + 16),
+        _mm512_i32gather_ps(_mm512_loadu_si512(c + 16), x, 4), a1);
+  }
+  if (k < len)
+    a0 = _mm512_fmadd_ps(
+        _mm512_loadu_ps(val + 16 * k),
+        _mm512_i32gather_ps(_mm512_loadu_si512(col + 16 * k), x, 4), a0);
+  _mm512_storeu_ps(acc, _mm512_add_ps(a0, a1));
+#elif KA_VBYTES == 32
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < len; ++k) {
+    const int32_t* c = col + 16 * k;
+    const float* v = val + 16 * k;
+    a0 = _mm256_fmadd_ps(
+        _mm256_loadu_ps(v),
+        _mm256_i32gather_ps(
+            x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)), 4),
+        a0);
+    a1 = _mm256_fmadd_ps(
+        _mm256_loadu_ps(v + 8),
+        _mm256_i32gather_ps(
+            x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 8)),
+            4),
+        a1);
+  }
+  _mm256_storeu_ps(acc, a0);
+  _mm256_storeu_ps(acc + 8, a1);
+#else
+  for (int l = 0; l < 16; ++l) acc[l] = 0.0f;
+  for (int64_t k = 0; k < len; ++k)
+    for (int l = 0; l < 16; ++l)
+      acc[l] += val[16 * k + l] * x[col[16 * k + l]];
+#endif
+}
+
+// This thread's share of x @ S for a step (x [batch, ldx]), written to
+// sp.result [batch, m]: the slices are split between threads by entries.
+void SparseSlices(const SparseTerm& sp, const float* x, int64_t ldx,
+                  int64_t batch, int64_t m, int tid, int nt) {
+  static_assert(kSliceLanes == 16, "SliceDot works on 16 lanes");
+  const int64_t total = sp.slice_ptr[sp.num_slices];
+  const int64_t e0 = total * tid / nt, e1 = total * (tid + 1) / nt;
+  int64_t s = 0;
+  while (s < sp.num_slices && sp.slice_ptr[s] < e0) ++s;
+  for (; s < sp.num_slices && sp.slice_ptr[s] < e1; ++s) {
+    const int32_t* out = sp.slice_out + s * kSliceLanes;
+    for (int64_t b = 0; b < batch; ++b) {
+      alignas(64) float acc[kSliceLanes];
+      const int64_t k0 = sp.slice_ptr[s];
+      SliceDot(sp.slice_col + k0 * kSliceLanes,
+               sp.slice_val + k0 * kSliceLanes, sp.slice_ptr[s + 1] - k0,
+               x + b * ldx, acc);
+      float* y = sp.result + b * m;
+      for (int64_t l = 0; l < kSliceLanes; ++l)
+        if (out[l] >= 0) y[out[l]] = acc[l];
+    }
+  }
+  // Slice s runs on the thread whose entry range holds its first entry.
+  // Empty slices (outputs without entries, sorted last) never run: their
+  // results stay 0 from the setup.
+}
+
+// Whether a recurrent step must compute the sliced term.
+inline bool HasSlices(const Product& pr) {
+  return pr.chain.sparse.num_slices > 0;
+}
+
+// A gate functor (rnn_engine_impl.h) behind the sparse term: adds the
+// task's outputs of x @ S (computed by SparseSlices this step) to its
+// product, rec[b * ldv + q * tk.len + l] for gate q and the l-th unit,
+// then runs the gate math on it.
+template <class Gates>
+struct PlusSparse {
+  const SparseTerm& sp;
+  int64_t batch, units;
+  int gates;
+  Gates next;
+  void operator()(const Task& tk, float* rec, int64_t ldv) const {
+    if (sp.num_slices > 0) {
+      const int64_t m = gates * units;
+      for (int64_t b = 0; b < batch; ++b)
+        for (int q = 0; q < gates; ++q) {
+          const float* y = sp.result + b * m + q * units + tk.first_unit;
+          float* r = rec + b * ldv + q * tk.len;
+          for (int64_t l = 0; l < tk.len; ++l) r[l] += y[l * tk.unit_stride];
+        }
+    }
+    next(tk, rec, ldv);
+  }
+};

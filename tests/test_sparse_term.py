@@ -1,0 +1,396 @@
+"""The compiled op's sparse term (issue 16, part 4): ``chain(x) + x @ S``
+with ``S`` as CSR of ``S^T``, the lowering of `Doped` (base stages plus the
+term), `HMD` and `Kronecker` on the op, against NumPy LSTM / GRU over dense
+matrices written out here (``np.kron``, ``u @ v``...), at 1 and 2 threads;
+the layers on the compiled path, the compiled export in a fresh process,
+and every CSR check of the raw op."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_export import _load_in_fresh_process
+
+import keras_antman as am
+from keras_antman import doping
+from keras_antman import ops
+from keras_antman._keras import keras
+
+import reference
+from conftest import randomize_weights
+
+pytestmark = pytest.mark.skipif(
+    not ops.is_available(), reason="the compiled op library is not built")
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Runs the op on 1 or 2 threads, the parallel paths even on tiny
+    shapes."""
+    ops.set_num_threads(request.param)
+    ops._set_min_parallel_work(0, 0)
+    yield request.param
+    ops.set_num_threads(1)
+    ops._set_min_parallel_work(16 * 1024, 512 * 1024)
+
+
+@pytest.fixture(params=["generic", "avx2", "avx512"])
+def isa(request):
+    """Runs the op's kernels for one instruction set (the gathers differ:
+    AVX-512 and AVX2 intrinsics, or a plain loop)."""
+    try:
+        ops.set_instruction_set(request.param)
+    except ValueError:
+        pytest.skip(f"this CPU lacks {request.param}")
+    yield request.param
+    ops.set_instruction_set(None)
+
+
+def built(scheme, n, m, seed):
+    """A `StructuredMatrix` with seeded random weights; a doped one pruned
+    by magnitude to its sparsity."""
+    s = scheme.bind(m)
+    s.build((None, n))
+    r = np.random.default_rng(seed)
+    for name, w in s.scheme_weights().items():
+        if name != "mask":
+            w.assign(r.normal(scale=0.4, size=w.shape).astype("float32"))
+    if isinstance(scheme, am.Doped):
+        doping.prune(s, scheme.sparsity)
+    return s
+
+
+def dense_of(matrix):
+    """W of a built matrix from the formulas, in float64."""
+    w = {k: v.astype("float64") for k, v in matrix.weight_arrays().items()}
+    sparse = 0.0
+    if isinstance(matrix.scheme, am.Doped):
+        sparse = w["sparse"] * w["mask"]
+        w = {k[5:]: v for k, v in w.items() if k.startswith("base_")}
+    if "a" in w:
+        base = sum(np.kron(a, b) for a, b in zip(w["a"], w["b"]))
+    elif "dense" in w:
+        base = np.vstack([w["dense"], w["u"] @ w["v"]])
+    elif "u" in w:
+        base = w["u"] @ w["v"]
+    elif "blocks" in w:
+        base = reference.shuffled(reference.block_diag(w["blocks"]),
+                                  w["blocks"].shape[0])
+    else:
+        base = w["kernel"]
+    return base + sparse
+
+
+BASES = {
+    # m2 = 4 divides the 8 units, as the op's recurrent shuffle needs.
+    "kronecker": lambda: am.Kronecker(b_shape=(4, 4)),
+    "low_rank": lambda: am.LowRank(2),
+    "hmd": lambda: am.HMD(2),
+}
+# (cell, gates, recurrent products as (name, width in units))
+CELLS = {
+    "lstm": (4, [("recurrent", 4)]),
+    "gru": (3, [("recurrent", 3)]),
+    "gru_reset_before": (3, [("recurrent", 2), ("candidate", 1)]),
+}
+
+
+def run_op(cell, x, mats, bias):
+    """The whole sequence on the op, from each matrix's lowering."""
+    zeros = np.zeros((x.shape[0], mats["recurrent"].input_dim), "float32")
+    stages = {k: m.kernel_stages() for k, m in mats.items()}
+    if cell == "lstm":
+        return ops.structured_lstm(
+            x, zeros, zeros, bias, stages["input"], stages["recurrent"],
+            return_sequences=True)[0]
+    return ops.structured_gru(
+        x, zeros, bias, stages["input"], stages["recurrent"],
+        candidate_stages=stages.get("candidate"),
+        reset_after=cell == "gru", return_sequences=True)[0]
+
+
+def run_numpy(cell, x, mats, bias):
+    x = x.astype("float64")
+    rec = np.concatenate([dense_of(mats[k]) for k in mats if k != "input"],
+                         axis=1)
+    if cell == "lstm":
+        return reference.lstm(x, dense_of(mats["input"]), rec, bias)[0]
+    return reference.gru(x, dense_of(mats["input"]), rec, bias,
+                         reset_after=cell == "gru")[0]
+
+
+def make_products(cell, make, features, units, seed):
+    gates, recurrent = CELLS[cell]
+    mats = {"input": built(make(), features, gates * units, seed)}
+    for i, (name, width) in enumerate(recurrent):
+        mats[name] = built(make(), units, width * units, seed + 1 + i)
+    return mats
+
+
+def random_bias(cell, units, rng):
+    shape = (2, 3 * units) if cell == "gru" else (
+        CELLS[cell][0] * units,)
+    return rng.normal(scale=0.3, size=shape).astype("float32")
+
+
+@pytest.mark.parametrize("sparsity", [None, 0.0, 0.9, 0.99, 1.0],
+                         ids=lambda s: "plain" if s is None else f"S{s}")
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_op_equals_numpy(cell, base, sparsity, threads, rng):
+    def make():
+        scheme = BASES[base]()
+        return scheme if sparsity is None else am.Doped(
+            scheme, sparsity=sparsity)
+
+    mats = make_products(cell, make, 8, 8, seed=7)
+    if sparsity is not None:
+        for m in mats.values():  # the lowering ends with S, all of it
+            term = m.kernel_stages()[-1]
+            assert isinstance(term, ops.SparseTerm)
+            assert len(term.values) == m.scheme.nnz(m.input_dim,
+                                                    m.output_dim)
+    bias = random_bias(cell, 8, rng)
+    for batch in (1, 3):
+        x = rng.normal(size=(batch, 5, 8)).astype("float32")
+        np.testing.assert_allclose(
+            run_op(cell, x, mats, bias), run_numpy(cell, x, mats, bias),
+            rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: am.Doped(am.Kronecker(b_shape=(8, 8)), sparsity=0.95),
+    # Groups of 5 columns: the 2-thread column split of the intermediate
+    # stage cuts a group (generic ISA), around the one-GEMM equal blocks.
+    lambda: am.Doped(am.Kronecker(b_shape=(8, 5)), sparsity=0.9),
+    lambda: am.Doped(am.Dense(), sparsity=0.9),
+    lambda: am.Doped(am.LGPShuffle(4), sparsity=0.97),
+], ids=["kronecker", "kronecker_b5", "dense", "lgp_shuffle"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_op_equals_numpy_at_larger_shapes(make, cell, threads, isa, rng):
+    # 2 x 70 rows: two row chunks of the input product's sparse term, one
+    # of them partial; 40 units: slices of 16 outputs that end mid-gate.
+    mats = make_products(cell, make, 40, 40, seed=3)
+    bias = random_bias(cell, 40, rng)
+    x = rng.normal(size=(2, 70, 40)).astype("float32")
+    np.testing.assert_allclose(
+        run_op(cell, x, mats, bias), run_numpy(cell, x, mats, bias),
+        rtol=2e-4, atol=2e-5)
+
+
+def test_sparse_term_from_arrays_and_tensors(rng):
+    s = rng.normal(size=(6, 9)) * (rng.random((6, 9)) < 0.3)
+    s = s.astype("float32")
+    for term in (ops.sparse_term(s), ops.sparse_term(tf.constant(s))):
+        row_ptr, col, val = (np.asarray(a) for a in term)
+        assert row_ptr.dtype == col.dtype == np.int32
+        rebuilt = np.zeros((9, 6), "float32")  # S^T, one row per output
+        for j in range(9):
+            for k in range(row_ptr[j], row_ptr[j + 1]):
+                rebuilt[j, col[k]] = val[k]
+        np.testing.assert_array_equal(rebuilt.T, s)
+        assert row_ptr[-1] == np.count_nonzero(s)
+
+
+@pytest.mark.parametrize("scheme", [
+    am.Doped(am.Kronecker(b_shape=(4, 4)), sparsity=0.8),
+    am.Doped(am.HMD(2), sparsity=0.9),
+    am.Doped(am.LowRank(2), sparsity=0.95),
+], ids=["kronecker", "hmd", "low_rank"])
+@pytest.mark.parametrize("cls,kwargs", [
+    (am.StructuredLSTM, {}),
+    (am.StructuredGRU, {"reset_after": True}),
+    (am.StructuredGRU, {"reset_after": False}),
+], ids=["lstm", "gru", "gru_reset_before"])
+def test_doped_layers_run_on_the_compiled_op(scheme, cls, kwargs, rng):
+    x = rng.normal(size=(3, 6, 8)).astype("float32")
+    compiled = cls(8, input_scheme=scheme, recurrent_scheme=scheme,
+                   return_sequences=True, go_backwards=True,
+                   kernel="compiled", **kwargs)
+    compiled(x)
+    randomize_weights(compiled, seed=1, scale=0.4)
+    for m in doping.doped_matrices(compiled):
+        doping.prune(m, m.scheme.sparsity)
+    assert compiled.compiled_blockers() == []
+    portable = cls.from_config({**compiled.get_config(),
+                                "kernel": "portable"})
+    portable(x)
+    portable.set_weights(compiled.get_weights())
+    np.testing.assert_allclose(compiled(x), portable(x), rtol=1e-5,
+                               atol=1e-5)
+    fn = tf.function(lambda v: compiled(v))  # traced: S from the variables
+    np.testing.assert_allclose(fn(x), portable(x), rtol=1e-5, atol=1e-5)
+
+
+def _doped_model(rng):
+    inp = keras.Input((6, 12))
+    h = am.StructuredLSTM(
+        16, input_scheme=am.Doped(am.Kronecker(), sparsity=0.9),
+        recurrent_scheme=am.Doped(am.HMD(4), sparsity=0.95),
+        return_sequences=True, name="lstm")(inp)
+    h = am.StructuredGRU(
+        8, reset_after=False,
+        input_scheme=am.Doped(am.LowRank(2), sparsity=0.8),
+        recurrent_scheme=am.Doped(am.Kronecker(b_shape=(4, 4)),
+                                  sparsity=0.9), name="gru")(h)
+    model = keras.Model(inp, keras.layers.Dense(3)(h))
+    randomize_weights(model, seed=2, scale=0.3)
+    for m in doping.doped_matrices(model):
+        doping.prune(m, m.scheme.sparsity)
+    return model
+
+
+def test_compiled_export_round_trips_with_constant_csr(tmp_path, rng):
+    model = _doped_model(rng)
+    x = rng.normal(size=(2, 6, 12)).astype("float32")
+    expected = np.asarray(model(x))
+    path = am.export(model, tmp_path / "sm", kernel="compiled")
+    proc = _load_in_fresh_process(
+        path, x, tmp_path, "import keras_antman; keras_antman.ops.load()")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # The op's sparse inputs are constants of the graph: no Where (the
+    # dense-to-CSR conversion of a traced call) runs when serving.
+    nodes = []
+    for f in tf.saved_model.load(str(path)).serve.concrete_functions:
+        graph = f.graph.as_graph_def()
+        nodes += list(graph.node)
+        for fn in graph.library.function:
+            nodes += list(fn.node_def)
+    ours = [n for n in nodes if n.op.startswith("KerasAntman>")]
+    assert {n.op for n in ours} == {"KerasAntman>StructuredLstm",
+                                    "KerasAntman>StructuredGru"}
+    for n in ours:
+        assert n.attr["num_input_sparse"].i == 1
+        assert n.attr["num_recurrent_sparse"].i == 1
+    assert not any(n.op == "Where" for n in nodes)
+
+
+# -- bad CSR input: InvalidArgument naming the argument -----------------------
+
+def _lstm_with(input_term=None, recurrent_term=None, raw=None):
+    """An LSTM call (features 8, units 8) with the given sparse terms."""
+    x = np.ones((1, 3, 8), "float32")
+    z = np.zeros((1, 8), "float32")
+    k = np.zeros((1, 8, 32), "float32")
+    in_stages = [ops.Stage(k)] + ([input_term] if input_term else [])
+    rec_stages = [ops.Stage(k)] + ([recurrent_term] if recurrent_term else [])
+    return ops.structured_lstm(x, z, z, np.zeros(32, "float32"), in_stages,
+                               rec_stages)
+
+
+def _term(row_ptr=None, col=None, values=None):
+    """A valid CSR of S^T for S [8, 32] (3 entries), with replacements."""
+    base_ptr = np.zeros(33, "int32")
+    base_ptr[5:] = 2
+    base_ptr[20:] = 3
+    return ops.SparseTerm(
+        np.asarray(base_ptr if row_ptr is None else row_ptr, "int32"),
+        np.asarray([1, 7, 0] if col is None else col, "int32"),
+        np.asarray([1.0, 2.0, 3.0] if values is None else values,
+                   "float32"))
+
+
+def _bumped(i, value):
+    t = _term()
+    ptr = t.row_ptr.copy()
+    ptr[i] = value
+    return _term(row_ptr=ptr)
+
+
+@pytest.mark.parametrize("term,pattern", [
+    (_bumped(0, 1), r"input_sparse_row_ptr\[0\] must be 0; received 1"),
+    (_bumped(10, 1), r"input_sparse_row_ptr must not decrease; received "
+     r"input_sparse_row_ptr\[9\] = 2 > input_sparse_row_ptr\[10\] = 1"),
+    (_bumped(32, 4), r"input_sparse_row_ptr\[m\] = input_sparse_row_ptr"
+     r"\[32\] must equal nnz = 3 .*received 4"),
+    (_bumped(32, 2**31 - 1), r"must equal nnz = 3"),
+    (_term(col=[1, 8, 0]), r"input_sparse_col_idx\[1\] = 8 is not an input "
+     r"index in \[0, 8\) of the input product"),
+    (_term(col=[1, -1, 0]), r"input_sparse_col_idx\[1\] = -1 is not"),
+    (_term(row_ptr=np.zeros(32)), r"input_sparse_row_ptr must have m \+ 1 "
+     r"= 33 entries .*received shape \[32\]"),
+    (_term(values=[1.0, 2.0]), r"input_sparse_col_idx and "
+     r"input_sparse_values must have the same length nnz; received shapes "
+     r"\[3\] and \[2\]"),
+    (_term(row_ptr=np.zeros((1, 33))), r"input_sparse_row_ptr must be a "
+     r"rank-1 int32 array \[m \+ 1\]"),
+    (_term(col=[[1, 7, 0]]), r"input_sparse_col_idx must be a rank-1"),
+])
+def test_bad_csr_is_rejected_naming_the_input(term, pattern):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
+        _lstm_with(input_term=term)
+
+
+def test_bad_recurrent_csr_names_the_recurrent_product():
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"recurrent_sparse_col_idx\[1\] = 8 is not an "
+                             r"input index in \[0, 8\) of the recurrent"):
+        _lstm_with(recurrent_term=_term(col=[1, 8, 0]))
+
+
+def test_graph_construction_checks_the_csr_shapes():
+    term = _term(row_ptr=np.zeros(31))
+
+    @tf.function
+    def traced():
+        return _lstm_with(input_term=ops.SparseTerm(
+            *(tf.constant(a) for a in term)))
+
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError),
+                       match=r"input_sparse_row_ptr must have m \+ 1 = 33"):
+        traced()
+
+
+def test_raw_op_term_counts():
+    lib = ops.load()
+    t = _term()
+    k = np.zeros((1, 8, 32), "float32")
+    z = np.zeros((1, 8), "float32")
+    two = dict(input_sparse_row_ptr=[t.row_ptr] * 2,
+               input_sparse_col_idx=[t.col_idx] * 2,
+               input_sparse_values=[t.values] * 2)
+    none = {f"recurrent_sparse_{p}": [] for p in
+            ("row_ptr", "col_idx", "values")}
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"num_input_sparse must be 0 \(no sparse term\)"
+                             r" or 1 .*received 2"):
+        lib.keras_antman_structured_lstm(
+            x=np.ones((1, 3, 8), "float32"), initial_h=z, initial_c=z,
+            bias=np.zeros(32, "float32"), input_stages=[k],
+            recurrent_stages=[k], input_shuffle=[False],
+            recurrent_shuffle=[False], **two, **none)
+    cand = _term(row_ptr=np.zeros(9))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"num_candidate_sparse must be 0 with "
+                             r"reset_after=True"):
+        lib.keras_antman_structured_gru(
+            x=np.ones((1, 3, 8), "float32"), initial_h=z,
+            bias=np.zeros((2, 24), "float32"),
+            input_stages=[np.zeros((1, 8, 24), "float32")],
+            recurrent_stages=[np.zeros((1, 8, 24), "float32")],
+            candidate_stages=[], input_shuffle=[False],
+            recurrent_shuffle=[False], reset_after=True,
+            input_sparse_row_ptr=[], input_sparse_col_idx=[],
+            input_sparse_values=[], **none,
+            candidate_sparse_row_ptr=[cand.row_ptr],
+            candidate_sparse_col_idx=[cand.col_idx],
+            candidate_sparse_values=[cand.values])
+
+
+def test_python_wrapper_places_the_term_last():
+    k = ops.Stage(np.zeros((1, 8, 32), "float32"))
+    with pytest.raises(TypeError, match=r"input_stages\[0\] is a SparseTerm, "
+                                        r"which may only come last"):
+        ops.structured_lstm(
+            np.ones((1, 3, 8), "float32"), np.zeros((1, 8), "float32"),
+            np.zeros((1, 8), "float32"), np.zeros(32, "float32"),
+            [_term(), k], [k])
+    with pytest.raises(ValueError, match="a SparseTerm alone is not a "
+                                         "product"):
+        ops.structured_lstm(
+            np.ones((1, 3, 8), "float32"), np.zeros((1, 8), "float32"),
+            np.zeros((1, 8), "float32"), np.zeros(32, "float32"),
+            [_term()], [k])
