@@ -109,6 +109,10 @@ def ones(shape, dtype=None):
     return tf.ones(shape, dtype=dtype or tf_keras.backend.floatx())
 
 
+def eye(n, m=None, dtype=None):
+    return tf.eye(n, m, dtype=dtype or tf_keras.backend.floatx())
+
+
 def ones_like(x, dtype=None):
     return tf.ones_like(x, dtype=dtype)
 
