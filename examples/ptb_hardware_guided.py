@@ -220,7 +220,7 @@ def shrink_teacher(run, teacher, units):
                                "hw", a.dropout)
     model.set_weights(teacher.get_weights())
     lasso = iss.GroupLasso(model, strength=0.0)
-    norms = {sid: keras.ops.convert_to_numpy(v)
+    norms = {sid: np.asarray(v)
              for sid, v in lasso.squared_norms().items()}
     lasso.zero({sid: np.argsort(n, kind="stable")[:len(n) - units]
                 for sid, n in norms.items()})
@@ -366,7 +366,7 @@ def stage_students(run, teacher):
         student.save(run.file(f"student_{ptb._slug(name)}.keras"))
         val, test = run.perplexities(student)
         params, macs = ptb.lstm_cost(student)
-        nonzero = sum(int(np.count_nonzero(keras.ops.convert_to_numpy(w)))
+        nonzero = sum(int(np.count_nonzero(np.asarray(w)))
                       for layer in _lstms(student) for w in layer.weights)
         run.results.setdefault("students", {})[name] = dict(
             kind=kind, units=units, lstm_params=params, lstm_macs=macs,
