@@ -43,9 +43,12 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 import keras_antman as am  # noqa: E402
 from keras_antman import datasets  # noqa: E402
+from keras_antman import doping  # noqa: E402
+from keras_antman import grow_prune  # noqa: E402
 from keras_antman import iss  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -231,15 +234,16 @@ class _Clock(keras.callbacks.Callback):
         self.run.save()
 
 
-def train_chunked(run, model, key, steps):
+def train_chunked(run, model, key, steps, callbacks=()):
     """``model.fit`` for ``steps`` steps, resumable chunk by chunk.
 
     Keras epochs are equal chunks of at most ``--chunk-steps`` steps (the
     total rounded up to a multiple of the chunk count) of the repeated
     training data; `BackupAndRestore` saves weights and optimizer state at
     each chunk's end, and a resumed run skips the batches already seen, so
-    it continues on the same data as an uninterrupted one. Returns
-    ``(steps actually run, seconds spent over all sessions)``.
+    it continues on the same data as an uninterrupted one. ``callbacks``
+    run after the restore (they may read the restored optimizer step).
+    Returns ``(steps actually run, seconds spent over all sessions)``.
     """
     chunks = max(1, math.ceil(steps / run.args.chunk_steps))
     chunk = math.ceil(steps / chunks)  # chunks * chunk: steps, rounded up
@@ -255,7 +259,8 @@ def train_chunked(run, model, key, steps):
     model.fit(data, epochs=chunks, steps_per_epoch=chunk, shuffle=False,
               verbose=run.args.verbose,
               callbacks=[keras.callbacks.BackupAndRestore(
-                  backup, delete_checkpoint=False), _Clock(run, key)])
+                  backup, delete_checkpoint=False), *callbacks,
+                  _Clock(run, key)])
     seconds = run.results.get("elapsed", {}).get(key, 0.0)
     return chunks * chunk, seconds
 
@@ -304,12 +309,13 @@ def make_student(run, teacher, kind, arg):
                           run.args.dropout)
 
 
-def distill(run, teacher, student, coefficients, steps, key, lr=None):
+def distill(run, teacher, student, coefficients, steps, key, lr=None,
+            callbacks=()):
     d = am.Distiller(student=student, teacher=teacher)
     lr = run.args.student_lr if lr is None else lr
     decay = steps if run.args.student_schedule == "cosine" else 0
     d.compile(optimizer=optimizer(lr, run.args, decay), **coefficients)
-    return train_chunked(run, d, key, steps)
+    return train_chunked(run, d, key, steps, callbacks)
 
 
 def coefficients(run):
@@ -357,6 +363,7 @@ def stage_students(run, teacher):
         finish(run, "student " + name)
         print(f"{name}: val {val:.2f} test {test:.2f}", flush=True)
     stage_iss(run, teacher)
+    stage_doping(run, teacher)
 
 
 def stage_iss(run, teacher):
@@ -420,6 +427,254 @@ def stage_iss(run, teacher):
             schedule=args.student_schedule)
         run.save()
         print(f"{name}: LSTM units {units}, {cost.mac_reduction:.2f}x, "
+              f"val {val:.2f} test {test:.2f}", flush=True)
+
+
+# -- Doping (Thakker et al., MLSys 2021) and its baselines ------------------
+
+DOPING_KINDS = ("dope", "dope_nocmr", "kp", "hmd", "lmf", "prune")
+
+
+def lstm_products(args):
+    """``[(n, m)]`` of the teacher's four LSTM products and its bias count."""
+    e, h = embed_width(args), args.hidden
+    return [(e, 4 * h), (h, 4 * h), (h, 4 * h), (h, 4 * h)], 2 * 4 * h
+
+
+def sparse_params(nnz, m):
+    """Storage of a sparse ``n -> m`` matrix with ``nnz`` non-zeros, counted
+    as `Doped.cost` counts ``S``: ``nnz`` values plus CSR indices of the
+    transpose (``nnz`` column indices and ``m + 1`` row pointers)."""
+    return 2 * nnz + m + 1
+
+
+def lstm_params(args, scheme=None, sparsity=None):
+    """LSTM params (both layers, biases included) of the teacher, of a
+    student with ``scheme`` on every product, or (``sparsity``) of the
+    dense kernels pruned to that sparsity and stored as CSR."""
+    products, biases = lstm_products(args)
+    if sparsity is not None:
+        return biases + sum(
+            sparse_params(doping.nonzeros(sparsity, n, m), m)
+            for n, m in products)
+    if scheme is None:
+        return biases + sum(n * m for n, m in products)
+    return biases + sum(scheme.cost(n, m)[0] for n, m in products)
+
+
+def sparsity_for(args, reduction, base=None):
+    """The sparsity (4 decimals) of ``S`` (with ``base``: `Doped`) or of
+    the pruned kernels (``base=None``) whose LSTM params are closest to
+    the teacher's / ``reduction``."""
+    target = lstm_params(args) / reduction
+    return min((i / 10000 for i in range(10000)), key=lambda s: abs(
+        (lstm_params(args, am.Doped(base, sparsity=s)) if base
+         else lstm_params(args, sparsity=s)) - target))
+
+
+def closest(args, reduction, make, values):
+    """``make(v)`` for the ``v`` in ``values`` whose LSTM params are
+    closest to the teacher's / ``reduction`` (in ratio)."""
+    teacher = lstm_params(args)
+    return min((make(v) for v in values), key=lambda s: abs(math.log(
+        teacher / lstm_params(args, s) / reduction)))
+
+
+def doping_specs(args):
+    """``name -> (kind, arg, reduction)``: the Doping rows at each
+    ``--dope-reductions``
+    entry (LSTM param reductions), for the kinds ``--students`` names:
+
+    - ``dope`` / ``dope_nocmr``: ``Doped(Kronecker())`` (near-square
+      factors, one term) with and without CMR (``--cmr-rate``), ``S``
+      annealed to the sparsity that lands at the reduction;
+    - ``kp``: plain Kronecker, the number of summed terms closest to it;
+    - ``hmd``: `HMD` with ``--hmd-dense-rows``, the closest rank;
+    - ``lmf``: the paper's LMF, `LowRank` of the closest rank;
+    - ``prune``: magnitude pruning of the dense kernels to the sparsity
+      (CSR-stored, counted as ``S``) that lands at the reduction.
+    """
+    kinds = [k for k in args.students if k in DOPING_KINDS]
+    specs = {}
+    for r in args.dope_reductions:
+        kp = am.Kronecker()
+        s = sparsity_for(args, r, kp)
+        doped = {"dope": (f"Doped KP ~{r:g}x (CMR {args.cmr_rate:g})",
+                          args.cmr_rate),
+                 "dope_nocmr": (f"Doped KP ~{r:g}x (no CMR)", 0.0)}
+        for kind in kinds:
+            if kind in doped:
+                name, rate = doped[kind]
+                specs[name] = (kind, am.Doped(
+                    kp, target_sparsity=s, cmr_rate=rate, seed=args.seed), r)
+            elif kind == "kp":
+                scheme = closest(args, r, lambda t: am.Kronecker(terms=t),
+                                 range(1, 101))
+                specs[f"KP ~{r:g}x (terms={scheme.terms})"] = (
+                    kind, scheme, r)
+            elif kind == "hmd":
+                scheme = closest(args, r, lambda k: am.HMD(
+                    k, args.hmd_dense_rows), range(1, 101))
+                specs[f"HMD ~{r:g}x (rank={scheme.rank})"] = (
+                    kind, scheme, r)
+            elif kind == "lmf":
+                scheme = closest(args, r, lambda k: am.LowRank(rank=k),
+                                 range(1, 201))
+                specs[f"LMF (LowRank) ~{r:g}x (rank={scheme.rank})"] = (
+                    kind, scheme, r)
+            else:
+                specs[f"Magnitude pruning ~{r:g}x"] = (
+                    kind, sparsity_for(args, r), r)
+    return specs
+
+
+class _AnnealLog(keras.callbacks.Callback):
+    """Every ``--anneal-log`` optimizer steps (and at step 0), the
+    validation perplexity of ``student`` (inference mode: no CMR) on the
+    first ``--anneal-batches`` validation batches and the current sparsity
+    (``sparsity()``), appended to ``results["anneal"][name]`` as
+    ``[step, sparsity, val ppl]``. A resumed run drops the entries past its
+    restored step first (and logs that step if it has no entry)."""
+
+    def __init__(self, run, name, student, sparsity):
+        super().__init__()
+        self.run, self.name = run, name
+        self.student, self.sparsity = student, sparsity
+        self.batches = list(run.valid.take(run.args.anneal_batches))
+        self.every = run.args.anneal_log
+
+    def _step(self):
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def on_train_begin(self, logs=None):
+        import tensorflow as tf
+
+        @tf.function
+        def loss(x, y):
+            logits = self.student(x, training=False)
+            return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
+                y, logits, from_logits=True))
+
+        self._loss = loss
+        step = self._step()
+        log = self.run.results.setdefault("anneal", {}).setdefault(
+            self.name, [])
+        log[:] = [e for e in log if e[0] <= step]
+        if not log or log[-1][0] != step:
+            self._record(step)
+
+    def _record(self, step):
+        ce = sum(float(self._loss(x, y)) for x, y in self.batches)
+        self.run.results["anneal"][self.name].append(
+            [step, self.sparsity(), math.exp(ce / len(self.batches))])
+        self.run.save()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._step()
+        if step % self.every == 0:
+            self._record(step)
+
+
+class _ResumablePrune(grow_prune.Prune):
+    """`grow_prune.Prune` that continues its ramp after a restore: it counts
+    from the restored optimizer step and takes the masks from the restored
+    kernels' zeros (the masks are not model variables)."""
+
+    def on_train_begin(self, logs=None):
+        self.step = int(keras.ops.convert_to_numpy(
+            self.model.optimizer.iterations))
+        if self.step:
+            self.masks.set_masks([
+                keras.ops.convert_to_numpy(v) != 0
+                for _, _, v in self.masks.kernels])
+
+
+def _doped_sparsity(student):
+    masks = [keras.ops.convert_to_numpy(m.mask)
+             for m in doping.doped_matrices(student)]
+    return 1.0 - sum(np.count_nonzero(m) for m in masks) / sum(
+        m.size for m in masks)
+
+
+def stage_doping(run, teacher):
+    """The Doping rows (`doping_specs`), distilled like the other students
+    from the teacher's weights for ``--student-steps``.
+
+    A doped student starts from ``compress``: the nearest Kronecker product
+    plus ``S`` = the dense residual (sparsity 0); `DopingSchedule` prunes
+    ``S`` by magnitude on the cubic ramp every ``--anneal-every`` steps,
+    reaching its target at ``--anneal-end`` of the steps. The pruning
+    student is the teacher's stock LSTMs with `grow_prune.KernelMasks` and
+    the same ramp (`grow_prune.Prune`). Both log the annealing
+    (`_AnnealLog`). Params and MACs: `keras_antman.report` (``S`` counted
+    by `Doped.cost`); the pruned kernels' by `sparse_params` (values + CSR
+    indices; MACs = non-zeros).
+    """
+    args = run.args
+    teacher_params = lstm_params(args)
+    teacher_macs = run.results["teacher"]["lstm_macs"]
+    end = max(1, round(args.anneal_end * args.student_steps))
+    for name, (kind, arg, reduction) in doping_specs(args).items():
+        if name in run.results.get("students", {}):
+            continue
+        keras.utils.set_random_seed(args.seed)
+        callbacks, init = [], "teacher (from_dense)"
+        if kind == "prune":
+            student = language_model(run.vocab, args.hidden,
+                                     embed_width(args), "pruned", args.dropout)
+            student.set_weights(teacher.get_weights())
+            masks = grow_prune.KernelMasks(student)
+            callbacks = [_ResumablePrune(masks, arg, 0, end,
+                                         args.anneal_every),
+                         _AnnealLog(run, name, student, lambda: float(
+                             np.mean(list(masks.sparsity().values()))))]
+            init = "teacher (dense weights)"
+        else:
+            student = am.compress(teacher, input_scheme=arg,
+                                  recurrent_scheme=arg)
+            if isinstance(arg, am.Doped):
+                callbacks = [am.DopingSchedule(
+                    0, end, initial_sparsity=0.0,
+                    frequency=args.anneal_every),
+                    _AnnealLog(run, name, student,
+                               lambda s=student: _doped_sparsity(s))]
+                init = "teacher (nearest KP + dense residual S)"
+        steps, seconds = distill(run, teacher, student, coefficients(run),
+                                 args.student_steps, "student " + name,
+                                 callbacks=callbacks)
+        if kind == "prune":
+            masks.detach()
+            products, biases = lstm_products(args)
+            nnz = [int(np.count_nonzero(keras.ops.convert_to_numpy(v)))
+                   for _, _, v in masks.kernels]
+            params = biases + sum(sparse_params(z, m)
+                                  for z, (_, m) in zip(nnz, products))
+            macs = sum(nnz)
+            scheme = (f"dense kernels pruned to {arg:.2%} zeros (CSR), "
+                      f"{sum(nnz):,} non-zeros")
+        else:
+            for matrix in doping.doped_matrices(student):  # after a resume
+                mask = keras.ops.convert_to_numpy(matrix.mask)
+                matrix.scheme.set_sparsity(
+                    1.0 - np.count_nonzero(mask) / mask.size)
+            params, macs = lstm_cost(student)
+            scheme = arg.describe()
+        student.save(run.file(f"student_{_slug(name)}.keras"))
+        val, test = run.perplexities(student)
+        run.results.setdefault("students", {})[name] = dict(
+            lstm_params=params, lstm_macs=macs,
+            mac_reduction=teacher_macs / macs,
+            param_reduction=teacher_params / params, val_ppl=val,
+            test_ppl=test, train_seconds=seconds, steps=steps,
+            epochs=steps / run.epoch_steps, scheme=scheme, init=init,
+            doping_kind=kind, budget_reduction=reduction,
+            coefficients=coefficients(run),
+            lr=args.student_lr, schedule=args.student_schedule,
+            anneal_end_step=end if name in run.results.get("anneal", {})
+            else None)
+        run.save()
+        finish(run, "student " + name)
+        print(f"{name}: {teacher_params / params:.2f}x params, "
               f"val {val:.2f} test {test:.2f}", flush=True)
 
 
@@ -610,6 +865,80 @@ def _setup_text(res):
         f"**Command(s)** (from the repository root):\n\n{commands}\n")
 
 
+# The Doping paper's abstract: perplexity vs the teacher at 25x on a medium
+# PTB LSTM, by row kind.
+PAPER_25X = {"dope": "+1.4%", "prune": "+7.9%", "hmd": "+15%", "lmf": "+27%"}
+KIND_LABEL = {"dope": "doped KP + CMR", "dope_nocmr": "doped KP, no CMR",
+              "kp": "plain KP", "hmd": "HMD", "lmf": "LMF (LowRank)",
+              "prune": "magnitude pruning"}
+
+
+def _doping_tables(res, t_ppl):
+    """Markdown: one table per Doping reduction (the doped, KP, HMD, LMF
+    and pruning rows, plus any other row within 10% of its LSTM param
+    reduction), with the paper's abstract numbers at 25x."""
+    students = res.get("students", {})
+    teacher_params = res["teacher"]["lstm_params"]
+    doped = {n: r for n, r in students.items() if "doping_kind" in r}
+    targets = sorted({r["budget_reduction"] for r in doped.values()},
+                     reverse=True)
+    lines = []
+    for target in targets:
+        rows = [(n, r) for n, r in students.items()
+                if abs(teacher_params / r["lstm_params"] / target - 1) < 0.1]
+        rows.sort(key=lambda nr: nr[1]["test_ppl"])
+        paper = target == 25
+        lines += [
+            f"\n## Doping at ~{target:g}x LSTM params"
+            + (" (the paper's abstract: medium PTB LSTM, 25x)" if paper
+               else "") + "\n",
+            "| row | kind | LSTM params | param reduction | MAC reduction "
+            "| val ppl | test ppl | test ppl vs teacher"
+            + (" | paper (vs its teacher)" if paper else "") + " |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---:"
+            + (" | ---:" if paper else "") + " |"]
+        for n, r in rows:
+            kind = r.get("doping_kind", "")
+            lines.append(
+                f"| {n} | {KIND_LABEL.get(kind, r.get('scheme', ''))} | "
+                f"{r['lstm_params']:,} | "
+                f"{teacher_params / r['lstm_params']:.2f}x | "
+                f"{r['mac_reduction']:.2f}x | {r['val_ppl']:.2f} | "
+                f"{r['test_ppl']:.2f} | "
+                f"{100 * (r['test_ppl'] / t_ppl - 1):+.1f}%"
+                + (f" | {PAPER_25X.get(kind, '-')}" if paper else "") + " |")
+    return lines
+
+
+def _plot_annealing(anneal, path):
+    """Validation perplexity against ``S``'s density (left) and against the
+    step (right) for each logged doped / pruned student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, log in sorted(anneal.items()):
+        steps, sparsity, ppl = (np.array(c, float) for c in zip(*log))
+        density = np.maximum(1.0 - sparsity, 1e-4)
+        left.plot(density, ppl, marker=".", label=name)
+        right.plot(steps, ppl, marker=".", label=name)
+    left.set_xscale("log")
+    left.invert_xaxis()
+    left.set_xlabel("density of S / of the pruned kernels (1 - sparsity), "
+                    "log scale")
+    right.set_xlabel("distillation step")
+    for ax in (left, right):
+        ax.set_ylabel("validation perplexity (fixed batches)")
+        ax.grid(True, alpha=0.3)
+    right.legend(fontsize=7)
+    fig.suptitle("PTB: validation perplexity while S anneals (cubic ramp)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def stage_report(run, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     res = run.results
@@ -641,7 +970,12 @@ def stage_report(run, out_dir):
             f"{r['val_ppl']:.2f} | {r['test_ppl']:.2f} | {delta} | "
             f"{r['train_seconds']:.0f} | {r['steps']} "
             f"({r.get('epochs', 0):.2f}) |")
+    if t_ppl and any("doping_kind" in r for _, r in rows):
+        lines += _doping_tables(res, t_ppl)
     name = run.args.report_name
+    if res.get("anneal"):
+        _plot_annealing(res["anneal"],
+                        os.path.join(out_dir, f"{name}_annealing.png"))
     with open(os.path.join(out_dir, f"{name}_results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -804,7 +1138,8 @@ def build_parser():
     p.add_argument("--students", type=lambda t: t.split(","), default=[],
                    help="comma-separated subset of the students: lgp, "
                         "lowrank_lgp, svd, dense, lgp<G>, iss (default: "
-                        "all)")
+                        "all of these), and the Doping rows (only when "
+                        "named): dope, dope_nocmr, kp, hmd, lmf, prune")
     p.add_argument("--student-init", choices=("teacher", "random"),
                    default="teacher",
                    help="structured students start from the teacher's "
@@ -839,6 +1174,24 @@ def build_parser():
     p.add_argument("--iss-ramp", type=float, default=0.5,
                    help="fraction of the ISS steps ramping the MAC budget "
                         "down to the target")
+    p.add_argument("--dope-reductions", type=_floats, default=[25.0],
+                   help="LSTM param reductions of the Doping rows (kinds "
+                        "dope, dope_nocmr, kp, hmd, lmf, prune in "
+                        "--students)")
+    p.add_argument("--cmr-rate", type=float, default=0.5,
+                   help="co-matrix dropout rate of the 'dope' rows")
+    p.add_argument("--hmd-dense-rows", type=float, default=0.025,
+                   help="fraction of input rows HMD keeps dense")
+    p.add_argument("--anneal-end", type=float, default=0.75,
+                   help="fraction of the student steps over which S (or the "
+                        "pruned kernels) reaches its target sparsity")
+    p.add_argument("--anneal-every", type=int, default=10,
+                   help="steps between pruning steps of the ramp")
+    p.add_argument("--anneal-log", type=int, default=50,
+                   help="log validation perplexity and sparsity every N "
+                        "steps of a doped or pruned student")
+    p.add_argument("--anneal-batches", type=int, default=20,
+                   help="validation batches of that log")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                    help="for the teacher and the students")
     p.add_argument("--lr", type=float, default=2e-3)

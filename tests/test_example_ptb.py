@@ -303,3 +303,60 @@ def test_input_wide_shape_reductions(example):
     assert f"Small dense LSTM h={h} (direct design)" in (
         example.student_specs(args))
     del keras
+
+
+def test_doping_rows_anneal_log_and_report(example, tmp_path):
+    """The Doping rows (doped KP with and without CMR, plain KP, HMD, LMF,
+    magnitude pruning) train end to end at a tiny scale: each lands near
+    the asked LSTM param reduction (checked against an independent count),
+    the doped and pruned students log the annealing up to their target
+    sparsity, and the report writes the 25x-style table and the plot."""
+    import keras
+
+    import keras_antman as am
+
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--run-dir", str(tmp_path / "run"),
+            "--out", str(out), "--hidden", "20", "--batch-size", "4",
+            "--num-steps", "5", "--teacher-epochs", "0.3", "--chunk-steps",
+            "4", "--student-steps", "8", "--calib-steps", "1",
+            "--calib-eval", "1", "--eval-batches", "2", "--verbose", "0",
+            "--eager", "--students", "dope,dope_nocmr,kp,hmd,lmf,prune",
+            "--dope-reductions", "4", "--anneal-every", "2",
+            "--anneal-log", "2", "--anneal-batches", "2",
+            "--report-name", "dope", "--stages",
+            "teacher,calibrate,students,report"]
+    results = example.main(argv)
+    rows = results["students"]
+    assert len(rows) == 6
+    teacher = 4 * 20 * 80 + 2 * 80  # four 20 -> 80 kernels plus biases
+    for name, r in rows.items():
+        assert r["param_reduction"] == pytest.approx(
+            teacher / r["lstm_params"])
+        assert 3.0 < r["param_reduction"] < 5.0, name
+    doped = keras.models.load_model(
+        tmp_path / "run" / "student_Doped_KP__4x__CMR_0_5.keras")
+    matrices = am.doping.doped_matrices(doped)
+    assert len(matrices) == 4
+    nnz = sum(int(np.count_nonzero(keras.ops.convert_to_numpy(m.mask)))
+              for m in matrices)
+    base = 4 * (4 * 8 + 5 * 10)  # Kronecker A [4, 8], B [5, 10]
+    assert rows["Doped KP ~4x (CMR 0.5)"]["lstm_params"] == (
+        160 + base + 2 * nnz + 4 * 81)
+    anneal = results["anneal"]
+    assert set(anneal) == {"Doped KP ~4x (CMR 0.5)",
+                           "Doped KP ~4x (no CMR)", "Magnitude pruning ~4x"}
+    for log in anneal.values():
+        steps = [e[0] for e in log]
+        assert steps == sorted(steps) and steps[0] == 0
+        assert log[0][1] == 0.0 and log[-1][1] > 0.5
+        assert all(np.isfinite(e[2]) for e in log)
+    text = (out / "dope_results.md").read_text()
+    assert "Doping at ~4x" in text
+    for label in ("doped KP + CMR", "doped KP, no CMR", "plain KP", "HMD",
+                  "LMF (LowRank)", "magnitude pruning"):
+        assert f"| {label} |" in text
+    assert (out / "dope_annealing.png").exists()
