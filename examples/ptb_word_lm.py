@@ -131,9 +131,12 @@ def student_specs(args):
             f"lgp{e}" for e in args.extra_groups]
         specs = {name: spec for kind, (name, spec) in
                  zip(kinds, specs.items()) if kind in args.students}
-    if args.student_init == "random":  # structured students from scratch
-        specs = {(f"{name} (random init)" if kind == "compress" else name):
-                 ("structured" if kind == "compress" else kind, arg)
+    if args.student_init != "teacher":  # random or data-aware init
+        kind_as, tag = {"random": ("structured", "random init"),
+                        "calibrated": ("calibrated", "data-aware init")}[
+                            args.student_init]
+        specs = {(f"{name} ({tag})" if kind == "compress" else name):
+                 (kind_as if kind == "compress" else kind, arg)
                  for name, (kind, arg) in specs.items()}
     return specs
 
@@ -215,6 +218,30 @@ def optimizer(lr, args, decay_steps=0):
 
 def _slug(name):
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def _step(model):
+    """The optimizer step of the model being fitted."""
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
+def _perplexity_fn(student):
+    """``batches -> perplexity`` of ``student`` in inference mode (a
+    compiled forward pass; the batches are equal-sized, so the mean of
+    their mean cross-entropies is the token mean)."""
+    import tensorflow as tf
+
+    @tf.function
+    def loss(x, y):
+        logits = student(x, training=False)
+        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
+            y, logits, from_logits=True))
+
+    def perplexity(batches):
+        losses = [float(loss(x, y)) for x, y in batches]
+        return math.exp(sum(losses) / len(losses))
+
+    return perplexity
 
 
 class _Clock(keras.callbacks.Callback):
@@ -301,6 +328,10 @@ def stage_teacher(run):
 def make_student(run, teacher, kind, arg):
     if kind == "compress":
         return am.compress(teacher, input_scheme=arg, recurrent_scheme=arg)
+    if kind == "calibrated":  # data-aware init (issue 21)
+        return am.compress(teacher, input_scheme=arg, recurrent_scheme=arg,
+                           calibration_data=run.train,
+                           calibration_steps=run.args.calibration_batches)
     if kind == "structured":
         return language_model(run.vocab, run.args.hidden,
                               embed_width(run.args), "student",
@@ -325,6 +356,37 @@ def coefficients(run):
     return {k: calib[k] for k in ("c_target", "c_mse", "c_kl")}
 
 
+INITS = {"compress": "teacher (from_dense)",
+         "calibrated": "teacher (data-aware: compress calibration_data)"}
+
+
+class _EvalAt(keras.callbacks.Callback):
+    """Test perplexity of ``student`` at the optimizer steps ``--eval-at``
+    (step 0: before training), in ``results["progress"][name]`` as
+    ``{"step": ppl}``; kept across a resume."""
+
+    def __init__(self, run, name, student):
+        super().__init__()
+        self.run, self.name, self.student = run, name, student
+        self.steps = set(run.args.eval_at)
+
+    def on_train_begin(self, logs=None):
+        self._ppl = _perplexity_fn(self.student)
+        self._log = self.run.results.setdefault("progress", {}).setdefault(
+            self.name, {})
+        if 0 in self.steps and not _step(self.model):
+            self._record(0)
+
+    def _record(self, step):
+        self._log[str(step)] = self._ppl(self.run.test)
+        self.run.save()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _step(self.model)
+        if step in self.steps:
+            self._record(step)
+
+
 def lgp10(run, teacher):
     g = am.LGPShuffle(run.args.groups)
     return am.compress(teacher, input_scheme=g, recurrent_scheme=g)
@@ -342,11 +404,12 @@ def stage_students(run, teacher):
         # unless --scratch-lr says otherwise; one initialised from the
         # teacher (compress) fine-tunes at --student-lr.
         lr = run.args.student_lr
-        if kind != "compress":
+        if kind not in ("compress", "calibrated"):
             lr = run.args.scratch_lr or run.args.lr
+        callbacks = [_EvalAt(run, name, student)] if run.args.eval_at else []
         steps, seconds = distill(run, teacher, student, coeffs,
                                  run.args.student_steps, "student " + name,
-                                 lr=lr)
+                                 lr=lr, callbacks=callbacks)
         student.save(run.file(f"student_{_slug(name)}.keras"))
         val, test = run.perplexities(student)
         params, macs = lstm_cost(student)
@@ -356,9 +419,19 @@ def stage_students(run, teacher):
             train_seconds=seconds, steps=steps,
             epochs=steps / run.epoch_steps,
             scheme=f"dense h={arg}" if kind == "small" else arg.describe(),
-            init="teacher (from_dense)" if kind == "compress" else "random",
-            coefficients=coeffs, lr=lr,
+            init=INITS.get(kind, "random"), coefficients=coeffs, lr=lr,
             schedule=run.args.student_schedule)
+        if kind == "calibrated":
+            row = run.results["students"][name]
+            row["init"] += f" ({run.args.calibration_batches} batches)"
+            row["calibration_errors"] = {
+                f"{layer}/{part}": dict(from_dense=e.from_dense,
+                                        fitted=e.fitted)
+                for (layer, part), e in student.calibration_errors.items()}
+        if run.args.eval_at:
+            run.results["students"][name]["test_ppl_at"] = {
+                **run.results.get("progress", {}).get(name, {}),
+                str(steps): test}
         run.save()
         finish(run, "student " + name)
         print(f"{name}: val {val:.2f} test {test:.2f}", flush=True)
@@ -543,20 +616,9 @@ class _AnnealLog(keras.callbacks.Callback):
         self.batches = list(run.valid.take(run.args.anneal_batches))
         self.every = run.args.anneal_log
 
-    def _step(self):
-        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-
     def on_train_begin(self, logs=None):
-        import tensorflow as tf
-
-        @tf.function
-        def loss(x, y):
-            logits = self.student(x, training=False)
-            return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
-                y, logits, from_logits=True))
-
-        self._loss = loss
-        step = self._step()
+        self._ppl = _perplexity_fn(self.student)
+        step = _step(self.model)
         log = self.run.results.setdefault("anneal", {}).setdefault(
             self.name, [])
         log[:] = [e for e in log if e[0] <= step]
@@ -564,13 +626,12 @@ class _AnnealLog(keras.callbacks.Callback):
             self._record(step)
 
     def _record(self, step):
-        ce = sum(float(self._loss(x, y)) for x, y in self.batches)
         self.run.results["anneal"][self.name].append(
-            [step, self.sparsity(), math.exp(ce / len(self.batches))])
+            [step, self.sparsity(), self._ppl(self.batches)])
         self.run.save()
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self._step()
+        step = _step(self.model)
         if step % self.every == 0:
             self._record(step)
 
@@ -910,6 +971,69 @@ def _doping_tables(res, t_ppl):
     return lines
 
 
+def _init_table(res, t_ppl):
+    """Markdown: the rows logged with ``--eval-at`` (test perplexity during
+    distillation) and, where a data-aware row recorded them, each product's
+    relative output error on the calibration rows (``from_dense``: the
+    naive init's, ``fitted``: the data-aware one's)."""
+    rows = [(n, r) for n, r in res.get("students", {}).items()
+            if "test_ppl_at" in r]
+    steps = sorted({int(k) for _, r in rows for k in r["test_ppl_at"]})
+    errors = {n.replace(" (data-aware init)", ""): r["calibration_errors"]
+              for n, r in rows if "calibration_errors" in r}
+    products = sorted({p for e in errors.values() for p in e})
+    lines = [
+        "\n## Initialisation: test perplexity during distillation\n",
+        "Relative output error ||X W - X W_hat|| / ||X W|| of each product "
+        "on the calibration rows (layer/product), for the weights the row "
+        "starts from: `from_dense` for the naive init, the fit for the "
+        "data-aware one (the better of fit and `from_dense`, as `compress` "
+        "keeps).\n",
+        "| row | " + " | ".join(products) + " | "
+        + " | ".join(f"test ppl @ {s}" for s in steps)
+        + " | final vs teacher |",
+        "| --- |" + " ---: |" * (len(products) + len(steps) + 1)]
+    for n, r in rows:
+        base = n.replace(" (data-aware init)", "")
+        e = errors.get(base, {})
+        aware = base != n
+        cells = [f"{(min(e[p].values()) if aware else e[p]['from_dense']):.3f}"
+                 if p in e else "-" for p in products]
+        ppl = [f"{r['test_ppl_at'][str(s)]:.2f}" if str(s) in r[
+            "test_ppl_at"] else "-" for s in steps]
+        lines.append(f"| {n} | " + " | ".join(cells + ppl) + " | "
+                     f"{100 * (r['test_ppl'] / t_ppl - 1):+.1f}% |")
+    return lines
+
+
+def _plot_init(rows, path):
+    """Test perplexity against distillation steps of the ``--eval-at``
+    rows: data-aware init solid, the others dashed, one colour per
+    scheme."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {}
+    for name, r in rows:
+        base = name.replace(" (data-aware init)", "")
+        colour = colours.setdefault(base, f"C{len(colours)}")
+        points = sorted((int(k), v) for k, v in r["test_ppl_at"].items())
+        ax.plot(*zip(*points), marker="o", color=colour, label=name,
+                linestyle="-" if base != name else "--")
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel("test perplexity (log scale)")
+    ax.set_title("PTB 10x students: naive (dashed) vs data-aware init")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _plot_annealing(anneal, path):
     """Validation perplexity against ``S``'s density (left) and against the
     step (right) for each logged doped / pruned student."""
@@ -972,7 +1096,12 @@ def stage_report(run, out_dir):
             f"({r.get('epochs', 0):.2f}) |")
     if t_ppl and any("doping_kind" in r for _, r in rows):
         lines += _doping_tables(res, t_ppl)
+    if t_ppl and any("test_ppl_at" in r for _, r in rows):
+        lines += _init_table(res, t_ppl)
     name = run.args.report_name
+    progress = [(n, r) for n, r in rows if "test_ppl_at" in r]
+    if progress:
+        _plot_init(progress, os.path.join(out_dir, f"{name}_init_steps.png"))
     if res.get("anneal"):
         _plot_annealing(res["anneal"],
                         os.path.join(out_dir, f"{name}_annealing.png"))
@@ -1140,13 +1269,22 @@ def build_parser():
                         "lowrank_lgp, svd, dense, lgp<G>, iss (default: "
                         "all of these), and the Doping rows (only when "
                         "named): dope, dope_nocmr, kp, hmd, lmf, prune")
-    p.add_argument("--student-init", choices=("teacher", "random"),
+    p.add_argument("--student-init",
+                   choices=("teacher", "random", "calibrated"),
                    default="teacher",
                    help="structured students start from the teacher's "
                         "weights (compress + from_dense) or from a random "
                         "init (then at the --scratch-lr / --lr rate, as the"
                         " dense student); random-init rows are named '... "
-                        "(random init)'")
+                        "(random init)'; calibrated: the teacher's weights "
+                        "fitted to the layers' recorded inputs (compress "
+                        "calibration_data, --calibration-batches), rows "
+                        "named '... (data-aware init)'")
+    p.add_argument("--calibration-batches", type=int, default=20,
+                   help="training batches recorded for the data-aware init")
+    p.add_argument("--eval-at", type=_ints, default=[],
+                   help="also the test perplexity at these student steps, "
+                        "e.g. 0,300 (0: before training)")
     p.add_argument("--student-schedule", choices=("constant", "cosine"),
                    default="constant",
                    help="students' learning rate: constant, or a cosine "
