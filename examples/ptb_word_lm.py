@@ -9,7 +9,15 @@ coefficient grid like its Table 3 follow. ``--iss-reductions`` adds the
 paper's ISS baseline (`keras_antman.iss.prune_to`, with and without the
 teacher), shrunk to smaller stock LSTMs; ``--embed`` sets the embedding
 width apart from the hidden size (``--embed 800 --hidden 100``: the
-"input >> hidden" shape of the paper's Table 4).
+"input >> hidden" shape of the paper's Table 4). ``--students`` naming
+dope, dope_nocmr, kp, hmd, lmf or prune adds the Doping paper's rows at
+the LSTM param reductions ``--dope-reductions`` (doped Kronecker with and
+without co-matrix dropout, plain Kronecker, HMD, LMF and magnitude
+pruning; the doped and pruned ones log validation perplexity against
+sparsity while annealing). ``--student-init calibrated`` starts the
+compressed students from a data-aware fit (`compress` with
+``calibration_data``), and ``--eval-at`` logs test perplexity during
+distillation.
 
 Every stage is resumable: results go to ``RUN_DIR/results.json`` as they
 are produced, a model whose result exists is skipped, and every model in
@@ -1152,7 +1160,10 @@ def stage_report(run, out_dir):
     if rows:
         _plot(rows, os.path.join(out_dir, f"{name}_ppl_vs_params.png"))
     print(f"wrote {out_dir}/{name}_results.md, {name}_coefficients.md, "
-          f"{name}_results.json, {name}_ppl_vs_params.png", flush=True)
+          f"{name}_results.json, {name}_ppl_vs_params.png"
+          + (f", {name}_init_steps.png" if progress else "")
+          + (f", {name}_annealing.png" if res.get("anneal") else ""),
+          flush=True)
 
 
 def _plot(rows, path):
