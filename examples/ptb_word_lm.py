@@ -1106,6 +1106,9 @@ def stage_report(run, out_dir):
         lines += _doping_tables(res, t_ppl)
     if t_ppl and any("test_ppl_at" in r for _, r in rows):
         lines += _init_table(res, t_ppl)
+    if run.args.notes:  # a hand-written discussion, kept in its own file
+        with open(run.args.notes) as f:
+            lines += ["", f.read().rstrip()]
     name = run.args.report_name
     progress = [(n, r) for n, r in rows if "test_ppl_at" in r]
     if progress:
@@ -1244,6 +1247,9 @@ def build_parser():
                    help="the report's files are NAME_results.md, "
                         "NAME_coefficients.md, NAME_results.json, "
                         "NAME_ppl_vs_params.png")
+    p.add_argument("--notes", default="",
+                   help="a Markdown file the report appends to "
+                        "NAME_results.md (the discussion of the numbers)")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--hidden", type=int, default=200)
