@@ -244,7 +244,7 @@ def _lstms(model):
 
 class _MaskState(keras.callbacks.Callback):
     """Saves the masks and the callbacks' step counters at each chunk's
-    end (before the chunk's backup), so a resumed run continues on the
+    end (right after the chunk's backup), so a resumed run continues on the
     same masks and schedule."""
 
     def __init__(self, masks, grow, prune, path):

@@ -9,7 +9,15 @@ coefficient grid like its Table 3 follow. ``--iss-reductions`` adds the
 paper's ISS baseline (`keras_antman.iss.prune_to`, with and without the
 teacher), shrunk to smaller stock LSTMs; ``--embed`` sets the embedding
 width apart from the hidden size (``--embed 800 --hidden 100``: the
-"input >> hidden" shape of the paper's Table 4).
+"input >> hidden" shape of the paper's Table 4). ``--students`` naming
+dope, dope_nocmr, kp, hmd, lmf or prune adds the Doping paper's rows at
+the LSTM param reductions ``--dope-reductions`` (doped Kronecker with and
+without co-matrix dropout, plain Kronecker, HMD, LMF and magnitude
+pruning; the doped and pruned ones log validation perplexity against
+sparsity while annealing). ``--student-init calibrated`` starts the
+compressed students from a data-aware fit (`compress` with
+``calibration_data``), and ``--eval-at`` logs test perplexity during
+distillation.
 
 Every stage is resumable: results go to ``RUN_DIR/results.json`` as they
 are produced, a model whose result exists is skipped, and every model in
@@ -47,9 +55,12 @@ if os.environ.get("TF_USE_LEGACY_KERAS") in ("1", "true", "True"):
     import tf_keras as keras
 else:
     import keras
+import numpy as np  # noqa: E402
 
 import keras_antman as am  # noqa: E402
 from keras_antman import datasets  # noqa: E402
+from keras_antman import doping  # noqa: E402
+from keras_antman import grow_prune  # noqa: E402
 from keras_antman import iss  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -132,9 +143,12 @@ def student_specs(args):
             f"lgp{e}" for e in args.extra_groups]
         specs = {name: spec for kind, (name, spec) in
                  zip(kinds, specs.items()) if kind in args.students}
-    if args.student_init == "random":  # structured students from scratch
-        specs = {(f"{name} (random init)" if kind == "compress" else name):
-                 ("structured" if kind == "compress" else kind, arg)
+    if args.student_init != "teacher":  # random or data-aware init
+        kind_as, tag = {"random": ("structured", "random init"),
+                        "calibrated": ("calibrated", "data-aware init")}[
+                            args.student_init]
+        specs = {(f"{name} ({tag})" if kind == "compress" else name):
+                 (kind_as if kind == "compress" else kind, arg)
                  for name, (kind, arg) in specs.items()}
     return specs
 
@@ -218,6 +232,30 @@ def _slug(name):
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
+def _step(model):
+    """The optimizer step of the model being fitted."""
+    return int(np.asarray(model.optimizer.iterations))
+
+
+def _perplexity_fn(student):
+    """``batches -> perplexity`` of ``student`` in inference mode (a
+    compiled forward pass; the batches are equal-sized, so the mean of
+    their mean cross-entropies is the token mean)."""
+    import tensorflow as tf
+
+    @tf.function
+    def loss(x, y):
+        logits = student(x, training=False)
+        return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            y, logits, from_logits=True))
+
+    def perplexity(batches):
+        losses = [float(loss(x, y)) for x, y in batches]
+        return math.exp(sum(losses) / len(losses))
+
+    return perplexity
+
+
 class _Clock(keras.callbacks.Callback):
     """Adds each chunk's wall time to ``results["elapsed"][key]`` (so the
     training time survives a resume) after `BackupAndRestore` has saved."""
@@ -243,8 +281,10 @@ def train_chunked(run, model, key, steps, callbacks=()):
     training data; `BackupAndRestore` saves weights and optimizer state at
     each chunk's end, and a resumed run skips the batches already seen, so
     it continues on the same data as an uninterrupted one. ``callbacks``
-    run before those two, so state they save at a chunk's end is on disk
-    before the chunk's backup. Returns
+    run after the restore (they may read the restored optimizer step)
+    and before the clock; a callback that saves state at a chunk's end
+    does so after that chunk's backup, so a run killed between the two
+    must detect the mismatch on resume. Returns
     ``(steps actually run, seconds spent over all sessions)``.
     """
     chunks = max(1, math.ceil(steps / run.args.chunk_steps))
@@ -260,8 +300,9 @@ def train_chunked(run, model, key, steps, callbacks=()):
     data = run.train.repeat().skip(done * chunk)
     model.fit(data, epochs=chunks, steps_per_epoch=chunk, shuffle=False,
               verbose=run.args.verbose,
-              callbacks=[*callbacks, keras.callbacks.BackupAndRestore(
-                  backup, delete_checkpoint=False), _Clock(run, key)])
+              callbacks=[keras.callbacks.BackupAndRestore(
+                  backup, delete_checkpoint=False), *callbacks,
+                  _Clock(run, key)])
     seconds = run.results.get("elapsed", {}).get(key, 0.0)
     return chunks * chunk, seconds
 
@@ -302,6 +343,10 @@ def stage_teacher(run):
 def make_student(run, teacher, kind, arg):
     if kind == "compress":
         return am.compress(teacher, input_scheme=arg, recurrent_scheme=arg)
+    if kind == "calibrated":  # data-aware init (issue 21)
+        return am.compress(teacher, input_scheme=arg, recurrent_scheme=arg,
+                           calibration_data=run.train,
+                           calibration_steps=run.args.calibration_batches)
     if kind == "structured":
         return language_model(run.vocab, run.args.hidden,
                               embed_width(run.args), "student",
@@ -326,6 +371,37 @@ def coefficients(run):
     return {k: calib[k] for k in ("c_target", "c_mse", "c_kl")}
 
 
+INITS = {"compress": "teacher (from_dense)",
+         "calibrated": "teacher (data-aware: compress calibration_data)"}
+
+
+class _EvalAt(keras.callbacks.Callback):
+    """Test perplexity of ``student`` at the optimizer steps ``--eval-at``
+    (step 0: before training), in ``results["progress"][name]`` as
+    ``{"step": ppl}``; kept across a resume."""
+
+    def __init__(self, run, name, student):
+        super().__init__()
+        self.run, self.name, self.student = run, name, student
+        self.steps = set(run.args.eval_at)
+
+    def on_train_begin(self, logs=None):
+        self._ppl = _perplexity_fn(self.student)
+        self._log = self.run.results.setdefault("progress", {}).setdefault(
+            self.name, {})
+        if 0 in self.steps and not _step(self.model):
+            self._record(0)
+
+    def _record(self, step):
+        self._log[str(step)] = self._ppl(self.run.test)
+        self.run.save()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _step(self.model)
+        if step in self.steps:
+            self._record(step)
+
+
 def lgp10(run, teacher):
     g = am.LGPShuffle(run.args.groups)
     return am.compress(teacher, input_scheme=g, recurrent_scheme=g)
@@ -343,11 +419,12 @@ def stage_students(run, teacher):
         # unless --scratch-lr says otherwise; one initialised from the
         # teacher (compress) fine-tunes at --student-lr.
         lr = run.args.student_lr
-        if kind != "compress":
+        if kind not in ("compress", "calibrated"):
             lr = run.args.scratch_lr or run.args.lr
+        callbacks = [_EvalAt(run, name, student)] if run.args.eval_at else []
         steps, seconds = distill(run, teacher, student, coeffs,
                                  run.args.student_steps, "student " + name,
-                                 lr=lr)
+                                 lr=lr, callbacks=callbacks)
         student.save(run.file(f"student_{_slug(name)}.keras"))
         val, test = run.perplexities(student)
         params, macs = lstm_cost(student)
@@ -357,13 +434,24 @@ def stage_students(run, teacher):
             train_seconds=seconds, steps=steps,
             epochs=steps / run.epoch_steps,
             scheme=f"dense h={arg}" if kind == "small" else arg.describe(),
-            init="teacher (from_dense)" if kind == "compress" else "random",
-            coefficients=coeffs, lr=lr,
+            init=INITS.get(kind, "random"), coefficients=coeffs, lr=lr,
             schedule=run.args.student_schedule)
+        if kind == "calibrated":
+            row = run.results["students"][name]
+            row["init"] += f" ({run.args.calibration_batches} batches)"
+            row["calibration_errors"] = {
+                f"{layer}/{part}": dict(from_dense=e.from_dense,
+                                        fitted=e.fitted)
+                for (layer, part), e in student.calibration_errors.items()}
+        if run.args.eval_at:
+            run.results["students"][name]["test_ppl_at"] = {
+                **run.results.get("progress", {}).get(name, {}),
+                str(steps): test}
         run.save()
         finish(run, "student " + name)
         print(f"{name}: val {val:.2f} test {test:.2f}", flush=True)
     stage_iss(run, teacher)
+    stage_doping(run, teacher)
 
 
 def stage_iss(run, teacher):
@@ -427,6 +515,242 @@ def stage_iss(run, teacher):
             schedule=args.student_schedule)
         run.save()
         print(f"{name}: LSTM units {units}, {cost.mac_reduction:.2f}x, "
+              f"val {val:.2f} test {test:.2f}", flush=True)
+
+
+# -- Doping (Thakker et al., MLSys 2021) and its baselines ------------------
+
+DOPING_KINDS = ("dope", "dope_nocmr", "kp", "hmd", "lmf", "prune")
+
+
+def lstm_products(args):
+    """``[(n, m)]`` of the teacher's four LSTM products and its bias count."""
+    e, h = embed_width(args), args.hidden
+    return [(e, 4 * h), (h, 4 * h), (h, 4 * h), (h, 4 * h)], 2 * 4 * h
+
+
+def sparse_params(nnz, m):
+    """Storage of a sparse ``n -> m`` matrix with ``nnz`` non-zeros, counted
+    as `Doped.cost` counts ``S``: ``nnz`` values plus CSR indices of the
+    transpose (``nnz`` column indices and ``m + 1`` row pointers)."""
+    return 2 * nnz + m + 1
+
+
+def lstm_params(args, scheme=None, sparsity=None):
+    """LSTM params (both layers, biases included) of the teacher, of a
+    student with ``scheme`` on every product, or (``sparsity``) of the
+    dense kernels pruned to that sparsity and stored as CSR."""
+    products, biases = lstm_products(args)
+    if sparsity is not None:
+        return biases + sum(
+            sparse_params(doping.nonzeros(sparsity, n, m), m)
+            for n, m in products)
+    if scheme is None:
+        return biases + sum(n * m for n, m in products)
+    return biases + sum(scheme.cost(n, m)[0] for n, m in products)
+
+
+def sparsity_for(args, reduction, base=None):
+    """The sparsity (4 decimals) of ``S`` (with ``base``: `Doped`) or of
+    the pruned kernels (``base=None``) whose LSTM params are closest to
+    the teacher's / ``reduction``."""
+    target = lstm_params(args) / reduction
+    return min((i / 10000 for i in range(10000)), key=lambda s: abs(
+        (lstm_params(args, am.Doped(base, sparsity=s)) if base
+         else lstm_params(args, sparsity=s)) - target))
+
+
+def closest(args, reduction, make, values):
+    """``make(v)`` for the ``v`` in ``values`` whose LSTM params are
+    closest to the teacher's / ``reduction`` (in ratio)."""
+    teacher = lstm_params(args)
+    return min((make(v) for v in values), key=lambda s: abs(math.log(
+        teacher / lstm_params(args, s) / reduction)))
+
+
+def doping_specs(args):
+    """``name -> (kind, arg, reduction)``: the Doping rows at each
+    ``--dope-reductions``
+    entry (LSTM param reductions), for the kinds ``--students`` names:
+
+    - ``dope`` / ``dope_nocmr``: ``Doped(Kronecker())`` (near-square
+      factors, one term) with and without CMR (``--cmr-rate``), ``S``
+      annealed to the sparsity that lands at the reduction;
+    - ``kp``: plain Kronecker, the number of summed terms closest to it;
+    - ``hmd``: `HMD` with ``--hmd-dense-rows``, the closest rank;
+    - ``lmf``: the paper's LMF, `LowRank` of the closest rank;
+    - ``prune``: magnitude pruning of the dense kernels to the sparsity
+      (CSR-stored, counted as ``S``) that lands at the reduction.
+    """
+    kinds = [k for k in args.students if k in DOPING_KINDS]
+    specs = {}
+    for r in args.dope_reductions:
+        kp = am.Kronecker()
+        s = sparsity_for(args, r, kp)
+        doped = {"dope": (f"Doped KP ~{r:g}x (CMR {args.cmr_rate:g})",
+                          args.cmr_rate),
+                 "dope_nocmr": (f"Doped KP ~{r:g}x (no CMR)", 0.0)}
+        for kind in kinds:
+            if kind in doped:
+                name, rate = doped[kind]
+                specs[name] = (kind, am.Doped(
+                    kp, target_sparsity=s, cmr_rate=rate, seed=args.seed), r)
+            elif kind == "kp":
+                scheme = closest(args, r, lambda t: am.Kronecker(terms=t),
+                                 range(1, 101))
+                specs[f"KP ~{r:g}x (terms={scheme.terms})"] = (
+                    kind, scheme, r)
+            elif kind == "hmd":
+                scheme = closest(args, r, lambda k: am.HMD(
+                    k, args.hmd_dense_rows), range(1, 101))
+                specs[f"HMD ~{r:g}x (rank={scheme.rank})"] = (
+                    kind, scheme, r)
+            elif kind == "lmf":
+                scheme = closest(args, r, lambda k: am.LowRank(rank=k),
+                                 range(1, 201))
+                specs[f"LMF (LowRank) ~{r:g}x (rank={scheme.rank})"] = (
+                    kind, scheme, r)
+            else:
+                specs[f"Magnitude pruning ~{r:g}x"] = (
+                    kind, sparsity_for(args, r), r)
+    return specs
+
+
+class _AnnealLog(keras.callbacks.Callback):
+    """Every ``--anneal-log`` optimizer steps (and at step 0), the
+    validation perplexity of ``student`` (inference mode: no CMR) on the
+    first ``--anneal-batches`` validation batches and the current sparsity
+    (``sparsity()``), appended to ``results["anneal"][name]`` as
+    ``[step, sparsity, val ppl]``. A resumed run drops the entries past its
+    restored step first (and logs that step if it has no entry)."""
+
+    def __init__(self, run, name, student, sparsity):
+        super().__init__()
+        self.run, self.name = run, name
+        self.student, self.sparsity = student, sparsity
+        self.batches = list(run.valid.take(run.args.anneal_batches))
+        self.every = run.args.anneal_log
+
+    def on_train_begin(self, logs=None):
+        self._ppl = _perplexity_fn(self.student)
+        step = _step(self.model)
+        log = self.run.results.setdefault("anneal", {}).setdefault(
+            self.name, [])
+        log[:] = [e for e in log if e[0] <= step]
+        if not log or log[-1][0] != step:
+            self._record(step)
+
+    def _record(self, step):
+        self.run.results["anneal"][self.name].append(
+            [step, self.sparsity(), self._ppl(self.batches)])
+        self.run.save()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _step(self.model)
+        if step % self.every == 0:
+            self._record(step)
+
+
+class _ResumablePrune(grow_prune.Prune):
+    """`grow_prune.Prune` that continues its ramp after a restore: it counts
+    from the restored optimizer step and takes the masks from the restored
+    kernels' zeros (the masks are not model variables)."""
+
+    def on_train_begin(self, logs=None):
+        self.step = int(np.asarray(
+            self.model.optimizer.iterations))
+        if self.step:
+            self.masks.set_masks([
+                np.asarray(v) != 0
+                for _, _, v in self.masks.kernels])
+
+
+def _doped_sparsity(student):
+    masks = [np.asarray(m.mask)
+             for m in doping.doped_matrices(student)]
+    return 1.0 - sum(np.count_nonzero(m) for m in masks) / sum(
+        m.size for m in masks)
+
+
+def stage_doping(run, teacher):
+    """The Doping rows (`doping_specs`), distilled like the other students
+    from the teacher's weights for ``--student-steps``.
+
+    A doped student starts from ``compress``: the nearest Kronecker product
+    plus ``S`` = the dense residual (sparsity 0); `DopingSchedule` prunes
+    ``S`` by magnitude on the cubic ramp every ``--anneal-every`` steps,
+    reaching its target at ``--anneal-end`` of the steps. The pruning
+    student is the teacher's stock LSTMs with `grow_prune.KernelMasks` and
+    the same ramp (`grow_prune.Prune`). Both log the annealing
+    (`_AnnealLog`). Params and MACs: `keras_antman.report` (``S`` counted
+    by `Doped.cost`); the pruned kernels' by `sparse_params` (values + CSR
+    indices; MACs = non-zeros).
+    """
+    args = run.args
+    teacher_params = lstm_params(args)
+    teacher_macs = run.results["teacher"]["lstm_macs"]
+    end = max(1, round(args.anneal_end * args.student_steps))
+    for name, (kind, arg, reduction) in doping_specs(args).items():
+        if name in run.results.get("students", {}):
+            continue
+        keras.utils.set_random_seed(args.seed)
+        callbacks, init = [], "teacher (from_dense)"
+        if kind == "prune":
+            student = language_model(run.vocab, args.hidden,
+                                     embed_width(args), "pruned", args.dropout)
+            student.set_weights(teacher.get_weights())
+            masks = grow_prune.KernelMasks(student)
+            callbacks = [_ResumablePrune(masks, arg, 0, end,
+                                         args.anneal_every),
+                         _AnnealLog(run, name, student, lambda: float(
+                             np.mean(list(masks.sparsity().values()))))]
+            init = "teacher (dense weights)"
+        else:
+            student = am.compress(teacher, input_scheme=arg,
+                                  recurrent_scheme=arg)
+            if isinstance(arg, am.Doped):
+                callbacks = [am.DopingSchedule(
+                    0, end, initial_sparsity=0.0,
+                    frequency=args.anneal_every),
+                    _AnnealLog(run, name, student,
+                               lambda s=student: _doped_sparsity(s))]
+                init = "teacher (nearest KP + dense residual S)"
+        steps, seconds = distill(run, teacher, student, coefficients(run),
+                                 args.student_steps, "student " + name,
+                                 callbacks=callbacks)
+        if kind == "prune":
+            masks.detach()
+            products, biases = lstm_products(args)
+            nnz = [int(np.count_nonzero(np.asarray(v)))
+                   for _, _, v in masks.kernels]
+            params = biases + sum(sparse_params(z, m)
+                                  for z, (_, m) in zip(nnz, products))
+            macs = sum(nnz)
+            scheme = (f"dense kernels pruned to {arg:.2%} zeros (CSR), "
+                      f"{sum(nnz):,} non-zeros")
+        else:
+            for matrix in doping.doped_matrices(student):  # after a resume
+                mask = np.asarray(matrix.mask)
+                matrix.scheme.set_sparsity(
+                    1.0 - np.count_nonzero(mask) / mask.size)
+            params, macs = lstm_cost(student)
+            scheme = arg.describe()
+        student.save(run.file(f"student_{_slug(name)}.keras"))
+        val, test = run.perplexities(student)
+        run.results.setdefault("students", {})[name] = dict(
+            lstm_params=params, lstm_macs=macs,
+            mac_reduction=teacher_macs / macs,
+            param_reduction=teacher_params / params, val_ppl=val,
+            test_ppl=test, train_seconds=seconds, steps=steps,
+            epochs=steps / run.epoch_steps, scheme=scheme, init=init,
+            doping_kind=kind, budget_reduction=reduction,
+            coefficients=coefficients(run),
+            lr=args.student_lr, schedule=args.student_schedule,
+            anneal_end_step=end if name in run.results.get("anneal", {})
+            else None)
+        run.save()
+        finish(run, "student " + name)
+        print(f"{name}: {teacher_params / params:.2f}x params, "
               f"val {val:.2f} test {test:.2f}", flush=True)
 
 
@@ -617,6 +941,143 @@ def _setup_text(res):
         f"**Command(s)** (from the repository root):\n\n{commands}\n")
 
 
+# The Doping paper's abstract: perplexity vs the teacher at 25x on a medium
+# PTB LSTM, by row kind.
+PAPER_25X = {"dope": "+1.4%", "prune": "+7.9%", "hmd": "+15%", "lmf": "+27%"}
+KIND_LABEL = {"dope": "doped KP + CMR", "dope_nocmr": "doped KP, no CMR",
+              "kp": "plain KP", "hmd": "HMD", "lmf": "LMF (LowRank)",
+              "prune": "magnitude pruning"}
+
+
+def _doping_tables(res, t_ppl):
+    """Markdown: one table per Doping reduction (the doped, KP, HMD, LMF
+    and pruning rows, plus any other row within 10% of its LSTM param
+    reduction), with the paper's abstract numbers at 25x."""
+    students = res.get("students", {})
+    teacher_params = res["teacher"]["lstm_params"]
+    doped = {n: r for n, r in students.items() if "doping_kind" in r}
+    targets = sorted({r["budget_reduction"] for r in doped.values()},
+                     reverse=True)
+    lines = []
+    for target in targets:
+        rows = [(n, r) for n, r in students.items()
+                if abs(teacher_params / r["lstm_params"] / target - 1) < 0.1]
+        rows.sort(key=lambda nr: nr[1]["test_ppl"])
+        paper = target == 25
+        lines += [
+            f"\n## Doping at ~{target:g}x LSTM params"
+            + (" (the paper's abstract: medium PTB LSTM, 25x)" if paper
+               else "") + "\n",
+            "| row | kind | LSTM params | param reduction | MAC reduction "
+            "| val ppl | test ppl | test ppl vs teacher"
+            + (" | paper (vs its teacher)" if paper else "") + " |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---:"
+            + (" | ---:" if paper else "") + " |"]
+        for n, r in rows:
+            kind = r.get("doping_kind", "")
+            lines.append(
+                f"| {n} | {KIND_LABEL.get(kind, r.get('scheme', ''))} | "
+                f"{r['lstm_params']:,} | "
+                f"{teacher_params / r['lstm_params']:.2f}x | "
+                f"{r['mac_reduction']:.2f}x | {r['val_ppl']:.2f} | "
+                f"{r['test_ppl']:.2f} | "
+                f"{100 * (r['test_ppl'] / t_ppl - 1):+.1f}%"
+                + (f" | {PAPER_25X.get(kind, '-')}" if paper else "") + " |")
+    return lines
+
+
+def _init_table(res, t_ppl):
+    """Markdown: the rows logged with ``--eval-at`` (test perplexity during
+    distillation) and, where a data-aware row recorded them, each product's
+    relative output error on the calibration rows (``from_dense``: the
+    naive init's, ``fitted``: the data-aware one's)."""
+    rows = [(n, r) for n, r in res.get("students", {}).items()
+            if "test_ppl_at" in r]
+    steps = sorted({int(k) for _, r in rows for k in r["test_ppl_at"]})
+    errors = {n.replace(" (data-aware init)", ""): r["calibration_errors"]
+              for n, r in rows if "calibration_errors" in r}
+    products = sorted({p for e in errors.values() for p in e})
+    lines = [
+        "\n## Initialisation: test perplexity during distillation\n",
+        "Relative output error ||X W - X W_hat|| / ||X W|| of each product "
+        "on the calibration rows (layer/product), for the weights the row "
+        "starts from: `from_dense` for the naive init, the fit for the "
+        "data-aware one (the better of fit and `from_dense`, as `compress` "
+        "keeps).\n",
+        "| row | " + " | ".join(products) + " | "
+        + " | ".join(f"test ppl @ {s}" for s in steps)
+        + " | final vs teacher |",
+        "| --- |" + " ---: |" * (len(products) + len(steps) + 1)]
+    for n, r in rows:
+        base = n.replace(" (data-aware init)", "")
+        e = errors.get(base, {})
+        aware = base != n
+        cells = [f"{(min(e[p].values()) if aware else e[p]['from_dense']):.3f}"
+                 if p in e else "-" for p in products]
+        ppl = [f"{r['test_ppl_at'][str(s)]:.2f}" if str(s) in r[
+            "test_ppl_at"] else "-" for s in steps]
+        lines.append(f"| {n} | " + " | ".join(cells + ppl) + " | "
+                     f"{100 * (r['test_ppl'] / t_ppl - 1):+.1f}% |")
+    return lines
+
+
+def _plot_init(rows, path):
+    """Test perplexity against distillation steps of the ``--eval-at``
+    rows: data-aware init solid, the others dashed, one colour per
+    scheme."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {}
+    for name, r in rows:
+        base = name.replace(" (data-aware init)", "")
+        colour = colours.setdefault(base, f"C{len(colours)}")
+        points = sorted((int(k), v) for k, v in r["test_ppl_at"].items())
+        ax.plot(*zip(*points), marker="o", color=colour, label=name,
+                linestyle="-" if base != name else "--")
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel("test perplexity (log scale)")
+    ax.set_title("PTB 10x students: naive (dashed) vs data-aware init")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_annealing(anneal, path):
+    """Validation perplexity against ``S``'s density (left) and against the
+    step (right) for each logged doped / pruned student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, log in sorted(anneal.items()):
+        steps, sparsity, ppl = (np.array(c, float) for c in zip(*log))
+        density = np.maximum(1.0 - sparsity, 1e-4)
+        left.plot(density, ppl, marker=".", label=name)
+        right.plot(steps, ppl, marker=".", label=name)
+    left.set_xscale("log")
+    left.invert_xaxis()
+    left.set_xlabel("density of S / of the pruned kernels (1 - sparsity), "
+                    "log scale")
+    right.set_xlabel("distillation step")
+    for ax in (left, right):
+        ax.set_ylabel("validation perplexity (fixed batches)")
+        ax.grid(True, alpha=0.3)
+    right.legend(fontsize=7)
+    fig.suptitle("PTB: validation perplexity while S anneals (cubic ramp)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def stage_report(run, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     res = run.results
@@ -648,7 +1109,20 @@ def stage_report(run, out_dir):
             f"{r['val_ppl']:.2f} | {r['test_ppl']:.2f} | {delta} | "
             f"{r['train_seconds']:.0f} | {r['steps']} "
             f"({r.get('epochs', 0):.2f}) |")
+    if t_ppl and any("doping_kind" in r for _, r in rows):
+        lines += _doping_tables(res, t_ppl)
+    if t_ppl and any("test_ppl_at" in r for _, r in rows):
+        lines += _init_table(res, t_ppl)
+    if run.args.notes:  # a hand-written discussion, kept in its own file
+        with open(run.args.notes) as f:
+            lines += ["", f.read().rstrip()]
     name = run.args.report_name
+    progress = [(n, r) for n, r in rows if "test_ppl_at" in r]
+    if progress:
+        _plot_init(progress, os.path.join(out_dir, f"{name}_init_steps.png"))
+    if res.get("anneal"):
+        _plot_annealing(res["anneal"],
+                        os.path.join(out_dir, f"{name}_annealing.png"))
     with open(os.path.join(out_dir, f"{name}_results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -696,7 +1170,10 @@ def stage_report(run, out_dir):
     if rows:
         _plot(rows, os.path.join(out_dir, f"{name}_ppl_vs_params.png"))
     print(f"wrote {out_dir}/{name}_results.md, {name}_coefficients.md, "
-          f"{name}_results.json, {name}_ppl_vs_params.png", flush=True)
+          f"{name}_results.json, {name}_ppl_vs_params.png"
+          + (f", {name}_init_steps.png" if progress else "")
+          + (f", {name}_annealing.png" if res.get("anneal") else ""),
+          flush=True)
 
 
 def _plot(rows, path):
@@ -777,6 +1254,9 @@ def build_parser():
                    help="the report's files are NAME_results.md, "
                         "NAME_coefficients.md, NAME_results.json, "
                         "NAME_ppl_vs_params.png")
+    p.add_argument("--notes", default="",
+                   help="a Markdown file the report appends to "
+                        "NAME_results.md (the discussion of the numbers)")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--hidden", type=int, default=200)
@@ -811,14 +1291,24 @@ def build_parser():
     p.add_argument("--students", type=lambda t: t.split(","), default=[],
                    help="comma-separated subset of the students: lgp, "
                         "lowrank_lgp, svd, dense, lgp<G>, iss (default: "
-                        "all)")
-    p.add_argument("--student-init", choices=("teacher", "random"),
+                        "all of these), and the Doping rows (only when "
+                        "named): dope, dope_nocmr, kp, hmd, lmf, prune")
+    p.add_argument("--student-init",
+                   choices=("teacher", "random", "calibrated"),
                    default="teacher",
                    help="structured students start from the teacher's "
                         "weights (compress + from_dense) or from a random "
                         "init (then at the --scratch-lr / --lr rate, as the"
                         " dense student); random-init rows are named '... "
-                        "(random init)'")
+                        "(random init)'; calibrated: the teacher's weights "
+                        "fitted to the layers' recorded inputs (compress "
+                        "calibration_data, --calibration-batches), rows "
+                        "named '... (data-aware init)'")
+    p.add_argument("--calibration-batches", type=int, default=20,
+                   help="training batches recorded for the data-aware init")
+    p.add_argument("--eval-at", type=_ints, default=[],
+                   help="also the test perplexity at these student steps, "
+                        "e.g. 0,300 (0: before training)")
     p.add_argument("--student-schedule", choices=("constant", "cosine"),
                    default="constant",
                    help="students' learning rate: constant, or a cosine "
@@ -846,6 +1336,24 @@ def build_parser():
     p.add_argument("--iss-ramp", type=float, default=0.5,
                    help="fraction of the ISS steps ramping the MAC budget "
                         "down to the target")
+    p.add_argument("--dope-reductions", type=_floats, default=[25.0],
+                   help="LSTM param reductions of the Doping rows (kinds "
+                        "dope, dope_nocmr, kp, hmd, lmf, prune in "
+                        "--students)")
+    p.add_argument("--cmr-rate", type=float, default=0.5,
+                   help="co-matrix dropout rate of the 'dope' rows")
+    p.add_argument("--hmd-dense-rows", type=float, default=0.025,
+                   help="fraction of input rows HMD keeps dense")
+    p.add_argument("--anneal-end", type=float, default=0.75,
+                   help="fraction of the student steps over which S (or the "
+                        "pruned kernels) reaches its target sparsity")
+    p.add_argument("--anneal-every", type=int, default=10,
+                   help="steps between pruning steps of the ramp")
+    p.add_argument("--anneal-log", type=int, default=50,
+                   help="log validation perplexity and sparsity every N "
+                        "steps of a doped or pruned student")
+    p.add_argument("--anneal-batches", type=int, default=20,
+                   help="validation batches of that log")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                    help="for the teacher and the students")
     p.add_argument("--lr", type=float, default=2e-3)

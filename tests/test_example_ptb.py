@@ -300,3 +300,112 @@ def test_input_wide_shape_reductions(example):
     assert f"Small dense LSTM h={h} (direct design)" in (
         example.student_specs(args))
     del keras
+
+
+def test_doping_rows_anneal_log_and_report(example, tmp_path):
+    """The Doping rows (doped KP with and without CMR, plain KP, HMD, LMF,
+    magnitude pruning) train end to end at a tiny scale: each lands near
+    the asked LSTM param reduction (checked against an independent count),
+    the doped and pruned students log the annealing up to their target
+    sparsity, and the report writes the 25x-style table and the plot."""
+    import keras
+
+    import keras_antman as am
+
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--run-dir", str(tmp_path / "run"),
+            "--out", str(out), "--hidden", "20", "--batch-size", "4",
+            "--num-steps", "5", "--teacher-epochs", "0.3", "--chunk-steps",
+            "4", "--student-steps", "8", "--calib-steps", "1",
+            "--calib-eval", "1", "--eval-batches", "2", "--verbose", "0",
+            "--eager", "--students", "dope,dope_nocmr,kp,hmd,lmf,prune",
+            "--dope-reductions", "4", "--anneal-every", "2",
+            "--anneal-log", "2", "--anneal-batches", "2",
+            "--report-name", "dope", "--stages",
+            "teacher,calibrate,students,report"]
+    results = example.main(argv)
+    rows = results["students"]
+    assert len(rows) == 6
+    teacher = 4 * 20 * 80 + 2 * 80  # four 20 -> 80 kernels plus biases
+    for name, r in rows.items():
+        assert r["param_reduction"] == pytest.approx(
+            teacher / r["lstm_params"])
+        assert 3.0 < r["param_reduction"] < 5.0, name
+    doped = keras.models.load_model(
+        tmp_path / "run" / "student_Doped_KP__4x__CMR_0_5.keras")
+    matrices = am.doping.doped_matrices(doped)
+    assert len(matrices) == 4
+    nnz = sum(int(np.count_nonzero(keras.ops.convert_to_numpy(m.mask)))
+              for m in matrices)
+    base = 4 * (4 * 8 + 5 * 10)  # Kronecker A [4, 8], B [5, 10]
+    assert rows["Doped KP ~4x (CMR 0.5)"]["lstm_params"] == (
+        160 + base + 2 * nnz + 4 * 81)
+    anneal = results["anneal"]
+    assert set(anneal) == {"Doped KP ~4x (CMR 0.5)",
+                           "Doped KP ~4x (no CMR)", "Magnitude pruning ~4x"}
+    for log in anneal.values():
+        steps = [e[0] for e in log]
+        assert steps == sorted(steps) and steps[0] == 0
+        assert log[0][1] == 0.0 and log[-1][1] > 0.5
+        assert all(np.isfinite(e[2]) for e in log)
+    text = (out / "dope_results.md").read_text()
+    assert "Doping at ~4x" in text
+    for label in ("doped KP + CMR", "doped KP, no CMR", "plain KP", "HMD",
+                  "LMF (LowRank)", "magnitude pruning"):
+        assert f"| {label} |" in text
+    assert (out / "dope_annealing.png").exists()
+
+
+def test_data_aware_init_rows_and_intermediate_perplexities(example,
+                                                             tmp_path):
+    """--student-init calibrated: rows named '(data-aware init)' start from
+    `compress(..., calibration_data=...)`, record each product's output
+    errors, and --eval-at logs the test perplexity during training; the
+    step-0 value equals `model.evaluate` of the freshly calibrated student
+    (the script's own evaluation path, an independent reference)."""
+    import math
+
+    import keras
+
+    import keras_antman as am
+
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    argv = ["--data", str(data), "--run-dir", str(tmp_path / "run"),
+            "--out", str(tmp_path / "out"), "--hidden", "20",
+            "--batch-size", "4", "--num-steps", "5", "--teacher-epochs",
+            "0.3", "--chunk-steps", "2", "--student-steps", "4",
+            "--calib-steps", "1", "--calib-eval", "1", "--eval-batches",
+            "2", "--verbose", "0", "--eager", "--students", "lgp,svd",
+            "--groups", "10", "--svd-rank", "2", "--student-init",
+            "calibrated", "--calibration-batches", "3", "--eval-at", "0,2",
+            "--report-name", "init", "--stages",
+            "teacher,calibrate,students,report"]
+    results = example.main(argv)
+    text = (tmp_path / "out" / "init_results.md").read_text()
+    assert "| test ppl @ 0 | test ppl @ 2 | test ppl @ 4 |" in text
+    assert (tmp_path / "out" / "init_init_steps.png").exists()
+    rows = results["students"]
+    assert set(rows) == {"LGP-Shuffle g=10 (data-aware init)",
+                         "SVD (LowRank) rank=2 (data-aware init)"}
+    for r in rows.values():
+        assert r["init"].startswith("teacher (data-aware")
+        assert set(r["test_ppl_at"]) == {"0", "2", "4"}
+        assert r["test_ppl_at"]["4"] == r["test_ppl"]
+        errors = r["calibration_errors"]
+        assert len(errors) == 4  # two layers x (input, recurrent)
+        for e in errors.values():
+            assert 0.0 <= e["fitted"] < 1.5 and 0.0 <= e["from_dense"] < 1.5
+    teacher = keras.models.load_model(tmp_path / "run" / "teacher.keras")
+    run = example.Run(example.build_parser().parse_args(argv))
+    g = am.LGPShuffle(10)
+    fresh = am.compress(teacher, input_scheme=g, recurrent_scheme=g,
+                        calibration_data=run.train, calibration_steps=3)
+    _, test = run.perplexities(fresh)
+    assert rows["LGP-Shuffle g=10 (data-aware init)"]["test_ppl_at"][
+        "0"] == pytest.approx(test, rel=1e-4)
+    assert math.isfinite(test)
