@@ -46,6 +46,8 @@ import tensorflow as tf  # noqa: E402
 tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 
+from _numpy_lstm import numpy_lstm  # noqa: E402  (bench/, beside this script)
+
 import keras_antman as am  # noqa: E402
 from keras_antman import ops  # noqa: E402
 from keras_antman.hardware import cpu_model  # noqa: E402
@@ -134,24 +136,6 @@ def ort_lstm(d, batch):
                                 providers=["CPUExecutionProvider"])
     feed = {"X": rng.uniform(-1, 1, (T, batch, d)).astype(np.float32)}
     return lambda: sess.run(["Y_h"], feed), ort.__version__
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def numpy_lstm(x, kernel, rec, bias):
-    """Fused dense LSTM: one GEMM for all inputs, one GEMV per step."""
-    z_all = x[0] @ kernel + bias
-    d = rec.shape[0]
-    h = np.zeros(d, np.float32)
-    c = np.zeros(d, np.float32)
-    for t in range(z_all.shape[0]):
-        z = z_all[t] + h @ rec
-        i, f, o = sigmoid(z[:d]), sigmoid(z[d:2 * d]), sigmoid(z[3 * d:])
-        c = f * c + i * np.tanh(z[2 * d:3 * d])
-        h = o * np.tanh(c)
-    return h
 
 
 # -- the op and TFLite on one model -----------------------------------------

@@ -43,6 +43,7 @@ tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 
 import keras  # noqa: E402
+from _numpy_lstm import numpy_lstm  # noqa: E402  (bench/, beside this script)
 
 import keras_antman as am  # noqa: E402
 from keras_antman import ops  # noqa: E402
@@ -66,24 +67,6 @@ def median_ms(fn, repeats):
         fn()
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def numpy_lstm(x, kernel, rec, bias):
-    """Fused dense LSTM: one GEMM for all inputs, one GEMV per step."""
-    z_all = x[0] @ kernel + bias
-    d = rec.shape[0]
-    h = np.zeros(d, np.float32)
-    c = np.zeros(d, np.float32)
-    for t in range(z_all.shape[0]):
-        z = z_all[t] + h @ rec
-        i, f, o = sigmoid(z[:d]), sigmoid(z[d:2 * d]), sigmoid(z[3 * d:])
-        c = f * c + i * np.tanh(z[2 * d:3 * d])
-        h = o * np.tanh(c)
-    return h
 
 
 def timed_layer(layer, x, repeats):

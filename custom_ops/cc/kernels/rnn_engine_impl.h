@@ -83,17 +83,9 @@ inline void StoreN(float* p, vf v, int64_t n) {
 
 // exp with the Cephes expf polynomial (about 1 ulp on the clamped range);
 // the clamp keeps 2^n finite and is far beyond where sigmoid and tanh
-// saturate in float32.
-#if KA_VBYTES == 64
-// AVX-512: the nearest integer n and the final y * 2^n in one instruction
-// each (roundscale, scalef).
-inline vf Exp(vf x) {
-  const vf hi = Splat(87.0f), lo = Splat(-87.0f);
-  x = x > hi ? hi : x;
-  x = x < lo ? lo : x;
-  const vf nf = (vf)_mm512_roundscale_ps(
-      (__m512)(x * 1.44269504088896341f),
-      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// saturate in float32. ExpReduced is e^(x - n ln 2) for the integer n = nf
+// (ln 2 in two parts, then the polynomial), shared by both Exp variants.
+inline vf ExpReduced(vf x, vf nf) {
   x = x - nf * 0.693359375f;
   x = x - nf * -2.12194440e-4f;
   vf z = x * x;
@@ -104,6 +96,19 @@ inline vf Exp(vf x) {
   y = y * x + 1.6666665459e-1f;
   y = y * x + 5.0000001201e-1f;
   y = y * z + x + 1.0f;
+  return y;
+}
+#if KA_VBYTES == 64
+// AVX-512: the nearest integer n and the final y * 2^n in one instruction
+// each (roundscale, scalef).
+inline vf Exp(vf x) {
+  const vf hi = Splat(87.0f), lo = Splat(-87.0f);
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const vf nf = (vf)_mm512_roundscale_ps(
+      (__m512)(x * 1.44269504088896341f),
+      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf y = ExpReduced(x, nf);
   return (vf)_mm512_scalef_ps((__m512)y, (__m512)nf);
 }
 #else
@@ -116,16 +121,7 @@ inline vf Exp(vf x) {
   vf nf = __builtin_convertvector(n, vf);
   n += (vi)(nf > fx);  // -1 where truncation rounded up: floor
   nf = __builtin_convertvector(n, vf);
-  x = x - nf * 0.693359375f;
-  x = x - nf * -2.12194440e-4f;
-  vf z = x * x;
-  vf y = Splat(1.9875691500e-4f);
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * z + x + 1.0f;
+  const vf y = ExpReduced(x, nf);
   vi e = (n + 127) << 23;
   return y * (vf)e;
 }
