@@ -307,11 +307,7 @@ def train_hw(run, teacher, units, name, grow_prune=True):
         state = _MaskState(masks, grow, prune,
                            run.file(f"masks_{ptb._slug(name)}"))
         backup = run.file(f"backup_{ptb._slug(key)}")
-        meta = os.path.join(backup, "training_metadata.json")
-        done = -1
-        if os.path.exists(meta):
-            with open(meta) as f:
-                done = json.load(f).get("epoch", 0)
+        done = ptb.chunks_done(run, key) if os.path.isdir(backup) else -1
         if not state.restore(done):
             # Fresh, or killed between the masks' save and the backup's:
             # start over (the backup's weights need their masks).

@@ -270,7 +270,23 @@ class _Clock(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         elapsed = self.run.results.setdefault("elapsed", {})
         elapsed[self.key] = elapsed.get(self.key, 0.0) + time.time() - self.t0
+        self.run.results.setdefault("chunks_done", {})[self.key] = epoch + 1
         self.run.save()
+
+
+def chunks_done(run, key):
+    """How many chunks of ``key`` its backup holds (0: no backup). Keras
+    3's `BackupAndRestore` writes the count to training_metadata.json;
+    tf_keras's keeps it inside a TF checkpoint, so `_Clock` also records it
+    in the results after each chunk's backup."""
+    backup = run.file(f"backup_{_slug(key)}")
+    meta = os.path.join(backup, "training_metadata.json")
+    if os.path.exists(meta):
+        with open(meta) as f:
+            return json.load(f).get("epoch", 0)
+    if os.path.isdir(backup):
+        return run.results.get("chunks_done", {}).get(key, 0)
+    return 0
 
 
 def train_chunked(run, model, key, steps, callbacks=()):
@@ -290,12 +306,8 @@ def train_chunked(run, model, key, steps, callbacks=()):
     chunks = max(1, math.ceil(steps / run.args.chunk_steps))
     chunk = math.ceil(steps / chunks)  # chunks * chunk: steps, rounded up
     backup = run.file(f"backup_{_slug(key)}")
-    done = 0
-    meta = os.path.join(backup, "training_metadata.json")
-    if os.path.exists(meta):
-        with open(meta) as f:
-            done = json.load(f).get("epoch", 0)
-    else:  # a fresh start: forget time from a run that left no backup
+    done = chunks_done(run, key)
+    if not done:  # a fresh start: forget time from a run that left no backup
         run.results.get("elapsed", {}).pop(key, None)
     data = run.train.repeat().skip(done * chunk)
     model.fit(data, epochs=chunks, steps_per_epoch=chunk, shuffle=False,
@@ -311,6 +323,7 @@ def finish(run, key):
     """After ``key``'s result is saved: drop its backup and clock."""
     shutil.rmtree(run.file(f"backup_{_slug(key)}"), ignore_errors=True)
     run.results.get("elapsed", {}).pop(key, None)
+    run.results.get("chunks_done", {}).pop(key, None)
     run.save()
 
 
