@@ -659,12 +659,24 @@ class StructuredRnnOp : public OpKernel {
     layout->gather.resize(width);
     layout->bias_slots.resize(width);
     if (traits_.recurrent_bias) layout->recurrent_bias_slots.resize(width);
+    // Task-major where the recurrent product's groups make every gate.
+    const bool task_major =
+        p->recurrent.mode == kGroupOwned && !traits_.has_candidate;
+    const int64_t len =
+        task_major
+            ? units / p->recurrent.chain.stages[p->recurrent.chain.num_stages -
+                                                1].g
+            : units;
+    p->x_task_mult = task_major ? traits_.gates : 1;
+    p->x_gate_stride = len;
     for (int q = 0; q < traits_.gates; ++q) {
       // Gates past the recurrent product's come from the candidate product.
       const Product& pr =
           q < traits_.recurrent_gates ? p->recurrent : p->candidate;
       for (int64_t k = 0; k < units; ++k) {
-        const int64_t slot = q * units + k;
+        // Unit slot k = i * len + l: task i's l-th unit.
+        const int64_t slot =
+            (k / len) * len * p->x_task_mult + q * len + k % len;
         const int64_t column = q * units + UnitOfSlot(pr, units, k);
         // With a shuffle, natural column j * g + i is the unshuffled
         // output i * b + j.
@@ -721,7 +733,8 @@ class StructuredRnnOp : public OpKernel {
         std::max(p->recurrent.max_task_units, p->candidate.max_task_units);
     const int64_t task_product =
         RoundUp16(batch * traits_.recurrent_gates * task_units);
-    const int64_t recurrent_need = task_product + 4 * RoundUp16(task_units);
+    const int64_t recurrent_need =
+        2 * task_product + 4 * RoundUp16(task_units);
     // A shuffling intermediate stage needs room for its unshuffled rows: a
     // row chunk in the input phase, the batch in the recurrent phase.
     int64_t shuffle_floats =
@@ -737,7 +750,8 @@ class StructuredRnnOp : public OpKernel {
     p->off_pack = 2 * stage_floats + RoundUp16(width);
     p->off_sparse_x = p->off_pack + kBlockFloats;
     p->off_task_product = 0;
-    p->off_task_vectors = task_product;
+    p->off_task_product_alt = task_product;
+    p->off_task_vectors = 2 * task_product;
     return shared + p->num_threads * p->scratch_stride;
   }
 
