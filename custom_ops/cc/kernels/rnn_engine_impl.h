@@ -21,9 +21,18 @@ constexpr int V = KA_VBYTES / 4;
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t Max(int64_t a, int64_t b) { return a > b ? a : b; }
 
+// s in every lane. A uniform initializer is one broadcast (from memory
+// where s is loaded); `vf{} + s` was an add of 0 (which IEEE rules keep)
+// and a register broadcast, two floating-point ops per broadcast in every
+// product's inner loop.
 inline vf Splat(float s) {
-  vf z = {};
-  return z + s;
+#if KA_VBYTES == 64
+  return vf{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+#elif KA_VBYTES == 32
+  return vf{s, s, s, s, s, s, s, s};
+#else
+  return vf{s, s, s, s};
+#endif
 }
 inline vf LoadU(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void StoreU(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
@@ -393,7 +402,10 @@ void GemvStream(const float* x, int64_t ldx, const float* w, int64_t ldw,
 // null) receives a copy of each strided block so that the rows read it
 // contiguously: a narrow block of a wide W spans one page per row, which
 // the TLB and the prefetcher handle badly, and the copy is paid once per
-// block for many rows.
+// block for many rows. Rows shorter than a page are read in place: a
+// block of a block-diagonal stage (LGP-Shuffle g=10 at d = 1600, 640
+// columns) stays in L2 anyway, and its copy took 8% of the op's time.
+constexpr int64_t kPackMinLdw = 1024;
 void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
           int64_t ldw, int64_t k_len, int64_t n, float* y, int64_t ldy,
           float* pack = nullptr) {
@@ -418,7 +430,7 @@ void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
     const int64_t nc = Min(nb, n - c0);
     const float* wb = w + c0;
     int64_t ldb = ldw;
-    if (pack != nullptr && rows > 4 && nc < ldw &&
+    if (pack != nullptr && rows > 4 && nc < ldw && ldw >= kPackMinLdw &&
         k_len * nc <= kBlockFloats) {
       for (int64_t k = 0; k < k_len; ++k)
         for (int64_t c = 0; c < nc; ++c) pack[k * nc + c] = wb[k * ldw + c];
@@ -746,7 +758,7 @@ struct LstmPending {
   int64_t Vectors() const { return z == nullptr ? 0 : (len + V - 1) / V; }
 
   // Units [j * V, + V) of the group; the last vector also writes h out.
-  void Vector(int64_t j) const {
+  [[gnu::always_inline]] void Vector(int64_t j) const {
     const RnnPlan& p = *st->p;
     const int64_t l = j * V, n = Min(V, len - l);
     float* c = p.c + group * len + l;
@@ -815,6 +827,22 @@ bool GroupStepFits(const RnnPlan& p) {
   return !s.shared && s.b % V == 0;
 }
 
+// A group's block product in column chunks of at most MaxNv(1) vectors,
+// near-equal: chunk c has ChunkVectors(nvec, c) vectors from vector
+// ChunkStart(nvec, c).
+constexpr int kGroupNv = MaxNv(1);
+inline int64_t Chunks(int64_t nvec) {
+  return (nvec + kGroupNv - 1) / kGroupNv;
+}
+inline int64_t ChunkVectors(int64_t nvec, int64_t c) {
+  const int64_t n = Chunks(nvec);
+  return nvec / n + (c < nvec % n ? 1 : 0);
+}
+inline int64_t ChunkStart(int64_t nvec, int64_t c) {
+  const int64_t n = Chunks(nvec);
+  return c * (nvec / n) + Min(c, nvec % n);
+}
+
 // One step of this thread's groups: each group's block product in chunks
 // of at most MaxNv(1) vectors (the pending gate math in the first), the
 // groups walked backwards on odd steps (`rev`, and the rows and chunks of
@@ -825,8 +853,7 @@ void LstmGroupStep(const StepView& st, int tid, int nt, bool rev,
   const Stage& s = p.recurrent.chain.stages[0];
   const int64_t g0 = s.g * tid / nt, g1 = s.g * (tid + 1) / nt;
   const int64_t len = p.units / s.g, nvec = s.b / V;
-  constexpr int kNv = MaxNv(1);
-  const int64_t chunks = (nvec + kNv - 1) / kNv;
+  const int64_t chunks = Chunks(nvec);
   const float* x_row = p.x_proj + st.t * p.z_width;
   LstmPending pending{&st, nullptr, 0, len};
   for (int64_t j = 0; j < g1 - g0; ++j) {
@@ -836,12 +863,11 @@ void LstmGroupStep(const StepView& st, int tid, int nt, bool rev,
     const float* init = x_row + i * s.b;
     for (int64_t cj = 0; cj < chunks; ++cj) {
       const int64_t c = rev ? chunks - 1 - cj : cj;
-      const int64_t nv = nvec / chunks + (c < nvec % chunks ? 1 : 0);
-      const int64_t c0 =
-          (c * (nvec / chunks) + Min(c, nvec % chunks)) * V;
-      PickGemvFrom<kNv>(nv, rev)(st.h_prev + i * s.a, w + c0, s.b, s.a,
-                                 init + c0, z + c0,
-                                 cj == 0 ? pending : LstmPending{});
+      const int64_t nv = ChunkVectors(nvec, c);
+      const int64_t c0 = ChunkStart(nvec, c) * V;
+      PickGemvFrom<kGroupNv>(nv, rev)(st.h_prev + i * s.a, w + c0, s.b, s.a,
+                                      init + c0, z + c0,
+                                      cj == 0 ? pending : LstmPending{});
     }
     pending = LstmPending{&st, z, i, len};
   }
