@@ -113,7 +113,8 @@ def main():
     parser.add_argument("--cache", default=None,
                         help="profile cache directory (default: "
                         "~/.cache/keras_antman)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out", default=os.path.join(HERE, "results"),
+                        help="folder for latency_curve.{md,json,png}")
     args = parser.parse_args()
     if not am.ops.is_available():
         raise SystemExit("The compiled op is not built: "
@@ -145,13 +146,21 @@ def main():
     p.plot(base + ".png", **VALLEYS)
     caches = ", ".join(f"{k} {v // 1024} KiB"
                        for k, v in p.meta.get("caches", {}).items())
+    # The sweep itself keeps one of the two cores busy (load ~1); above
+    # 1.5 something else ran beside it and the valleys are suspect.
+    busy = max(float(load_start.split(',')[0]),
+               float(load_end.split(',')[0])) > 1.5
+    loads = (f"load average 1, 5, 15 min: {load_start} at the start, "
+             f"{load_end} at the end")
     header = [
-        "# LSTM latency against size on this machine (provisional)",
+        "# LSTM latency against size on this machine"
+        + (" (provisional)" if busy else ""),
         "",
-        "**Provisional:** measured while a PTB training ran in the "
-        "background on this 2-core machine (load average 1, 5, 15 min: "
-        f"{load_start} at the start, {load_end} at the end). Rerun on an "
-        "idle machine before drawing conclusions.",
+        (f"**Provisional:** something else ran beside the sweep on this "
+         f"2-core machine ({loads}). Rerun on an idle machine before "
+         "drawing conclusions." if busy else
+         f"Measured on an otherwise idle 2-core machine ({loads}; the "
+         "sweep itself accounts for about 1)."),
         "",
         f"Command: `{command.strip()}` ({minutes:.1f} min; "
         f"{p.measured} configurations measured now, the rest from the "
