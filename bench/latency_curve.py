@@ -114,7 +114,13 @@ def main():
                         help="profile cache directory (default: "
                         "~/.cache/keras_antman)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"),
-                        help="folder for latency_curve.{md,json,png}")
+                        help="folder for NAME.{md,json,png}")
+    parser.add_argument("--name", default="latency_curve",
+                        help="base name of the written files")
+    parser.add_argument("--paths", nargs="+", default=["keras", "op"],
+                        choices=hw.PATHS,
+                        help="paths to time (tflite: a conversion per "
+                        "configuration, a few seconds each)")
     args = parser.parse_args()
     if not am.ops.is_available():
         raise SystemExit("The compiled op is not built: "
@@ -126,7 +132,7 @@ def main():
                              groups=(1, 4, 8))
     p = hw.profile(sizes, batch_size=1, steps=100, threads=1,
                    schemes=[am.Dense(), am.LGPShuffle(4), am.LGPShuffle(8)],
-                   paths=("keras", "op"), repeats=args.repeats,
+                   paths=args.paths, repeats=args.repeats,
                    passes=args.passes, cache=args.cache)
     found = p.valleys(**VALLEYS)
     confirmation = _confirm(p, found, args.confirm_repeats)
@@ -141,7 +147,7 @@ def main():
         "measured_now": p.measured,
     })
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, "latency_curve")
+    base = os.path.join(args.out, args.name)
     p.to_json(base + ".json")
     p.plot(base + ".png", **VALLEYS)
     caches = ", ".join(f"{k} {v // 1024} KiB"
@@ -174,7 +180,9 @@ def main():
         "and configurations of neighbouring sizes interleaved round-robin "
         "in chunks of 12; IQR = interquartile range. Paths: `keras` = stock "
         "`keras.layers.LSTM`; `op` = `StructuredLSTM(kernel=\"compiled\")` "
-        "with the scheme on both products.",
+        "with the scheme on both products; `portable` = the same on stock "
+        "TF ops; `tflite` = the TFLite interpreter (XNNPACK, 1 thread) on "
+        "that layer's portable export, built-in ops only.",
         "",
         "## Valleys",
         "",
