@@ -48,18 +48,18 @@ struct Stage {
 // - gathered ("SELL-16", the generic and AVX2 engines): slice s holds
 //   entries [slice_ptr[s], slice_ptr[s + 1]) of 16 lanes each (lane
 //   padding: column 0, value 0), one vector gather of x per entry;
-// - windowed (the AVX-512 engine): a slice's entries grouped by 32-column
-//   window of x (windows in increasing order); in a window, vector t holds
-//   the t-th entry there of every lane that has more than t. Slice s is
-//   vectors [slice_ptr[s], slice_ptr[s + 1]); vector k reads the window
-//   of x starting at column vec_col[k], has the lanes vec_mask[k] (bit l:
-//   lane l has an entry), their columns vec_col[k] + vec_idx[16 k + l]
-//   (bytes, < 32) and their values next in vec_val (lane order, set lanes
-//   only; slice s's values start at slice_val0[s]). A step loads the
-//   window's 32 floats of x into two registers and picks each lane's
-//   column from them with a permute instead of a gather.
+// - windowed (the AVX-512 engine): each vector reads two 16-column blocks
+//   of x into two registers and picks each lane's column from them with a
+//   permute instead of a gather (the packing chooses the blocks so that
+//   many lanes have an entry there). Slice s is vectors [slice_ptr[s],
+//   slice_ptr[s + 1]); vector k's blocks start at columns vec_col[2 k]
+//   and vec_col[2 k + 1]; it has the lanes vec_mask[k] (bit l: lane l
+//   has an entry), their columns given by vec_idx[16 k + l] (a byte: < 16
+//   in the first block, 16 + c in the second) and their values next in
+//   vec_val (lane order, set lanes only; slice s's start at
+//   slice_val0[s]).
 constexpr int64_t kSliceLanes = 16;
-constexpr int64_t kWindowColumns = 32;
+constexpr int64_t kBlockColumns = 16;
 
 struct SparseTerm {
   const int32_t* row_ptr;  // [m + 1], null: no sparse term
@@ -76,7 +76,7 @@ struct SparseTerm {
   const float* slice_val;    // same
   // Windowed form.
   const int64_t* slice_val0;  // [num_slices]
-  const int32_t* vec_col;     // [vectors]
+  const int32_t* vec_col;     // [2 * vectors]
   const uint16_t* vec_mask;   // [vectors]
   const uint8_t* vec_idx;     // [vectors * kSliceLanes]
   const float* vec_val;       // [nnz + kSliceLanes] (zero padded)

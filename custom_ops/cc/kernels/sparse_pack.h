@@ -115,68 +115,93 @@ inline void PackGathered(PackedSparse* p) {
   }
 }
 
-// Windowed form: a slice's entries grouped by 32-column window (windows in
-// increasing order, empty ones left out); in a window, vector t holds the
-// t-th entry of every lane that has more than t there. A counting sort by
-// window per slice, stable, so each lane keeps its CSR order.
+// Windowed form, greedily: while a lane of the slice has entries left,
+// one vector reads the 16-column block of x where most lanes have one (A),
+// and the block where most of the other lanes have one (B); every lane
+// with an entry in A or B takes one there. About 1.4x fewer vectors than
+// fixed 32-column windows on random 5% dense S (lanes used 54% instead of
+// 39%).
 inline void PackWindowed(PackedSparse* p) {
   struct Entry {
-    int32_t window, lane, col;
+    int32_t block, col;
     float val;
   };
+  constexpr int64_t L = kSliceLanes;
   const int32_t* rp = p->row_ptr.data();
-  const int64_t windows = (p->n + kWindowColumns - 1) / kWindowColumns;
-  std::vector<int32_t> count(windows, 0), start(windows), touched;
-  std::vector<Entry> e, sorted;
+  const int64_t blocks = (p->n + kBlockColumns - 1) / kBlockColumns;
+  std::vector<int32_t> local(blocks, -1);  // block -> its index in `used`
+  std::vector<int32_t> used, count, score, score2, next;
+  std::vector<Entry> e;
   p->slice_ptr.assign(1, 0);
   p->slice_val0.clear();
   for (int64_t s = 0; s < p->num_slices; ++s) {
+    // Each lane's entries, grouped by block: lane l's entries in block
+    // used[u] are e[next[l * nu + u] ...] until count runs out.
     e.clear();
-    touched.clear();
-    for (int32_t l = 0; l < kSliceLanes; ++l) {
-      const int32_t j = p->slice_out[s * kSliceLanes + l];
-      if (j < 0) break;
-      for (int32_t k = rp[j]; k < rp[j + 1]; ++k) {
-        const int32_t c = p->col_idx[k];
-        const int32_t w = static_cast<int32_t>(c / kWindowColumns);
-        if (count[w]++ == 0) touched.push_back(w);
-        e.push_back({w, l, c, p->values[k]});
-      }
-    }
-    std::sort(touched.begin(), touched.end());
-    int32_t at = 0;
-    for (int32_t w : touched) {
-      start[w] = at;
-      at += count[w];
-      count[w] = 0;
-    }
-    sorted.resize(e.size());
-    for (const Entry& x : e) sorted[start[x.window]++] = x;
-    p->slice_val0.push_back(static_cast<int64_t>(p->vec_val.size()));
-    for (size_t a = 0; a < sorted.size();) {
-      const int32_t window = sorted[a].window;
-      size_t first[kSliceLanes] = {}, lanes[kSliceLanes] = {}, depth = 0;
-      size_t b = a;
-      for (; b < sorted.size() && sorted[b].window == window; ++b)
-        if (lanes[sorted[b].lane]++ == 0) first[sorted[b].lane] = b;
-      for (int l = 0; l < kSliceLanes; ++l) depth = std::max(depth, lanes[l]);
-      const int32_t c0 = window * static_cast<int32_t>(kWindowColumns);
-      for (size_t t = 0; t < depth; ++t) {
-        uint16_t mask = 0;
-        uint8_t idx[kSliceLanes] = {};
-        for (int l = 0; l < kSliceLanes; ++l) {
-          if (lanes[l] <= t) continue;
-          const Entry& x = sorted[first[l] + t];
-          mask |= static_cast<uint16_t>(1u << l);
-          idx[l] = static_cast<uint8_t>(x.col - c0);
-          p->vec_val.push_back(x.val);
+    used.clear();
+    int64_t lane_start[L + 1] = {};
+    for (int64_t l = 0; l < L; ++l) {
+      const int32_t j = p->slice_out[s * L + l];
+      const size_t first = e.size();
+      if (j >= 0)
+        for (int32_t k = rp[j]; k < rp[j + 1]; ++k) {
+          const int32_t c = p->col_idx[k];
+          const int32_t b = static_cast<int32_t>(c / kBlockColumns);
+          if (local[b] < 0) {
+            local[b] = static_cast<int32_t>(used.size());
+            used.push_back(b);
+          }
+          e.push_back({b, c, p->values[k]});
         }
-        p->vec_col.push_back(c0);
-        p->vec_mask.push_back(mask);
-        p->vec_idx.insert(p->vec_idx.end(), idx, idx + kSliceLanes);
-      }
-      a = b;
+      std::sort(e.begin() + first, e.end(),
+                [](const Entry& a, const Entry& b) { return a.block < b.block; });
+      lane_start[l + 1] = static_cast<int64_t>(e.size());
     }
+    const int64_t nu = static_cast<int64_t>(used.size());
+    count.assign(L * nu, 0);
+    next.assign(L * nu, 0);
+    score.assign(nu, 0);
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t k = lane_start[l + 1] - 1; k >= lane_start[l]; --k) {
+        const int32_t u = local[e[k].block];
+        if (count[l * nu + u]++ == 0) ++score[u];
+        next[l * nu + u] = static_cast<int32_t>(k);
+      }
+    int64_t left = lane_start[L];
+    p->slice_val0.push_back(static_cast<int64_t>(p->vec_val.size()));
+    while (left > 0) {
+      const int64_t a = std::max_element(score.begin(), score.end()) -
+                        score.begin();
+      score2.assign(nu, 0);
+      for (int64_t l = 0; l < L; ++l)
+        if (count[l * nu + a] == 0)
+          for (int64_t u = 0; u < nu; ++u) score2[u] += count[l * nu + u] > 0;
+      const int64_t b = std::max_element(score2.begin(), score2.end()) -
+                        score2.begin();
+      const bool has_b = score2[b] > 0;
+      uint16_t mask = 0;
+      uint8_t idx[L] = {};
+      for (int64_t l = 0; l < L; ++l) {
+        int64_t u = a;
+        if (count[l * nu + a] == 0) {
+          if (!has_b || count[l * nu + b] == 0) continue;
+          u = b;
+        }
+        const Entry& x = e[next[l * nu + u]++];
+        if (--count[l * nu + u] == 0) --score[u];
+        --left;
+        mask |= static_cast<uint16_t>(1u << l);
+        idx[l] = static_cast<uint8_t>(x.col - x.block * kBlockColumns +
+                                      (u == a ? 0 : kBlockColumns));
+        p->vec_val.push_back(x.val);
+      }
+      p->vec_col.push_back(used[a] * static_cast<int32_t>(kBlockColumns));
+      p->vec_col.push_back((has_b ? used[b] : used[a]) *
+                           static_cast<int32_t>(kBlockColumns));
+      p->vec_mask.push_back(mask);
+      p->vec_idx.insert(p->vec_idx.end(), idx, idx + L);
+    }
+    for (int32_t b : used) local[b] = -1;
     p->slice_ptr.push_back(static_cast<int64_t>(p->vec_mask.size()));
   }
   // A whole vector may be read past the last value.

@@ -13,9 +13,9 @@
 // - a recurrent step (the batch): the sliced form (SparseTerm), 16
 //   outputs per vector, slices split between threads, into a [batch, m]
 //   buffer that each task then reads its outputs from. The AVX-512 engine
-//   runs the windowed form (a permute of two registers holding 32 floats
-//   of x per vector: WindowDot), the others the gathered one (a vector
-//   gather per entry: SliceDot).
+//   runs the windowed form where it is cheaper (a permute of two
+//   registers holding two 16-float blocks of x per vector: WindowDot),
+//   the others the gathered one (a vector gather per entry: SliceDot).
 
 // Up to NB vectors of rows (NB * V rows of x^T) of output column j.
 template <int NB>
@@ -140,28 +140,26 @@ inline void SliceDot(const int32_t* col, const float* val, int64_t len,
 }
 
 // The windowed form's SliceDot: the 16 lanes of slice s over x (n
-// floats). Per vector: x's 32 floats at its window (two loads from L1,
-// masked past n), vpermt2ps picks each lane's column from them, the lanes'
-// values are expanded from the packed stream and multiply-added under the
-// vector's lane mask. One loop over the slice's vectors, no branch per
-// window (windows hold 1-3 vectors: a loop per window mispredicts), two
-// chains.
+// floats). Per vector: x's two 16-float blocks (loads from L1, masked past
+// n), vpermt2ps picks each lane's column from them, the lanes' values are
+// expanded from the packed stream and multiply-added under the vector's
+// lane mask. One loop over the slice's vectors, four chains.
 #if KA_VBYTES == 64
 // acc + vector k's lanes times x (lanes off the mask unchanged); `val`
 // moves past the vector's values.
 inline __m512 WindowTerm(const int32_t* col, const uint16_t* mask,
                          const uint8_t* idx, int64_t k, const float* x,
                          int64_t n, const float*& val, __m512 acc) {
-  const int64_t c0 = col[k];
+  const int64_t ca = col[2 * k], cb = col[2 * k + 1];
   __m512 lo, hi;
-  if (__builtin_expect(c0 + kWindowColumns <= n, 1)) {
-    lo = _mm512_loadu_ps(x + c0);
-    hi = _mm512_loadu_ps(x + c0 + 16);
-  } else {
-    const int64_t rem = n - c0;
-    lo = _mm512_maskz_loadu_ps(rem >= 16 ? 0xFFFF : (1u << rem) - 1, x + c0);
-    hi = _mm512_maskz_loadu_ps(rem > 16 ? (1u << (rem - 16)) - 1 : 0,
-                               x + c0 + 16);
+  if (__builtin_expect(Max(ca, cb) + kBlockColumns <= n, 1)) {
+    lo = _mm512_loadu_ps(x + ca);
+    hi = _mm512_loadu_ps(x + cb);
+  } else {  // the last block is partial
+    const int64_t ra = Min(n - ca, kBlockColumns);
+    const int64_t rb = Min(n - cb, kBlockColumns);
+    lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ra) - 1), x + ca);
+    hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rb) - 1), x + cb);
   }
   const __mmask16 m = mask[k];
   const __m512i lanes = _mm512_cvtepu8_epi32(
@@ -204,7 +202,10 @@ __attribute__((noinline)) void WindowDot(const SparseTerm& sp, int64_t s,
   for (int l = 0; l < 16; ++l) acc[l] = 0.0f;
   for (; k < k1; ++k)
     for (int l = 0; l < 16; ++l)
-      if ((mask[k] >> l) & 1) acc[l] += *val++ * x[col[k] + idx[16 * k + l]];
+      if ((mask[k] >> l) & 1) {
+        const int i = idx[16 * k + l];
+        acc[l] += *val++ * x[col[2 * k + i / 16] + i % 16];
+      }
 #endif
 }
 
