@@ -607,8 +607,9 @@ _SPARSE_FORMS = {"auto": 0, "gathered": 1, "windowed": 2}
 def _set_sparse_form(form="auto"):
     """The sliced form the AVX-512 kernels give a recurrent sparse term:
     ``"auto"`` (by estimated cost), ``"gathered"`` or ``"windowed"``. For
-    tests (each form on any matrix); the other instruction sets always
-    gather."""
+    tests (each form on any matrix); the other instruction sets gather
+    unless ``"windowed"`` is forced (then they run it with a plain
+    loop)."""
     if form not in _SPARSE_FORMS:
         raise ValueError(f"form must be one of {sorted(_SPARSE_FORMS)}; "
                          f"received {form!r}")

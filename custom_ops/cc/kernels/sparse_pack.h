@@ -28,9 +28,12 @@ inline std::atomic<int>& SparseFormSetting() {
 }
 
 // What a term is packed for: 0, the gathered form (the generic and AVX2
-// engines); 1 + SparseFormSetting(), the AVX-512 engine under that setting.
+// engines); 1 + SparseFormSetting(), the AVX-512 engine under that setting,
+// or any engine when the windowed form is forced (the others then run it
+// with a plain loop: for tests).
 inline int PackKind(bool avx512) {
-  return avx512 ? 1 + SparseFormSetting().load() : 0;
+  const int form = SparseFormSetting().load();
+  return avx512 || form == kFormWindowed ? 1 + form : 0;
 }
 
 // A sliced term (either form) and the CSR arrays it was packed from.
