@@ -115,6 +115,21 @@ def _lgp_row(run_dirs, g):
     return None
 
 
+def cpu():
+    """The CPU's name, family and model (AMD family 25 = 19h; models
+    10h-1Fh, 60h-7Fh and A0h-AFh are Zen 4)."""
+    info = {}
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    family, model = int(info.get("cpu family", 0)), int(info.get("model", 0))
+    zen4 = family == 25 and (0x10 <= model < 0x20 or 0x60 <= model < 0x80
+                             or 0xA0 <= model < 0xB0)
+    return (f"{hw.cpu_model()} (family {family}, model {model}"
+            + (": Zen 4" if zen4 else "") + ")")
+
+
 def stats(ms):
     p10, q25, q50, q75 = np.percentile(ms, [10, 25, 50, 75])
     return dict(median_ms=float(q50), iqr_ms=float(q75 - q25),
@@ -206,8 +221,8 @@ def main(argv=None):
     latency = dict(
         rows=out, baseline=["Teacher", "op dense"], batch=1, steps=STEPS,
         threads=1, repeats=args.repeats, command=command,
-        machine=f"{hw.cpu_model()}, {os.cpu_count()} cores, op ISA "
-                f"{ops.isa()}", load_start=load_start, load_end=load_end,
+        machine=f"{cpu()}, {os.cpu_count()} cores, op ISA {ops.isa()}",
+        load_start=load_start, load_end=load_end,
         kernel_zeros=zeros,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     write(latency, args.out)
@@ -232,7 +247,7 @@ def write(latency, out_dir):
         f"Machine: {latency['machine']}; {latency['threads']} thread (TF "
         "and the op); load average (1, 5, 15 min) "
         f"{latency['load_start']} at the start, {latency['load_end']} at "
-        "the end (a shared 2-core VM; other jobs ran).\n",
+        "the end.\n",
         f"Each row's LSTM stack (2 x LSTM(200), input 200; embedding and "
         f"output layer left out), batch {latency['batch']}, "
         f"{latency['steps']} steps, exported with `export(kernel="

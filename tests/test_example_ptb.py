@@ -578,6 +578,7 @@ def test_report_sets_measured_times_against_theoretical(example, tmp_path):
     (run_dir / "results.json").write_text(json.dumps(results))
     example.main(["--data", str(data), "--run-dir", str(run_dir), "--out",
                   str(tmp_path / "out"), "--report-name", "t",
+                  "--batch-size", "4", "--num-steps", "5",
                   "--stages", "report"])
     text = (tmp_path / "out" / "t_results.md").read_text()
     assert "| tfmot pruning 90% | 90% | 0.9000 | 10.00x | 150.00 | +25.0% |" \
