@@ -17,7 +17,8 @@ steps, 1 thread; embedding and output layer left out) of:
 
 Every path is an ``export(kernel="compiled")`` SavedModel loaded in this
 process, checked against the model's Keras stack on the same input, then
-timed interleaved (`hardware.round_robin_samples`). Writes
+timed interleaved (a random order per round), by wall clock and by
+process CPU time (`round_robin`). Writes
 bench/results/unstructured_pruning.{md,json}; ``--store`` also puts the
 times in the run's results.json, for ``ptb_word_lm.py --stages report``.
 
@@ -130,10 +131,34 @@ def cpu():
             + (": Zen 4" if zen4 else "") + ")")
 
 
-def stats(ms):
+def round_robin(fns, repeats, warmup=5, seed=0):
+    """Wall-clock and process CPU latencies (ms) of callables, each called
+    once per round, in a fresh random order every round: a fixed order
+    would always run a callable after the same one, whose weights it
+    finds in the caches instead of its own (a 20% bias measured here
+    between two equal dense stacks). On a shared VM the wall clock counts
+    the time this process waits for a core; the process's CPU time does
+    not (TF and the op run on one thread here)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    wall, cpu_ms = ([[] for _ in fns] for _ in range(2))
+    rng = np.random.default_rng(seed)
+    for _ in range(repeats):
+        for i in rng.permutation(len(fns)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[i]()
+            cpu_ms[i].append(1e3 * (time.process_time() - c0))
+            wall[i].append(1e3 * (time.perf_counter() - t0))
+    return wall, cpu_ms
+
+
+def stats(ms, cpu_ms):
     p10, q25, q50, q75 = np.percentile(ms, [10, 25, 50, 75])
+    c25, c50, c75 = np.percentile(cpu_ms, [25, 50, 75])
     return dict(median_ms=float(q50), iqr_ms=float(q75 - q25),
-                p10_ms=float(p10), repeats=len(ms))
+                p10_ms=float(p10), cpu_median_ms=float(c50),
+                cpu_iqr_ms=float(c75 - c25), repeats=len(ms))
 
 
 def main(argv=None):
@@ -204,19 +229,22 @@ def main(argv=None):
             fns.append(exported(m, x, reference))
             keys.append((name, path))
     load_start = [round(v, 2) for v in os.getloadavg()]
-    samples = hw.round_robin_samples(fns, args.repeats, warmup=5)
+    samples, cpu_samples = round_robin(fns, args.repeats)
     load_end = [round(v, 2) for v in os.getloadavg()]
     out = {}
-    for (name, path), ms in zip(keys, samples):
+    for (name, path), ms, cpu_ms in zip(keys, samples, cpu_samples):
         _, theoretical, ppl, source = rows[name]
         row = out.setdefault(name, dict(theoretical=theoretical,
                                         test_ppl=ppl, source=source,
                                         paths={}))
-        row["paths"][path] = stats(ms)
+        row["paths"][path] = stats(ms, cpu_ms)
     for row in out.values():
         row["best"] = min(row["paths"],
-                          key=lambda k: row["paths"][k]["median_ms"])
-    command = "python bench/unstructured_pruning.py " + shlex.join(
+                          key=lambda k: row["paths"][k]["cpu_median_ms"])
+    cores = sorted(os.sched_getaffinity(0))
+    pinned = (f"taskset -c {','.join(map(str, cores))} "
+              if len(cores) < os.cpu_count() else "")
+    command = pinned + "python bench/unstructured_pruning.py " + shlex.join(
         sys.argv[1:] if argv is None else argv)
     latency = dict(
         rows=out, baseline=["Teacher", "op dense"], batch=1, steps=STEPS,
@@ -239,7 +267,7 @@ def main(argv=None):
 
 def write(latency, out_dir):
     os.makedirs(out_dir, exist_ok=True)
-    base = latency["rows"]["Teacher"]["paths"]["op dense"]["median_ms"]
+    base = latency["rows"]["Teacher"]["paths"]["op dense"]
     lines = [
         "# Unstructured pruning vs AntMan: measured against theoretical "
         "speed-up\n",
@@ -253,35 +281,47 @@ def write(latency, out_dir):
         f"{latency['steps']} steps, exported with `export(kernel="
         "\"compiled\")` and loaded in one process; every export is checked "
         "against the Keras stack's output (max |diff| <= 1e-4), then "
-        f"{latency['repeats']} interleaved calls per path. *op dense*: the "
+        f"{latency['repeats']} rounds of one call per path in a random "
+        "order, timed by wall "
+        "clock and by the process's CPU time (which leaves out the time "
+        "the process waits for a core on a loaded machine). *op dense*: the "
         "kernels with their zeros (`Dense` schemes); *op CSR*: only the "
         "non-zeros, as the op's CSR sparse term (a `Doped` matrix with a "
         "zero rank-1 base, +1,000 MACs per product). Speed-up: the dense "
-        "teacher's median on op dense over the row's; theoretical: the "
-        "teacher's LSTM multiply-adds over the row's (non-zeros for the "
-        "pruned rows).\n",
-        "| row | theoretical | test ppl | path | median ms (IQR) | p10 ms | "
-        "speed-up | actual / theoretical |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+        "teacher's op dense time over the row's, by wall-clock median, by "
+        "wall-clock 10th percentile (the least disturbed calls) and by CPU "
+        "time median; theoretical: the teacher's LSTM multiply-adds over the "
+        "row's (non-zeros for the pruned rows); best path: by CPU time.\n",
+        "| row | theoretical | test ppl | path | wall median ms (IQR) | "
+        "wall p10 ms | CPU median ms (IQR) | speed-up, wall median | "
+        "speed-up, wall p10 | speed-up, CPU | CPU speed-up / theoretical |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |"]
     summary = []
     for name, r in latency["rows"].items():
         ppl = r["test_ppl"]
         for path, t in r["paths"].items():
-            speed = base / t["median_ms"]
+            wall = base["median_ms"] / t["median_ms"]
+            p10 = base["p10_ms"] / t["p10_ms"]
+            cpu_speed = base["cpu_median_ms"] / t["cpu_median_ms"]
             best = " (best)" if len(r["paths"]) > 1 and path == r["best"] \
                 else ""
             lines.append(
                 f"| {name} | {r['theoretical']:.2f}x | "
                 + (f"{ppl:.2f}" if ppl else "-") + f" | {path}{best} | "
                 f"{t['median_ms']:.3f} ({t['iqr_ms']:.3f}) | "
-                f"{t['p10_ms']:.3f} | {speed:.2f}x | "
-                f"{speed / r['theoretical']:.2f} |")
+                f"{t['p10_ms']:.3f} | {t['cpu_median_ms']:.3f} "
+                f"({t['cpu_iqr_ms']:.3f}) | {wall:.2f}x | {p10:.2f}x | "
+                f"{cpu_speed:.2f}x "
+                f"| {cpu_speed / r['theoretical']:.2f} |")
         if name != "Teacher":
             t = r["paths"][r["best"]]
             summary.append(
                 f"- {name}: {r['theoretical']:.2f}x theoretical, "
-                f"{base / t['median_ms']:.2f}x measured on its best path "
-                f"({r['best']}).")
+                f"{base['cpu_median_ms'] / t['cpu_median_ms']:.2f}x by CPU "
+                f"time ({base['median_ms'] / t['median_ms']:.2f}x by wall "
+                f"median, {base['p10_ms'] / t['p10_ms']:.2f}x by wall p10) "
+                f"on its best path ({r['best']}).")
     lines += ["", "Best path per row:", "", *summary]
     stem = os.path.join(out_dir, "unstructured_pruning")
     with open(stem + ".md", "w") as f:

@@ -902,7 +902,7 @@ def stage_tfmot(run, teacher):
                                  callbacks=callbacks)
         student = sparsity.strip_pruning(pruned)
         kernels = _pruned_kernels(student)
-        achieved = {k: 1.0 - np.count_nonzero(v) / v.size
+        achieved = {k: 1.0 - int(np.count_nonzero(v)) / v.size
                     for k, v in kernels.items()}
         missed = {k: z for k, z in achieved.items() if abs(z - target) > 1e-3}
         if missed:
@@ -1210,29 +1210,38 @@ def _tfmot_tables(res, t_ppl):
         "\n## Measured inference time against the theoretical speed-up\n",
         f"The LSTM stack of each row (two LSTM(200) layers; embedding and "
         f"output layer left out), batch {lat['batch']}, {lat['steps']} "
-        f"steps, {lat['threads']} thread, {lat['repeats']} interleaved "
-        "calls per path in one process, each path an `export(kernel="
+        f"steps, {lat['threads']} thread, {lat['repeats']} rounds of one "
+        "call per path (random order) in one process, each path an "
+        "`export(kernel="
         "\"compiled\")` SavedModel: *op dense* runs the kernels with their "
         "zeros (`Dense` schemes), *op CSR* only their non-zeros (the op's "
         "sparse term, lowered as a `Doped` matrix with a zero rank-1 base). "
         f"{lat['machine']}; load average {lat['load_start']} at the start, "
         f"{lat['load_end']} at the end. Speed-up: the teacher's median on "
-        f"{lat['baseline'][1]} over the row's. Command: "
-        f"`{lat['command']}`.\n",
-        "| row | theoretical (LSTM MACs) | test ppl | path | median ms "
-        "(IQR) | speed-up | actual / theoretical |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+        f"{lat['baseline'][1]} over the row's, by wall-clock median, by "
+        "wall-clock 10th percentile (the least disturbed calls) and by the "
+        "process's CPU time (which leaves out waiting for a core). "
+        f"Command: `{lat['command']}`.\n",
+        "| row | theoretical (LSTM MACs) | test ppl | path | wall median ms "
+        "(IQR) | wall p10 ms | CPU median ms | speed-up, wall median | "
+        "speed-up, wall p10 | speed-up, CPU | CPU speed-up / theoretical |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |"]
     for n, r in lat["rows"].items():
         ppl = r.get("test_ppl")
         for path, t in r["paths"].items():
-            speed = base["median_ms"] / t["median_ms"]
+            wall = base["median_ms"] / t["median_ms"]
+            p10 = base["p10_ms"] / t["p10_ms"]
+            cpu = base["cpu_median_ms"] / t["cpu_median_ms"]
             best = " (best)" if path == r["best"] and len(r["paths"]) > 1 \
                 else ""
             lines.append(
                 f"| {n} | {r['theoretical']:.2f}x | "
                 + (f"{ppl:.2f}" if ppl else "-") + f" | {path}{best} | "
-                f"{t['median_ms']:.3f} ({t['iqr_ms']:.3f}) | {speed:.2f}x | "
-                f"{speed / r['theoretical']:.2f} |")
+                f"{t['median_ms']:.3f} ({t['iqr_ms']:.3f}) | "
+                f"{t['p10_ms']:.3f} | {t['cpu_median_ms']:.3f} | "
+                f"{wall:.2f}x | {p10:.2f}x | {cpu:.2f}x | "
+                f"{cpu / r['theoretical']:.2f} |")
     return lines
 
 
@@ -1672,7 +1681,8 @@ def _main(args, argv, stages):
     training = set(stages) & {"teacher", "students", "calibrate", "grid"}
     if training:
         config = run.results.setdefault("config", {})
-        command = "python examples/ptb_word_lm.py " + shlex.join(argv)
+        command = ("TF_USE_LEGACY_KERAS=1 " if LEGACY else "") + (
+            "python examples/ptb_word_lm.py " + shlex.join(argv))
         config.setdefault("commands", [])
         if command not in config["commands"]:
             config["commands"].append(command)

@@ -550,7 +550,8 @@ def test_report_sets_measured_times_against_theoretical(example, tmp_path):
     run_dir.mkdir()
 
     def timing(ms):
-        return {"median_ms": ms, "iqr_ms": 0.01, "p10_ms": ms, "repeats": 3}
+        return {"median_ms": ms, "iqr_ms": 0.01, "p10_ms": ms,
+                "cpu_median_ms": ms / 2, "cpu_iqr_ms": 0.01, "repeats": 3}
 
     row = dict(lstm_params=100, lstm_macs=16000, mac_reduction=10.0,
                val_ppl=160.0, test_ppl=150.0, train_seconds=1.0, steps=8,
@@ -571,7 +572,7 @@ def test_report_sets_measured_times_against_theoretical(example, tmp_path):
                   "tfmot pruning 90%": dict(
                       theoretical=10.0, test_ppl=150.0, best="op CSR",
                       paths={"op dense": timing(1.6),
-                             "op CSR": timing(0.5)})},
+                             "op CSR": timing(0.4)})},
             baseline=["Teacher", "op dense"], batch=1, steps=35, threads=1,
             repeats=3, command="python bench/unstructured_pruning.py",
             machine="CPU", load_start=[1.0], load_end=[1.0])}
@@ -584,6 +585,7 @@ def test_report_sets_measured_times_against_theoretical(example, tmp_path):
     assert "| tfmot pruning 90% | 90% | 0.9000 | 10.00x | 150.00 | +25.0% |" \
         in text
     assert ("| tfmot pruning 90% | 10.00x | 150.00 | op CSR (best) | "
-            "0.500 (0.010) | 4.00x | 0.40 |") in text
-    assert "| Teacher | 1.00x | 120.00 | op CSR | 4.000 (0.010) | 0.50x | " \
-        "0.50 |" in text
+            "0.400 (0.010) | 0.400 | 0.200 | 5.00x | 5.00x | 5.00x | 0.50 |"
+            ) in text
+    assert ("| Teacher | 1.00x | 120.00 | op CSR | 4.000 (0.010) | 4.000 | "
+            "2.000 | 0.50x | 0.50x | 0.50x | 0.50 |") in text
