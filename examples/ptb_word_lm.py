@@ -1331,7 +1331,8 @@ def _plot_annealing(anneal, path):
         ax.set_ylabel("validation perplexity (fixed batches)")
         ax.grid(True, alpha=0.3)
     right.legend(fontsize=7)
-    fig.suptitle("PTB: validation perplexity while S anneals (cubic ramp)")
+    fig.suptitle("PTB: validation perplexity while S or the pruned kernels "
+                 "anneal (cubic ramp)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -434,6 +434,7 @@ def test_tfmot_rows_reach_their_sparsity_and_resume(example, tmp_path,
     the same weights as the uninterrupted run."""
     from keras_antman._keras import keras
 
+    pytest.importorskip("tensorflow_model_optimization")
     data = tmp_path / "ptb"
     data.mkdir()
     _tiny_ptb(data)
