@@ -46,6 +46,7 @@ HEADERS = [
     "custom_ops/cc/kernels/rnn_engine.h",
     "custom_ops/cc/kernels/rnn_engine_impl.h",
     "custom_ops/cc/kernels/sparse_checks.h",
+    "custom_ops/cc/kernels/sparse_pack.h",
     "custom_ops/cc/kernels/sparse_term_impl.h",
     "custom_ops/cc/kernels/thread_choice.h",
 ]

@@ -11,12 +11,15 @@ with their `SparseTerm`) as constant tensors, at 1 and 2 threads, and the
 doped and plain Kronecker also on the portable path (stock TF ops, the
 Keras layer in a ``tf.function``): as trained (``S * mask`` a dense masked
 matmul) and as exported (``S`` as constant CSR arrays, Gather and
-UnsortedSegmentSum). One more doped row keeps ``S`` at the paper's 1%
-density (whatever compression that gives). "Kronecker, per-group GEMVs"
-is plain Kronecker with one element of its last tiled copy changed by
-one ulp, so that the op does not see equal blocks and runs them one GEMV
-per group, as it did before it ran equal blocks as one GEMM: the
-before/after of that change, in the same process.
+UnsortedSegmentSum). The doped layers are also called eagerly as Keras
+layers on the compiled op (in process, not exported: the op's inputs then
+come from the variables each call, the CSR through
+`keras_antman.ops.masked_sparse_term`). One more doped row keeps ``S`` at
+the paper's 1% density (whatever compression that gives). "Kronecker,
+per-group GEMVs" is plain Kronecker with one element of its last tiled
+copy changed by one ulp, so that the op does not see equal blocks and runs
+them one GEMV per group, as it did before it ran equal blocks as one GEMM:
+the before/after of that change, in the same process.
 
 All rows are timed in one process, in interleaved rounds (every config
 once per round, the order rotating), so a change of machine load hits
@@ -182,6 +185,10 @@ def run(d, rounds, per_round):
         calls[f"portable {name} | layer"] = portable_call(lay, x, False)
         calls[f"portable {name} | exported form"] = portable_call(
             lay, x, True)
+    for c, s in doped.items():
+        lay = layer(d, s, "compiled")
+        calls[f"layer doped KP ~{c}x | in process"] = (
+            lambda lay=lay: lay(x))
     # Check the op against the portable path before timing anything.
     for c, s in doped.items():
         a, b = layer(d, s, "compiled"), layer(d, s, "portable")
@@ -230,7 +237,13 @@ def table(d, med, info, rows):
     for name in ["Kronecker", "doped KP ~10x", "doped KP ~25x"]:
         port.append(f"| {name} | {med[f'portable {name} | layer']:.2f} | "
                     f"{med[f'portable {name} | exported form']:.2f} |")
-    return "\n".join(lines) + "\n\n" + "\n".join(port)
+    layers = ["| Keras layer on the compiled op, called eagerly in process | "
+              "1 thread (ms) | CPU time (ms) |", "| --- | --- | --- |"]
+    for c in (10, 25):
+        k = f"layer doped KP ~{c}x | in process"
+        layers.append(f"| doped KP ~{c}x | {med[k]:.2f} | "
+                      f"{med[k + ' | cpu']:.2f} |")
+    return "\n\n".join("\n".join(t) for t in (lines, port, layers))
 
 
 def targets(med, rows):

@@ -113,7 +113,14 @@ def main():
     parser.add_argument("--cache", default=None,
                         help="profile cache directory (default: "
                         "~/.cache/keras_antman)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out", default=os.path.join(HERE, "results"),
+                        help="folder for NAME.{md,json,png}")
+    parser.add_argument("--name", default="latency_curve",
+                        help="base name of the written files")
+    parser.add_argument("--paths", nargs="+", default=["keras", "op"],
+                        choices=hw.PATHS,
+                        help="paths to time (tflite: a conversion per "
+                        "configuration, a few seconds each)")
     args = parser.parse_args()
     if not am.ops.is_available():
         raise SystemExit("The compiled op is not built: "
@@ -125,7 +132,7 @@ def main():
                              groups=(1, 4, 8))
     p = hw.profile(sizes, batch_size=1, steps=100, threads=1,
                    schemes=[am.Dense(), am.LGPShuffle(4), am.LGPShuffle(8)],
-                   paths=("keras", "op"), repeats=args.repeats,
+                   paths=args.paths, repeats=args.repeats,
                    passes=args.passes, cache=args.cache)
     found = p.valleys(**VALLEYS)
     confirmation = _confirm(p, found, args.confirm_repeats)
@@ -140,18 +147,26 @@ def main():
         "measured_now": p.measured,
     })
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, "latency_curve")
+    base = os.path.join(args.out, args.name)
     p.to_json(base + ".json")
     p.plot(base + ".png", **VALLEYS)
     caches = ", ".join(f"{k} {v // 1024} KiB"
                        for k, v in p.meta.get("caches", {}).items())
+    # The sweep itself keeps one of the two cores busy (load ~1); above
+    # 1.5 something else ran beside it and the valleys are suspect.
+    busy = max(float(load_start.split(',')[0]),
+               float(load_end.split(',')[0])) > 1.5
+    loads = (f"load average 1, 5, 15 min: {load_start} at the start, "
+             f"{load_end} at the end")
     header = [
-        "# LSTM latency against size on this machine (provisional)",
+        "# LSTM latency against size on this machine"
+        + (" (provisional)" if busy else ""),
         "",
-        "**Provisional:** measured while a PTB training ran in the "
-        "background on this 2-core machine (load average 1, 5, 15 min: "
-        f"{load_start} at the start, {load_end} at the end). Rerun on an "
-        "idle machine before drawing conclusions.",
+        (f"**Provisional:** something else ran beside the sweep on this "
+         f"2-core machine ({loads}). Rerun on an idle machine before "
+         "drawing conclusions." if busy else
+         f"Measured on an otherwise idle 2-core machine ({loads}; the "
+         "sweep itself accounts for about 1)."),
         "",
         f"Command: `{command.strip()}` ({minutes:.1f} min; "
         f"{p.measured} configurations measured now, the rest from the "
@@ -165,7 +180,9 @@ def main():
         "and configurations of neighbouring sizes interleaved round-robin "
         "in chunks of 12; IQR = interquartile range. Paths: `keras` = stock "
         "`keras.layers.LSTM`; `op` = `StructuredLSTM(kernel=\"compiled\")` "
-        "with the scheme on both products.",
+        "with the scheme on both products; `portable` = the same on stock "
+        "TF ops; `tflite` = the TFLite interpreter (XNNPACK, 1 thread) on "
+        "that layer's portable export, built-in ops only.",
         "",
         "## Valleys",
         "",

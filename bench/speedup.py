@@ -47,6 +47,7 @@ from _numpy_lstm import numpy_lstm  # noqa: E402  (bench/, beside this script)
 
 import keras_antman as am  # noqa: E402
 from keras_antman import ops  # noqa: E402
+from keras_antman.benchmark import median_ms  # noqa: E402
 from keras_antman.hardware import cpu_model  # noqa: E402
 
 STRUCTURED = [
@@ -56,17 +57,6 @@ STRUCTURED = [
     ("LowRank-LGP g=10 r=2", lambda: am.LowRankLGP(10, 10, 2)),
 ]
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def median_ms(fn, repeats):
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
 
 
 def timed_layer(layer, x, repeats):

@@ -520,7 +520,8 @@ def stage_report(run):
         f"at the start / end of the timing: "
         f"{_loads(res.get('latency', {}), 'start')} / "
         f"{_loads(res.get('latency', {}), 'end')} (a "
-        "shared 2-core VM; other jobs ran).",
+        "shared 2-core VM; the timing itself keeps one core busy, so a "
+        "load near 1 means nothing else ran).",
         "",
         "## Rows at equal measured latency",
         "",
@@ -531,9 +532,11 @@ def stage_report(run):
         f"`hardware.measure` makes them: {a.measure_repeats} rounds, 5 "
         "warm-up calls), on each path it has: stock Keras (`keras`) and "
         "the compiled op with Dense schemes (`op`, `compress(stack)`) for "
-        "stock LSTMs, zeros included (main has no sparse path: the "
-        "unstructured zeros of the hardware-guided row cost as much as "
-        "dense weights), the op for structured ones; the faster is the "
+        "stock LSTMs, zeros included (dense with zeros is this package's "
+        "fastest path for the hardware-guided row's unstructured zeros: "
+        "1.7x faster than the op's CSR term at its 35% zeros, "
+        "bench/results/gp_sparse_path.md), the op for structured ones; "
+        "the faster is the "
         "row's (lowest median). IQR: interquartile range; 10th pct: the "
         "10th percentile, the least disturbed by other jobs on this loaded "
         "machine; median / AntMan 10x: the row's median over the "
@@ -604,9 +607,9 @@ def stage_report(run):
         "",
         "## Commands",
         "",
-        "From the repository root, in the order they last ran; the curve "
-        "and measure commands under `taskset -c 1`, the training ones one "
-        "at a time (all cores):",
+        "From the repository root, in the order they last ran; the "
+        "measure command under `taskset -c 1`, the training ones one at a "
+        "time (all cores):",
         "",
         *[f"    {c}" for c in res.get("config", {}).get("commands", [])],
         "",

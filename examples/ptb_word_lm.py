@@ -17,7 +17,12 @@ pruning; the doped and pruned ones log validation perplexity against
 sparsity while annealing). ``--student-init calibrated`` starts the
 compressed students from a data-aware fit (`compress` with
 ``calibration_data``), and ``--eval-at`` logs test perplexity during
-distillation.
+distillation. ``--students tfmot`` (tf_keras only: run with
+``TF_USE_LEGACY_KERAS=1``) adds unstructured pruning with tfmot's
+``prune_low_magnitude`` at ``--tfmot-sparsities`` (the paper's Table 7
+baseline; its latency: ``bench/unstructured_pruning.py``). A teacher
+saved by the other Keras flavour is rebuilt and given its weights
+(`load_lm`).
 
 Every stage is resumable: results go to ``RUN_DIR/results.json`` as they
 are produced, a model whose result exists is skipped, and every model in
@@ -46,12 +51,15 @@ import math
 import os
 import platform
 import shutil
+import tempfile
 import time
+import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Keras 3, or tf_keras under TF_USE_LEGACY_KERAS=1 (as keras_antman picks).
-if os.environ.get("TF_USE_LEGACY_KERAS") in ("1", "true", "True"):
+LEGACY = os.environ.get("TF_USE_LEGACY_KERAS") in ("1", "true", "True")
+if LEGACY:
     import tf_keras as keras
 else:
     import keras
@@ -172,6 +180,37 @@ def iss_specs(args):
 def lstm_cost(model):
     rep = am.report(model)
     return rep.recurrent_total.params_before, rep.recurrent_total.macs_before
+
+
+def _keras_major(path):
+    """The Keras major version that wrote a ``.keras`` file (2: tf_keras)."""
+    with zipfile.ZipFile(path) as z:
+        meta = json.loads(z.read("metadata.json"))
+    return int(meta["keras_version"].split(".")[0])
+
+
+def load_lm(path, name="lm"):
+    """A stock `language_model` from a ``.keras`` file written by either
+    Keras flavour.
+
+    Each flavour's loader rejects the other's files (their configs
+    differ), but both write the weights in the same layout
+    (``model.weights.h5`` inside the file), so a file from the other
+    flavour is rebuilt with `language_model` at its shapes and given its
+    weights. Structured models load only in the flavour that wrote them.
+    """
+    if _keras_major(path) == int(keras.__version__.split(".")[0]):
+        return keras.models.load_model(path)
+    import h5py
+
+    with zipfile.ZipFile(path) as z, tempfile.TemporaryDirectory() as d:
+        weights = z.extract("model.weights.h5", d)
+        with h5py.File(weights, "r") as f:
+            vocab, embed = f["layers/embedding/vars/0"].shape
+            hidden = f["layers/lstm/cell/vars/1"].shape[0]
+        model = language_model(vocab, hidden, embed, name)
+        model.load_weights(weights)
+    return model
 
 
 class Run:
@@ -331,7 +370,7 @@ def stage_teacher(run):
     args = run.args
     path = run.file("teacher.keras")
     if "teacher" in run.results and os.path.exists(path):
-        return keras.models.load_model(path)
+        return load_lm(path, "teacher")
     keras.utils.set_random_seed(args.seed)
     teacher = language_model(run.vocab, args.hidden, embed_width(args),
                              "teacher", args.dropout)
@@ -465,6 +504,7 @@ def stage_students(run, teacher):
         print(f"{name}: val {val:.2f} test {test:.2f}", flush=True)
     stage_iss(run, teacher)
     stage_doping(run, teacher)
+    stage_tfmot(run, teacher)
 
 
 def stage_iss(run, teacher):
@@ -767,6 +807,138 @@ def stage_doping(run, teacher):
               f"val {val:.2f} test {test:.2f}", flush=True)
 
 
+# -- Unstructured pruning with tfmot (the AntMan paper's Table 7) ---------
+
+
+def tfmot_specs(args):
+    """``name -> target sparsity``: one tfmot row per
+    ``--tfmot-sparsities`` entry, if ``--students`` names ``tfmot``."""
+    if "tfmot" not in args.students:
+        return {}
+    return {f"tfmot pruning {s:.0%}": s for s in args.tfmot_sparsities}
+
+
+def tfmot_ramp(args):
+    """``(begin, end, frequency)`` of the tfmot schedule: from step 0 to
+    ``--anneal-end`` of the steps, rounded to a multiple of
+    ``--anneal-every`` (tfmot prunes only on steps ``begin + k
+    frequency``, so the target is reached only if ``end`` is one)."""
+    every = args.anneal_every
+    end = max(every, every * round(args.anneal_end * args.student_steps
+                                   / every))
+    return 0, end, every
+
+
+def _import_tfmot():
+    try:
+        import tensorflow_model_optimization as tfmot
+    except ImportError:
+        raise SystemExit(
+            "--students tfmot needs tensorflow-model-optimization: pip "
+            "install tensorflow-model-optimization") from None
+    return tfmot
+
+
+def _pruned_kernels(model):
+    """``{"lstm_0/kernel": array, ...}``: the LSTM kernels of a stock
+    `language_model`, in `lstm_products` order."""
+    out = {}
+    for i in range(2):
+        cell = model.get_layer(f"lstm_{i}").cell
+        out[f"lstm_{i}/kernel"] = np.asarray(cell.kernel)
+        out[f"lstm_{i}/recurrent_kernel"] = np.asarray(cell.recurrent_kernel)
+    return out
+
+
+def stage_tfmot(run, teacher):
+    """Unstructured magnitude pruning with tfmot (tf_keras only), the
+    baseline of the AntMan paper's Table 7.
+
+    Each row starts from the teacher's weights; its two LSTMs (not the
+    embedding nor the output layer) are wrapped with tfmot's
+    ``prune_low_magnitude`` (``PolynomialDecay``: cubic, 0 to the target
+    over `tfmot_ramp`) and distilled like the other students, with tfmot's
+    ``UpdatePruningStep``; the wrappers' masks and step are model
+    variables, so `BackupAndRestore` resumes them. ``strip_pruning`` then
+    gives stock LSTMs with zeros, which are saved and evaluated; each
+    kernel's share of zeros is checked against the target and recorded.
+    Params count the kernels as CSR (as the ``prune`` rows), MACs their
+    non-zeros.
+    """
+    args = run.args
+    specs = tfmot_specs(args)
+    if not specs:
+        return
+    sparsity = _import_tfmot().sparsity.keras
+    teacher_params = lstm_params(args)
+    teacher_macs = run.results["teacher"]["lstm_macs"]
+    begin, end, every = tfmot_ramp(args)
+    for name, target in specs.items():
+        if name in run.results.get("students", {}):
+            continue
+        keras.utils.set_random_seed(args.seed)
+        dense = language_model(run.vocab, args.hidden, embed_width(args),
+                               "pruned", args.dropout)
+        dense.set_weights(teacher.get_weights())
+        schedule = sparsity.PolynomialDecay(
+            0.0, target, begin_step=begin, end_step=end, frequency=every)
+        pruned = keras.models.clone_model(dense, clone_function=lambda layer: (
+            sparsity.prune_low_magnitude(layer, pruning_schedule=schedule)
+            if isinstance(layer, keras.layers.LSTM) else layer))
+        # tfmot's wrapper class is not public API: find it by its masks.
+        wrappers = [layer for layer in pruned.layers
+                    if hasattr(layer, "pruning_vars")]
+
+        def zeros(wrappers=wrappers):
+            masks = [np.asarray(m) for w in wrappers
+                     for _, m, _ in w.pruning_vars]
+            return 1.0 - sum(np.count_nonzero(m) for m in masks) / sum(
+                m.size for m in masks)
+
+        callbacks = [sparsity.UpdatePruningStep(),
+                     _AnnealLog(run, name, pruned, zeros)]
+        steps, seconds = distill(run, teacher, pruned, coefficients(run),
+                                 args.student_steps, "student " + name,
+                                 callbacks=callbacks)
+        student = sparsity.strip_pruning(pruned)
+        kernels = _pruned_kernels(student)
+        achieved = {k: 1.0 - int(np.count_nonzero(v)) / v.size
+                    for k, v in kernels.items()}
+        missed = {k: z for k, z in achieved.items() if abs(z - target) > 1e-3}
+        if missed:
+            raise RuntimeError(
+                f"{name}: tfmot left these LSTM kernels away from the target "
+                f"sparsity {target:g}: {missed}. Its ramp ends at step {end} "
+                f"of {steps}; pass --student-steps above that or a lower "
+                "--anneal-end.")
+        student.save(run.file(f"student_{_slug(name)}.keras"))
+        val, test = run.perplexities(student)
+        products, biases = lstm_products(args)
+        nnz = [int(np.count_nonzero(v)) for v in kernels.values()]
+        params = biases + sum(sparse_params(z, m)
+                              for z, (_, m) in zip(nnz, products))
+        macs = sum(nnz)
+        run.results.setdefault("students", {})[name] = dict(
+            lstm_params=params, lstm_macs=macs,
+            mac_reduction=teacher_macs / macs,
+            param_reduction=teacher_params / params, val_ppl=val,
+            test_ppl=test, train_seconds=seconds, steps=steps,
+            epochs=steps / run.epoch_steps,
+            scheme=f"tfmot prune_low_magnitude, LSTM kernels to "
+                   f"{target:.0%} zeros (CSR), {macs:,} non-zeros",
+            init="teacher (dense weights)", trainer="Distiller",
+            target_sparsity=target, kernel_sparsity=achieved,
+            schedule_tfmot=dict(kind="PolynomialDecay", power=3,
+                                begin_step=begin, end_step=end,
+                                frequency=every),
+            coefficients=coefficients(run), lr=args.student_lr,
+            schedule=args.student_schedule)
+        run.save()
+        finish(run, "student " + name)
+        print(f"{name}: kernel zeros {achieved}, val {val:.2f} test "
+              f"{test:.2f}", flush=True)
+
+
 def stage_calibrate(run, teacher):
     if "calibration" in run.results:
         return
@@ -999,6 +1171,80 @@ def _doping_tables(res, t_ppl):
     return lines
 
 
+def _tfmot_tables(res, t_ppl):
+    """Markdown: the tfmot rows (target and achieved zeros per LSTM
+    kernel) and, if ``bench/unstructured_pruning.py --run-dir`` stored
+    them, the measured latencies against the theoretical speed-ups."""
+    students = res.get("students", {})
+    rows = [(n, r) for n, r in students.items() if "target_sparsity" in r]
+    lines = []
+    if rows:
+        r0 = rows[0][1]["schedule_tfmot"]
+        kernels = list(rows[0][1]["kernel_sparsity"])
+        lines += [
+            "\n## Unstructured pruning with tfmot (the paper's Table 7 "
+            "baseline)\n",
+            "tfmot 0.8 `prune_low_magnitude` on both LSTMs (kernel and "
+            "recurrent kernel; not the embedding, the output layer or the "
+            f"biases), `PolynomialDecay` (power {r0['power']}) from 0 to the "
+            f"target over steps {r0['begin_step']}-{r0['end_step']}, every "
+            f"{r0['frequency']} steps, `UpdatePruningStep`; distilled by the "
+            "`Distiller` like the other students, then `strip_pruning`. "
+            "Zeros per kernel are counted on the stripped model.\n",
+            "| row | target zeros | "
+            + " | ".join(f"zeros {k}" for k in kernels)
+            + " | LSTM MAC reduction | test ppl | vs teacher |",
+            "| --- |" + " ---: |" * (len(kernels) + 4)]
+        for n, r in rows:
+            lines.append(
+                f"| {n} | {r['target_sparsity']:.0%} | "
+                + " | ".join(f"{r['kernel_sparsity'][k]:.4f}"
+                             for k in kernels)
+                + f" | {r['mac_reduction']:.2f}x | {r['test_ppl']:.2f} | "
+                f"{100 * (r['test_ppl'] / t_ppl - 1):+.1f}% |")
+    lat = res.get("latency")
+    if not lat:
+        return lines
+    base = lat["rows"][lat["baseline"][0]]["paths"][lat["baseline"][1]]
+    lines += [
+        "\n## Measured inference time against the theoretical speed-up\n",
+        f"The LSTM stack of each row (two LSTM(200) layers; embedding and "
+        f"output layer left out), batch {lat['batch']}, {lat['steps']} "
+        f"steps, {lat['threads']} thread, {lat['repeats']} rounds of one "
+        "call per path (random order) in one process, each path an "
+        "`export(kernel="
+        "\"compiled\")` SavedModel: *op dense* runs the kernels with their "
+        "zeros (`Dense` schemes), *op CSR* only their non-zeros (the op's "
+        "sparse term, lowered as a `Doped` matrix with a zero rank-1 base). "
+        f"{lat['machine']}; load average {lat['load_start']} at the start, "
+        f"{lat['load_end']} at the end. Speed-up: the teacher's median on "
+        f"{lat['baseline'][1]} over the row's, by wall-clock median, by "
+        "wall-clock 10th percentile (the least disturbed calls) and by the "
+        "process's CPU time (which leaves out waiting for a core). "
+        f"Command: `{lat['command']}`.\n",
+        "| row | theoretical (LSTM MACs) | test ppl | path | wall median ms "
+        "(IQR) | wall p10 ms | CPU median ms | speed-up, wall median | "
+        "speed-up, wall p10 | speed-up, CPU | CPU speed-up / theoretical |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |"]
+    for n, r in lat["rows"].items():
+        ppl = r.get("test_ppl")
+        for path, t in r["paths"].items():
+            wall = base["median_ms"] / t["median_ms"]
+            p10 = base["p10_ms"] / t["p10_ms"]
+            cpu = base["cpu_median_ms"] / t["cpu_median_ms"]
+            best = " (best)" if path == r["best"] and len(r["paths"]) > 1 \
+                else ""
+            lines.append(
+                f"| {n} | {r['theoretical']:.2f}x | "
+                + (f"{ppl:.2f}" if ppl else "-") + f" | {path}{best} | "
+                f"{t['median_ms']:.3f} ({t['iqr_ms']:.3f}) | "
+                f"{t['p10_ms']:.3f} | {t['cpu_median_ms']:.3f} | "
+                f"{wall:.2f}x | {p10:.2f}x | {cpu:.2f}x | "
+                f"{cpu / r['theoretical']:.2f} |")
+    return lines
+
+
 def _init_table(res, t_ppl):
     """Markdown: the rows logged with ``--eval-at`` (test perplexity during
     distillation) and, where a data-aware row recorded them, each product's
@@ -1085,7 +1331,8 @@ def _plot_annealing(anneal, path):
         ax.set_ylabel("validation perplexity (fixed batches)")
         ax.grid(True, alpha=0.3)
     right.legend(fontsize=7)
-    fig.suptitle("PTB: validation perplexity while S anneals (cubic ramp)")
+    fig.suptitle("PTB: validation perplexity while S or the pruned kernels "
+                 "anneal (cubic ramp)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -1126,6 +1373,8 @@ def stage_report(run, out_dir):
         lines += _doping_tables(res, t_ppl)
     if t_ppl and any("test_ppl_at" in r for _, r in rows):
         lines += _init_table(res, t_ppl)
+    if t_ppl:
+        lines += _tfmot_tables(res, t_ppl)
     if run.args.notes:  # a hand-written discussion, kept in its own file
         with open(run.args.notes) as f:
             lines += ["", f.read().rstrip()]
@@ -1305,7 +1554,12 @@ def build_parser():
                    help="comma-separated subset of the students: lgp, "
                         "lowrank_lgp, svd, dense, lgp<G>, iss (default: "
                         "all of these), and the Doping rows (only when "
-                        "named): dope, dope_nocmr, kp, hmd, lmf, prune")
+                        "named): dope, dope_nocmr, kp, hmd, lmf, prune, and"
+                        " tfmot (unstructured pruning with tfmot; tf_keras "
+                        "only: set TF_USE_LEGACY_KERAS=1)")
+    p.add_argument("--tfmot-sparsities", type=_floats, default=[0.5, 0.9],
+                   help="target sparsities of the tfmot rows (their ramp: "
+                        "--anneal-end, --anneal-every)")
     p.add_argument("--student-init",
                    choices=("teacher", "random", "calibrated"),
                    default="teacher",
@@ -1400,6 +1654,15 @@ def main(argv=None):
         raise SystemExit(f"unknown stages {sorted(unknown)}; use {STAGES}")
     if len(args.lowrank_lgp) != 3:
         raise SystemExit("--lowrank-lgp takes three ints: g_in,g_out,r")
+    if "tfmot" in args.students and not LEGACY:
+        raise SystemExit(
+            "--students tfmot runs tfmot's prune_low_magnitude, which prunes "
+            "only tf_keras models (tfmot 0.8 rejects Keras 3 ones): rerun "
+            "with TF_USE_LEGACY_KERAS=1 (pip install tf_keras), e.g. "
+            "TF_USE_LEGACY_KERAS=1 python examples/ptb_word_lm.py ...")
+    bad = [s for s in args.tfmot_sparsities if not 0.0 < s < 1.0]
+    if bad:
+        raise SystemExit(f"--tfmot-sparsities must be in (0, 1); got {bad}")
     eager = tf.config.functions_run_eagerly()
     tf.config.run_functions_eagerly(args.eager or eager)
     try:
@@ -1419,7 +1682,8 @@ def _main(args, argv, stages):
     training = set(stages) & {"teacher", "students", "calibrate", "grid"}
     if training:
         config = run.results.setdefault("config", {})
-        command = "python examples/ptb_word_lm.py " + shlex.join(argv)
+        command = ("TF_USE_LEGACY_KERAS=1 " if LEGACY else "") + (
+            "python examples/ptb_word_lm.py " + shlex.join(argv))
         config.setdefault("commands", [])
         if command not in config["commands"]:
             config["commands"].append(command)

@@ -98,10 +98,12 @@ class Doped(schemes_lib.Scheme):
     `keras_antman.ops.SparseTerm`: the CSR of ``S^T`` above, an
     ``nnz``-multiply-add sparse product beside the structured one (the
     base must lower too: `Kronecker`, `LowRank`, `HMD`...). Outside
-    `export` the CSR arrays are found from ``S * mask`` on every traced
-    call (a pass over the dense ``[n, m]`` mask); the exported graph holds
-    them as constants. `from_spec` has no name for this scheme: its
-    argument is another scheme, which the spec grammar cannot nest.
+    `export` the mask's CSR pattern is cached and checked against the
+    mask on every call (a pass over the dense ``[n, m]`` mask), the values
+    gathered from ``S`` (`keras_antman.ops.masked_sparse_term`); the
+    exported graph holds the CSR arrays as constants. `from_spec` has no
+    name for this scheme: its argument is another scheme, which the spec
+    grammar cannot nest.
 
     Args:
         base: the structured `Scheme` (not itself `Doped`); e.g.
@@ -139,6 +141,9 @@ class Doped(schemes_lib.Scheme):
             cmr_rate=_fraction("cmr_rate", cmr_rate, upper_open=True),
             seed=seed,
         )
+        # The CSR pattern of each mask variable lowered to the compiled op,
+        # by id (`kernel_stages`; not configuration).
+        self._patterns = {}
 
     # -- configuration ---------------------------------------------------
 
@@ -264,8 +269,13 @@ class Doped(schemes_lib.Scheme):
         return y + ops.reshape(ops.transpose(ys), (*lead, m))
 
     def kernel_stages(self, w):
+        # The CSR pattern is cached per mask variable (verified on every
+        # call, found again when pruning changes it): the values are a
+        # gather, not a pass of Where over the dense [n, m] matrix.
+        cache = self._patterns.setdefault(id(w["mask"]), {})
         return [*self.base.kernel_stages(self._base_weights(w)),
-                compiled_ops.sparse_term(w["sparse"] * w["mask"])]
+                compiled_ops.masked_sparse_term(w["sparse"], w["mask"],
+                                                cache)]
 
     def serving_kernel_stages(self, w, constants):
         return [*self.base.kernel_stages(self._base_weights(w)),

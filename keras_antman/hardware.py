@@ -41,6 +41,8 @@ import json
 import math
 import os
 import platform
+import shutil
+import tempfile
 import time
 import warnings
 
@@ -51,7 +53,7 @@ from keras_antman import ops as compiled_ops
 from keras_antman import schemes as schemes_lib
 from keras_antman._keras import keras
 
-PATHS = ("keras", "op", "portable")
+PATHS = ("keras", "op", "portable", "tflite")
 DEFAULT_SCHEMES = (
     schemes_lib.Dense(),
     schemes_lib.LGPShuffle(2),
@@ -188,8 +190,9 @@ class Row:
 
     Attributes:
         path: ``"keras"`` (stock ``keras.layers.LSTM``), ``"op"`` (a
-            `StructuredLSTM` on the compiled op) or ``"portable"`` (a
-            `StructuredLSTM` on stock TF ops).
+            `StructuredLSTM` on the compiled op), ``"portable"`` (a
+            `StructuredLSTM` on stock TF ops) or ``"tflite"`` (the TFLite
+            interpreter, XNNPACK, on the portable export of that layer).
         scheme: the scheme's text (``"LGPShuffle(groups=4)"``).
         spec: the scheme as spec text (`keras_antman.schemes.from_spec`).
         hidden, input: the layer's units and input features (of the first
@@ -320,6 +323,19 @@ def _layer_fn(layer, x):
     return lambda: fn(x)
 
 
+def _tflite_layer_fn(layer, x, threads, folder):
+    """Times ``layer`` as TFLite: the portable export of a model around it,
+    converted with built-in ops only, run by the interpreter."""
+    from keras_antman import benchmark
+
+    inputs = keras.Input(batch_shape=x.shape)
+    model = keras.Model(inputs, layer(inputs))
+    path = benchmark.tflite_convert(
+        model, os.path.join(folder, f"{id(layer)}.tflite"),
+        batch_size=x.shape[0])
+    return benchmark._tflite_fn(path, x, int(threads))
+
+
 def _make_layer(path, scheme, n, h, batch_size, steps, seed, depth=1):
     """One LSTM layer (``depth`` 1) or a ``keras.Sequential`` stack of
     ``depth`` (every layer but the last returns sequences), built on
@@ -330,7 +346,7 @@ def _make_layer(path, scheme, n, h, batch_size, steps, seed, depth=1):
             return keras.layers.LSTM(h, return_sequences=return_sequences)
         from keras_antman.layers import StructuredLSTM
 
-        kernel = "compiled" if path == "op" else "portable"
+        kernel = "compiled" if path == "op" else "portable"  # tflite too
         return StructuredLSTM(h, input_scheme=scheme,
                               recurrent_scheme=scheme, kernel=kernel,
                               return_sequences=return_sequences)
@@ -583,7 +599,10 @@ def profile(hidden_sizes=None, input_size=None, batch_size=1, steps=100,
         threads: threads of the op (and of TF, see above).
         schemes: `Scheme` s (or spec texts) for the ``"op"`` and
             ``"portable"`` paths; the ``"keras"`` path is always Dense.
-        paths: any of ``"keras"``, ``"op"``, ``"portable"``. Without the
+        paths: any of ``"keras"``, ``"op"``, ``"portable"``, ``"tflite"``
+            (the layer's portable export converted to TFLite with built-in
+            ops and run by the interpreter with ``threads`` threads; a
+            conversion per configuration, a few seconds each). Without the
             compiled op the ``"op"`` path is skipped with a warning.
         repeats, warmup: timed and untimed calls per configuration.
         cache: a directory for the persisted file; ``None``: the default
@@ -663,13 +682,14 @@ def profile(hidden_sizes=None, input_size=None, batch_size=1, steps=100,
     with _QuietRetracing():
         _measure_chunks(todo, chunk, passes, stored, meta, key, file, bar,
                         batch_size, steps, repeats, warmup, seed,
-                        int(depth))
+                        int(depth), threads)
     rows = [stored[cfg_key(c)] for c in configs]
     return Profile(key, rows, meta, measured=len(todo), file=file)
 
 
 def _measure_chunks(todo, chunk, passes, stored, meta, key, file, bar,
-                    batch_size, steps, repeats, warmup, seed, depth=1):
+                    batch_size, steps, repeats, warmup, seed, depth=1,
+                    threads=1):
     per_pass = -(-repeats // passes)
     chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
     samples = {}
@@ -677,12 +697,14 @@ def _measure_chunks(todo, chunk, passes, stored, meta, key, file, bar,
     for p in range(passes):
         for part in (chunks if p % 2 == 0 else chunks[::-1]):
             fns = []
+            folder = tempfile.mkdtemp(prefix=".antman-profile-")
             for i, (path, s, h, n) in enumerate(part):
                 layer = _make_layer(path, s, n, h, batch_size, steps,
                                     seed + i, depth)
                 x = np.random.default_rng(seed).normal(
                     size=(batch_size, steps, n)).astype("float32")
-                fns.append(_layer_fn(layer, x))
+                fns.append(_tflite_layer_fn(layer, x, threads, folder)
+                           if path == "tflite" else _layer_fn(layer, x))
             for c, t in zip(part, round_robin_samples(fns, per_pass,
                                                       warmup)):
                 path, s, h, n = c
@@ -703,6 +725,7 @@ def _measure_chunks(todo, chunk, passes, stored, meta, key, file, bar,
             if bar is not None:
                 bar.update(done)
             del fns
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- reading the curve ----------------------------------------------------
@@ -907,8 +930,9 @@ def policy(profile, budget_ms=None, reduction=None, capacity="params",
             measure: ``"raise"`` (a `ValueError` naming the layer and the
             measured sizes) or ``"nearest"`` (use the nearest measured
             size, the larger on a tie; its latencies are not this layer's).
-        paths: the paths to choose from (``"portable"`` rows are never
-            what `compress` builds on a machine with the op).
+        paths: the paths to choose from (``"portable"`` and ``"tflite"``
+            rows are never what `compress` builds on a machine with the
+            op).
 
     Returns:
         ``callable(layer) -> (input_scheme, recurrent_scheme) or None``;

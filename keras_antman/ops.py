@@ -167,6 +167,87 @@ def sparse_term(matrix):
                       tf.gather_nd(t, where))
 
 
+class _MaskPattern:
+    """Where a 0/1 mask ``[n, m]`` is 1, in the CSR order of ``S^T``, as
+    eager tensors (made once: converting the arrays each call would cost
+    as much as finding them)."""
+
+    def __init__(self, mask):
+        rows, cols = np.nonzero(mask.T)  # sorted by output, then input
+        counts = np.bincount(rows, minlength=mask.shape[1])
+        self.row_ptr = tf.constant(
+            np.concatenate([[0], np.cumsum(counts)]).astype("int32"))
+        self.col_idx = tf.constant(cols.astype("int32"))
+        # Positions in the row-major [n, m] matrix, ascending (a gather in
+        # CSR order would jump m floats per entry: 3x slower at d = 800),
+        # and where each CSR entry is among them.
+        flat = cols.astype("int64") * mask.shape[1] + rows
+        order = np.argsort(flat)
+        self.flat = tf.constant(flat[order])
+        self.csr_order = tf.constant(np.argsort(order).astype("int32"))
+        self.nnz = int(rows.size)
+
+
+def masked_sparse_term(values, mask, cache):
+    """`sparse_term` of ``values * mask`` for a 0/1 ``mask`` that rarely
+    changes (a `keras_antman.Doped` matrix between pruning steps).
+
+    The mask's pattern (row pointers, column indices, positions) is kept in
+    ``cache`` and reused while the mask still has it: each call checks that
+    the mask has exactly that many non-zeros, all of them 1 at the cached
+    positions (a pass over the mask, no transpose or Where), then gathers
+    the values there; entries of ``values`` that are 0 at a kept position
+    stay in the CSR as explicit zeros. Otherwise (the mask changed) the
+    pattern is found again: at once when executing eagerly, through
+    `sparse_term` in a traced function (`tf.cond`), which retraces to cache
+    the new one. A mask with values other than 0 and 1 always takes
+    `sparse_term`.
+
+    Args:
+        values: float32 ``[n, m]`` (a variable or tensor).
+        mask: float32 ``[n, m]`` variable, 0/1.
+        cache: a dict kept by the caller for this pair of variables.
+
+    Returns:
+        `SparseTerm` (CSR of ``(values * mask).T``).
+    """
+    mask_t = tf.convert_to_tensor(mask, tf.float32)
+    pattern = cache.get("pattern")
+    eager = tf.executing_eagerly()
+    if pattern is None or (eager and not _has_pattern(mask_t, pattern)):
+        with tf.init_scope():
+            now = tf.convert_to_tensor(mask, tf.float32).numpy()
+            if np.all((now == 0.0) | (now == 1.0)):
+                pattern = cache["pattern"] = _MaskPattern(now)
+            else:
+                cache.pop("pattern", None)
+                pattern = None
+        if pattern is None:
+            return sparse_term(tf.convert_to_tensor(values) * mask_t)
+
+    def cached():
+        flat = tf.reshape(tf.convert_to_tensor(values, tf.float32), [-1])
+        return SparseTerm(pattern.row_ptr, pattern.col_idx, tf.gather(
+            tf.gather(flat, pattern.flat), pattern.csr_order))
+
+    if eager:
+        return cached()
+    return SparseTerm(*tf.cond(
+        _has_pattern(mask_t, pattern), lambda: tuple(cached()),
+        lambda: tuple(sparse_term(
+            tf.convert_to_tensor(values) * mask_t))))
+
+
+def _has_pattern(mask, pattern):
+    """Whether ``mask`` is 1 exactly at ``pattern``'s positions (and 0
+    elsewhere): as many non-zeros, all of them 1 there."""
+    # (count_nonzero's int64 reduction takes twice as long)
+    count = tf.reduce_sum(tf.cast(tf.not_equal(mask, 0.0), tf.int32))
+    at = tf.gather(tf.reshape(mask, [-1]), pattern.flat)
+    return tf.logical_and(tf.equal(count, pattern.nnz),
+                          tf.reduce_all(tf.equal(at, 1.0)))
+
+
 def lowered_stages(elements):
     """The `Stage` elements of a lowering (a list that may end with a
     `SparseTerm`), in order."""
@@ -299,6 +380,7 @@ def load():
         cdll.keras_antman_best_isa.restype = ctypes.c_char_p
         cdll.keras_antman_min_parallel_macs_per_step.restype = (
             ctypes.c_longlong)
+        cdll.keras_antman_sparse_packs.restype = ctypes.c_longlong
         if _pending_threads is not None:
             cdll.keras_antman_set_num_threads(_pending_threads)
         _state["module"], _state["cdll"] = module, cdll
@@ -536,6 +618,30 @@ def _set_min_parallel_work(per_step=-1, block_diag=-1):
     _state["cdll"].keras_antman_set_min_parallel_work(
         ctypes.c_longlong(per_step), ctypes.c_longlong(block_diag)
     )
+
+
+def _sparse_packs():
+    """How many times the op has packed a recurrent sparse term into its
+    sliced form in this process (calls with unchanged CSR arrays reuse the
+    last packing). For tests."""
+    load()
+    return int(_state["cdll"].keras_antman_sparse_packs())
+
+
+_SPARSE_FORMS = {"auto": 0, "gathered": 1, "windowed": 2}
+
+
+def _set_sparse_form(form="auto"):
+    """The sliced form the AVX-512 kernels give a recurrent sparse term:
+    ``"auto"`` (by estimated cost), ``"gathered"`` or ``"windowed"``. For
+    tests (each form on any matrix); the other instruction sets gather
+    unless ``"windowed"`` is forced (then they run it with a plain
+    loop)."""
+    if form not in _SPARSE_FORMS:
+        raise ValueError(f"form must be one of {sorted(_SPARSE_FORMS)}; "
+                         f"received {form!r}")
+    load()
+    _state["cdll"].keras_antman_set_sparse_form(_SPARSE_FORMS[form])
 
 
 def _num_threads_attr(num_threads):

@@ -19,6 +19,12 @@ def keras3_only(reason):
     return pytest.mark.skipif(LEGACY, reason=f"tf_keras: {reason}")
 
 
+def tf_keras_only(reason):
+    """Run only under tf_keras; ``reason`` says what Keras 3 lacks."""
+    return pytest.mark.skipif(
+        not LEGACY, reason=f"tf_keras only (TF_USE_LEGACY_KERAS=1): {reason}")
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

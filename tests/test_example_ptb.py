@@ -7,6 +7,9 @@ import os
 import numpy as np
 import pytest
 
+from conftest import keras3_only
+from conftest import tf_keras_only
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -407,3 +410,183 @@ def test_data_aware_init_rows_and_intermediate_perplexities(example,
     assert rows["LGP-Shuffle g=10 (data-aware init)"]["test_ppl_at"][
         "0"] == pytest.approx(test, rel=1e-4)
     assert math.isfinite(test)
+
+
+def _tfmot_argv(data, run_dir, out):
+    return ["--data", str(data), "--run-dir", str(run_dir), "--out",
+            str(out), "--hidden", "20", "--batch-size", "4", "--num-steps",
+            "5", "--teacher-epochs", "0.3", "--chunk-steps", "4",
+            "--student-steps", "8", "--calib-steps", "1", "--calib-eval",
+            "1", "--eval-batches", "2", "--verbose", "0", "--eager",
+            "--students", "tfmot", "--anneal-end", "0.7", "--anneal-every",
+            "2", "--anneal-log", "2", "--anneal-batches", "2",
+            "--report-name", "tfmot"]
+
+
+@tf_keras_only("tfmot 0.8 prunes only tf_keras models")
+def test_tfmot_rows_reach_their_sparsity_and_resume(example, tmp_path,
+                                                    monkeypatch):
+    """--students tfmot: each row's stripped model (stock LSTMs, saved)
+    has the target share of zeros in every LSTM kernel and none elsewhere,
+    counted here with NumPy; MACs are its non-zeros; the annealing is
+    logged and reported. A run interrupted after the first chunk of a
+    tfmot row resumes (tfmot's masks and step restored with the backup) to
+    the same weights as the uninterrupted run."""
+    from keras_antman._keras import keras
+
+    pytest.importorskip("tensorflow_model_optimization")
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    out = tmp_path / "out"
+    results = example.main(_tfmot_argv(data, tmp_path / "a", out) + [
+        "--stages", "teacher,calibrate,students,report"])
+    rows = results["students"]
+    assert set(rows) == {"tfmot pruning 50%", "tfmot pruning 90%"}
+    teacher = keras.models.load_model(tmp_path / "a" / "teacher.keras")
+    for name, r in rows.items():
+        target = r["target_sparsity"]
+        model = keras.models.load_model(
+            tmp_path / "a" / f"student_{example._slug(name)}.keras")
+        assert [type(x) for x in model.layers] == [
+            type(x) for x in teacher.layers]
+        nnz = 0
+        for i in range(2):
+            cell = model.get_layer(f"lstm_{i}").cell
+            for kind in ("kernel", "recurrent_kernel"):
+                w = np.asarray(getattr(cell, kind))
+                zeros = np.mean(w == 0.0)
+                assert zeros == pytest.approx(target, abs=1e-3), (name, kind)
+                assert r["kernel_sparsity"][f"lstm_{i}/{kind}"] == (
+                    pytest.approx(zeros))
+                nnz += np.count_nonzero(w)
+            assert np.all(np.asarray(cell.bias) != 0.0)
+        for other in ("embedding", "logits"):
+            assert np.all(model.get_layer(other).get_weights()[0] != 0.0)
+        assert r["lstm_macs"] == nnz
+        assert r["mac_reduction"] == pytest.approx(4 * 20 * 80 / nnz)
+        assert r["trainer"] == "Distiller" and np.isfinite(r["test_ppl"])
+        log = results["anneal"][name]
+        assert log[0][:2] == [0, 0.0]
+        assert log[-1][0] == 8 and log[-1][1] == pytest.approx(target,
+                                                               abs=1e-3)
+    assert rows["tfmot pruning 90%"]["schedule_tfmot"]["end_step"] == 6
+    text = (out / "tfmot_results.md").read_text()
+    assert "Unstructured pruning with tfmot" in text
+    assert "| tfmot pruning 90% | 90% |" in text
+
+    # Resume: stop after the tfmot row's first chunk of 4 steps, rerun.
+    clock_end = example._Clock.on_epoch_end
+
+    def stop_once(self, epoch, logs=None):
+        clock_end(self, epoch, logs)
+        if self.key.startswith("student tfmot") and not stopped:
+            stopped.append(epoch)
+            raise _Stop()
+
+    stopped = []
+    monkeypatch.setattr(example._Clock, "on_epoch_end", stop_once)
+    argv = _tfmot_argv(data, tmp_path / "b", out) + [
+        "--reuse", str(tmp_path / "a"), "--tfmot-sparsities", "0.9",
+        "--stages", "students"]
+    with pytest.raises(_Stop):
+        example.main(argv)
+    resumed = example.main(argv)["students"]["tfmot pruning 90%"]
+    first = rows["tfmot pruning 90%"]
+    assert resumed["steps"] == 8
+    assert resumed["test_ppl"] == pytest.approx(first["test_ppl"], rel=1e-5)
+    a, b = (keras.models.load_model(d / "student_tfmot_pruning_90.keras")
+            for d in (tmp_path / "a", tmp_path / "b"))
+    for x, y in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@keras3_only("the tfmot rows run under tf_keras; Keras 3 gets the error")
+def test_tfmot_rows_under_keras3_say_to_use_tf_keras(example, tmp_path):
+    with pytest.raises(SystemExit, match="TF_USE_LEGACY_KERAS=1"):
+        example.main(["--data", str(tmp_path), "--students", "tfmot"])
+
+
+def test_load_lm_takes_a_file_of_the_other_flavour(example, tmp_path):
+    """`load_lm` rebuilds a language model saved by the other Keras
+    flavour (a fresh process) and gives it its weights: same logits."""
+    import subprocess
+    import sys
+
+    from conftest import LEGACY
+
+    code = (
+        "import sys, numpy as np\n"
+        f"sys.path.insert(0, {os.path.join(HERE, '..', 'examples')!r})\n"
+        "import ptb_word_lm as ex\n"
+        "m = ex.language_model(31, 12, 8, 'teacher')\n"
+        "x = np.arange(10).reshape(2, 5) % 31\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, m.predict(x, verbose=0))\n"
+        f"m.save({str(tmp_path / 'm.keras')!r})\n")
+    env = {k: v for k, v in os.environ.items()
+           if k != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    if not LEGACY:
+        env["TF_USE_LEGACY_KERAS"] = "1"
+    proc = subprocess.run([sys.executable, "-c", code], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert example._keras_major(tmp_path / "m.keras") == (3 if LEGACY else 2)
+    model = example.load_lm(tmp_path / "m.keras")
+    assert model.get_layer("lstm_1").units == 12
+    x = np.arange(10).reshape(2, 5) % 31
+    np.testing.assert_allclose(model.predict(x, verbose=0),
+                               np.load(tmp_path / "y.npy"), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_report_sets_measured_times_against_theoretical(example, tmp_path):
+    """The latency rows that bench/unstructured_pruning.py stores
+    (``--store``) appear in the report: speed-up = the teacher's op-dense
+    median over the path's, and its ratio to the theoretical reduction."""
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+
+    def timing(ms):
+        return {"median_ms": ms, "iqr_ms": 0.01, "p10_ms": ms,
+                "cpu_median_ms": ms / 2, "cpu_iqr_ms": 0.01, "repeats": 3}
+
+    row = dict(lstm_params=100, lstm_macs=16000, mac_reduction=10.0,
+               val_ppl=160.0, test_ppl=150.0, train_seconds=1.0, steps=8,
+               target_sparsity=0.9, schedule_tfmot=dict(
+                   kind="PolynomialDecay", power=3, begin_step=0,
+                   end_step=6, frequency=2),
+               kernel_sparsity={"lstm_0/kernel": 0.9})
+    results = {
+        "teacher": dict(lstm_params=1000, lstm_macs=160000, mac_reduction=1,
+                        val_ppl=140.0, test_ppl=120.0, train_seconds=1.0,
+                        steps=8),
+        "students": {"tfmot pruning 90%": row},
+        "latency": dict(
+            rows={"Teacher": dict(theoretical=1.0, test_ppl=120.0,
+                                  best="op dense",
+                                  paths={"op dense": timing(2.0),
+                                         "op CSR": timing(4.0)}),
+                  "tfmot pruning 90%": dict(
+                      theoretical=10.0, test_ppl=150.0, best="op CSR",
+                      paths={"op dense": timing(1.6),
+                             "op CSR": timing(0.4)})},
+            baseline=["Teacher", "op dense"], batch=1, steps=35, threads=1,
+            repeats=3, command="python bench/unstructured_pruning.py",
+            machine="CPU", load_start=[1.0], load_end=[1.0])}
+    (run_dir / "results.json").write_text(json.dumps(results))
+    example.main(["--data", str(data), "--run-dir", str(run_dir), "--out",
+                  str(tmp_path / "out"), "--report-name", "t",
+                  "--batch-size", "4", "--num-steps", "5",
+                  "--stages", "report"])
+    text = (tmp_path / "out" / "t_results.md").read_text()
+    assert "| tfmot pruning 90% | 90% | 0.9000 | 10.00x | 150.00 | +25.0% |" \
+        in text
+    assert ("| tfmot pruning 90% | 10.00x | 150.00 | op CSR (best) | "
+            "0.400 (0.010) | 0.400 | 0.200 | 5.00x | 5.00x | 5.00x | 0.50 |"
+            ) in text
+    assert ("| Teacher | 1.00x | 120.00 | op CSR | 4.000 (0.010) | 4.000 | "
+            "2.000 | 0.50x | 0.50x | 0.50x | 0.50 |") in text

@@ -129,6 +129,41 @@ def test_profile_depth_times_a_stack(tmp_path, monkeypatch):
         hw.policy(p, budget_ms=1.0)
 
 
+def test_profile_tflite_path_times_the_layers_conversion(tmp_path,
+                                                        monkeypatch):
+    """The ``tflite`` path times the interpreter on a conversion of the
+    very layer the row describes: its output equals the layer's."""
+    import tensorflow as tf
+
+    from keras_antman import benchmark
+
+    layers, outputs = [], []
+    make, run = hw._make_layer, benchmark._tflite_fn
+    monkeypatch.setattr(hw, "_make_layer",
+                        lambda *a: layers.append(make(*a)) or layers[-1])
+
+    def spy(path, x, threads):
+        interpreter = tf.lite.Interpreter(model_path=path)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+        interpreter.invoke()
+        out = interpreter.get_output_details()[0]["index"]
+        outputs.append((x, interpreter.get_tensor(out)))
+        return run(path, x, threads)
+
+    monkeypatch.setattr(benchmark, "_tflite_fn", spy)
+    p = hw.profile([8], input_size=6, steps=T, threads=1,
+                   schemes=["dense", "lgp_shuffle:2"], paths=("tflite",),
+                   repeats=3, warmup=1, cache=tmp_path, progress=False)
+    assert [(r.path, r.spec) for r in p.rows] == [
+        ("tflite", "dense"), ("tflite", "lgp_shuffle:groups=2")]
+    assert all(r.median_ms > 0 and r.repeats == 3 for r in p.rows)
+    assert len(outputs) == 2
+    for layer, (x, got) in zip(layers, outputs):
+        np.testing.assert_allclose(got, np.asarray(layer(x)), atol=1e-5)
+    assert not list(tmp_path.glob("**/*.tflite"))  # temporary files gone
+
+
 def test_profile_markdown_and_plot(tmp_path):
     rows = [row(8, 2.0), row(16, 1.0), row(8, 1.0, "keras", "dense")]
     p = hw.Profile({"cpu": "test", "batch_size": 1, "steps": T}, rows,

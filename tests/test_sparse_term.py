@@ -35,16 +35,22 @@ def threads(request):
     ops._set_min_parallel_work(16 * 1024, 512 * 1024)
 
 
-@pytest.fixture(params=["generic", "avx2", "avx512"])
+@pytest.fixture(params=["generic", "generic/windowed", "avx2",
+                        "avx512/gathered", "avx512/windowed"])
 def isa(request):
-    """Runs the op's kernels for one instruction set (the gathers differ:
-    AVX-512 and AVX2 intrinsics, or a plain loop)."""
+    """Runs the op's kernels for one instruction set (the recurrent term's
+    kernels differ: AVX-512 and AVX2 gathers or a plain loop; on AVX-512
+    each sliced form, which the op otherwise picks by cost; the windowed
+    form's plain loop, forced on the generic kernels)."""
+    name, _, form = request.param.partition("/")
     try:
-        ops.set_instruction_set(request.param)
+        ops.set_instruction_set(name)
     except ValueError:
-        pytest.skip(f"this CPU lacks {request.param}")
-    yield request.param
+        pytest.skip(f"this CPU lacks {name}")
+    ops._set_sparse_form(form or "auto")
+    yield name
     ops.set_instruction_set(None)
+    ops._set_sparse_form("auto")
 
 
 def built(scheme, n, m, seed):
@@ -394,3 +400,151 @@ def test_python_wrapper_places_the_term_last():
             np.ones((1, 3, 8), "float32"), np.zeros((1, 8), "float32"),
             np.zeros((1, 8), "float32"), np.zeros(32, "float32"),
             [_term()], [k])
+
+
+# -- the recurrent term's sliced forms and their cache ------------------------
+
+def _awkward_term(n, m, rng):
+    """CSR of S^T for S [n, m] with what the sliced forms must get right:
+    an empty output, one with every column, duplicate columns (they add),
+    the last column, many entries of one output in one 32-column window,
+    columns out of order within an output, m not a multiple of 16."""
+    rows = [list(rng.permutation(np.flatnonzero(rng.random(n) < 0.1)))
+            for _ in range(m)]
+    rows[0] = []
+    rows[1] = list(rng.permutation(n))
+    rows[2] = [n - 1, n - 1, 0, n - 1]
+    rows[3] = list(range(32, min(n, 32 + 29)))[::-1]
+    row_ptr = np.cumsum([0] + [len(r) for r in rows]).astype("int32")
+    col = np.array([c for r in rows for c in r], "int32")
+    val = rng.normal(size=col.size).astype("float32")
+    return ops.SparseTerm(row_ptr, col, val)
+
+
+def _dense_of_term(term, n, m):
+    row_ptr, col, val = (np.asarray(a) for a in term)
+    s = np.zeros((n, m))
+    for j in range(m):
+        for k in range(row_ptr[j], row_ptr[j + 1]):
+            s[col[k], j] += val[k]
+    return s
+
+
+def _lstm_with_recurrent_term(x, w_in, w_rec, bias, term):
+    batch, units = x.shape[0], w_rec.shape[0]
+    z = np.zeros((batch, units), "float32")
+    return ops.structured_lstm(
+        x, z, z, bias, [ops.Stage(w_in[None])],
+        [ops.Stage(w_rec[None]), term], return_sequences=True)[0]
+
+
+@pytest.mark.parametrize("units", [70, 33, 8])
+def test_awkward_recurrent_terms_equal_numpy(units, threads, isa, rng):
+    # 70 units: windows of 32 columns ending in a partial one (6 columns);
+    # 33: a window of one column; 8: less than a window. 4 * units outputs
+    # end in a partial slice.
+    n, m = units, 4 * units
+    term = _awkward_term(n, m, rng)
+    w_in = rng.normal(scale=0.2, size=(5, m)).astype("float32")
+    w_rec = rng.normal(scale=0.05, size=(n, m)).astype("float32")
+    bias = rng.normal(scale=0.3, size=m).astype("float32")
+    x = rng.normal(size=(3, 6, 5)).astype("float32")
+    expected = reference.lstm(x.astype("float64"), w_in,
+                              w_rec + 0.3 * _dense_of_term(term, n, m),
+                              bias)[0]
+    term = term._replace(values=term.values * np.float32(0.3))
+    np.testing.assert_allclose(
+        _lstm_with_recurrent_term(x, w_in, w_rec, bias, term), expected,
+        rtol=1e-4, atol=1e-5)
+
+
+def test_sliced_term_is_packed_once_per_csr_contents(isa, rng):
+    # In one graph the kernel is the same: unchanged arrays reuse the
+    # packing; new values written into the same variable, or another
+    # instruction set, pack again, and the results follow the new values.
+    n, m = 40, 160
+    term = _awkward_term(n, m, rng)
+    w_in = rng.normal(scale=0.2, size=(5, m)).astype("float32")
+    w_rec = np.zeros((n, m), "float32")
+    bias = np.zeros(m, "float32")
+    x = rng.normal(size=(1, 4, 5)).astype("float32")
+    values = tf.Variable(term.values)
+
+    @tf.function
+    def run():
+        return _lstm_with_recurrent_term(
+            x, w_in, w_rec, bias, term._replace(values=values))
+
+    def expected():
+        t = term._replace(values=values.numpy())
+        return reference.lstm(x.astype("float64"), w_in,
+                              _dense_of_term(t, n, m), bias)[0]
+
+    before = ops._sparse_packs()
+    np.testing.assert_allclose(run(), expected(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run(), expected(), rtol=1e-4, atol=1e-5)
+    assert ops._sparse_packs() == before + 1
+    values.assign(term.values[::-1].copy())  # the same buffer, new values
+    np.testing.assert_allclose(run(), expected(), rtol=1e-4, atol=1e-5)
+    assert ops._sparse_packs() == before + 2
+    v = values.numpy()
+    v[-1] = np.nextafter(v[-1], np.float32(np.inf))  # one ulp
+    values.assign(v)
+    run()
+    assert ops._sparse_packs() == before + 3
+    # Packed for AVX-512 or for the others (unless the windowed form is
+    # forced, which both run).
+    other = "generic" if isa == "avx512" else "avx512"
+    ops._set_sparse_form("auto")
+    if other in ops.supported_instruction_sets():
+        ops.set_instruction_set(other)
+        np.testing.assert_allclose(run(), expected(), rtol=1e-4, atol=1e-5)
+        assert ops._sparse_packs() == before + 4
+
+
+def test_changed_csr_is_checked_again_after_a_cached_call():
+    # Same shapes as a packed call, contents now invalid: the cache must
+    # not skip the checks.
+    col = tf.Variable([1, 7, 0])
+
+    @tf.function
+    def run():
+        return _lstm_with(recurrent_term=_term()._replace(col_idx=col))
+
+    run()
+    run()
+    col.assign([1, 8, 0])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"recurrent_sparse_col_idx\[1\] = 8 is not an "
+                             r"input index in \[0, 8\)"):
+        run()
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_masked_sparse_term_follows_values_and_mask(traced, rng):
+    # The cached pattern is checked on every call: new values, a new mask
+    # (also one with the same count of ones), a mask that is not 0/1.
+    n, m = 7, 9
+    values = tf.Variable(rng.normal(size=(n, m)).astype("float32"))
+    mask = tf.Variable((rng.random((n, m)) < 0.4).astype("float32"))
+    cache = {}
+
+    def term():
+        return ops.masked_sparse_term(values, mask, cache)
+
+    fn = tf.function(term) if traced else term
+
+    def check():
+        got = _dense_of_term(fn(), n, m)
+        np.testing.assert_array_equal(got, values.numpy() * mask.numpy())
+
+    check()
+    assert cache["pattern"].nnz == np.count_nonzero(mask.numpy())
+    values.assign(rng.normal(size=(n, m)).astype("float32"))
+    check()
+    mask.assign((rng.random((n, m)) < 0.2).astype("float32"))
+    check()
+    mask.assign(np.roll(mask.numpy(), 1, axis=1))  # same count, moved
+    check()
+    mask.assign(mask * 0.5)
+    check()

@@ -128,16 +128,17 @@ def _build_vocabulary(tokens):
                                       key=lambda kv: (-kv[1], kv[0])))
 
 
-def _to_ids(tokens, word_to_id, path):
+def tokens_to_ids(tokens, word_to_id, where):
+    """``tokens`` as int32 ids; unknown tokens map to ``<unk>`` if
+    ``word_to_id`` has it, else a ValueError naming ``where``."""
     unk = word_to_id.get(UNK)
     ids = np.empty(len(tokens), dtype=np.int32)
     for i, word in enumerate(tokens):
         index = word_to_id.get(word, unk)
         if index is None:
             raise ValueError(
-                f"load_ptb: word {word!r} (token {i}) of {path} is not in "
-                "the vocabulary built from ptb.train.txt, which has no "
-                f"{UNK!r} entry to map it to."
+                f"token {word!r} (position {i}) of {where} is not in the "
+                f"vocabulary, which has no {UNK!r} entry to map it to."
             )
         ids[i] = index
     return ids
@@ -184,8 +185,10 @@ def _load_directory(directory, verify):
         )
     vocabulary = _build_vocabulary(token_lists[0])
     word_to_id = {w: i for i, w in enumerate(vocabulary)}
-    train, valid, test = (_to_ids(t, word_to_id, p)
-                          for t, p in zip(token_lists, paths))
+    train, valid, test = (
+        tokens_to_ids(t, word_to_id, f"{p} (load_ptb: the vocabulary is "
+                      "built from ptb.train.txt)")
+        for t, p in zip(token_lists, paths))
     return PTB(train=train, valid=valid, test=test, vocabulary=vocabulary,
                word_to_id=word_to_id, directory=directory)
 

@@ -14,6 +14,7 @@ from collections import Counter
 import numpy as np
 
 from keras_antman.datasets.ptb import EOS  # the same end-of-line token
+from keras_antman.datasets.ptb import tokens_to_ids
 
 UNK = "<unk>"
 LEVELS = ("word", "char")
@@ -57,18 +58,8 @@ def build_vocabulary(tokens):
 def to_ids(tokens, vocabulary, path=""):
     """``tokens`` as int32 ids; unknown tokens map to ``<unk>`` if the
     vocabulary has one, else raise."""
-    index = {t: i for i, t in enumerate(vocabulary)}
-    unk = index.get(UNK)
-    ids = np.empty(len(tokens), dtype=np.int32)
-    for i, t in enumerate(tokens):
-        j = index.get(t, unk)
-        if j is None:
-            raise ValueError(
-                f"token {t!r} (position {i}) of {path or 'the text'} is not "
-                f"in the vocabulary, which has no {UNK!r} entry."
-            )
-        ids[i] = j
-    return ids
+    return tokens_to_ids(tokens, {t: i for i, t in enumerate(vocabulary)},
+                         path or "the text")
 
 
 def save_vocabulary(path, vocabulary, level):

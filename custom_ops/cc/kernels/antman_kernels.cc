@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "custom_ops/cc/kernels/chain_checks.h"
 #include "custom_ops/cc/kernels/rnn_engine.h"
 #include "custom_ops/cc/kernels/sparse_checks.h"
+#include "custom_ops/cc/kernels/sparse_pack.h"
 #include "custom_ops/cc/kernels/thread_choice.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -45,7 +47,8 @@ int BestIsa() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("popcnt"))
     return kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
     return kAvx2;
@@ -201,11 +204,18 @@ absl::Status BuildChain(const OpInputList& arrays,
 
 // A product's optional sparse term (lists of 0 or 1 tensors), checked
 // (sparse_checks.h: shapes, then every row pointer and column index) and
-// set as the chain's SparseTerm.
+// set as the chain's SparseTerm. A recurrent product's term (`cache` not
+// null) also gets its sliced form (sparse_pack.h) for `pack_kind`
+// (PackKind), held by `*packed`: the cached
+// one when the arrays equal those it was packed from (their contents were
+// checked then), else packed now.
 absl::Status BuildSparse(const OpInputList& row_ptr,
                          const OpInputList& col_idx,
                          const OpInputList& values, const ChainSpec& spec,
-                         Chain* chain) {
+                         Chain* chain, SparsePackCache* cache = nullptr,
+                         int pack_kind = 0,
+                         std::shared_ptr<const PackedSparse>* packed =
+                             nullptr) {
   chain->sparse = SparseTerm{};
   if (row_ptr.size() == 0) return absl::OkStatus();
   const Tensor& rp = row_ptr[0];
@@ -224,56 +234,25 @@ absl::Status BuildSparse(const OpInputList& row_ptr,
   TF_RETURN_IF_ERROR(CheckSparseDims(spec, d));
   const int32_t* ptr = rp.flat<int32_t>().data();
   const int32_t* col = ci.flat<int32_t>().data();
-  TF_RETURN_IF_ERROR(CheckSparseContents(spec, ptr, col, d.col_idx_size));
+  const float* val = va.flat<float>().data();
+  const int64_t nnz = d.col_idx_size;
+  if (cache != nullptr && nnz > 0) {
+    *packed = cache->Find(pack_kind, spec.n, spec.m, ptr, col, val, nnz);
+    if (*packed == nullptr) {
+      TF_RETURN_IF_ERROR(CheckSparseContents(spec, ptr, col, nnz));
+      *packed = PackSparse(pack_kind, spec.n, spec.m, ptr, col, val, nnz);
+      cache->Put(*packed);
+    }
+  } else {
+    TF_RETURN_IF_ERROR(CheckSparseContents(spec, ptr, col, nnz));
+  }
   chain->sparse = SparseTerm{};
   chain->sparse.row_ptr = ptr;
   chain->sparse.col_idx = col;
-  chain->sparse.values = va.flat<float>().data();
-  chain->sparse.nnz = d.col_idx_size;
+  chain->sparse.values = val;
+  chain->sparse.nnz = nnz;
+  if (cache != nullptr && nnz > 0) (*packed)->Attach(&chain->sparse);
   return absl::OkStatus();
-}
-
-// The sliced form of a recurrent product's sparse term (SparseTerm in
-// rnn_engine.h): outputs sorted by entry count (longest first), 16 per
-// slice, each slice as long as its longest row, so padding stays small.
-// O(m log m + nnz) per call.
-struct SlicedStorage {
-  std::vector<int64_t> ptr;
-  std::vector<int32_t> col, out;
-  std::vector<float> val;
-};
-
-void BuildSlices(int64_t m, SparseTerm* sp, SlicedStorage* st) {
-  if (sp->row_ptr == nullptr || sp->nnz == 0) return;
-  const int32_t* row_ptr = sp->row_ptr;
-  auto length = [row_ptr](int64_t j) { return row_ptr[j + 1] - row_ptr[j]; };
-  std::vector<int32_t> order(m);
-  for (int64_t j = 0; j < m; ++j) order[j] = static_cast<int32_t>(j);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
-    return length(a) > length(b);
-  });
-  const int64_t slices = (m + kSliceLanes - 1) / kSliceLanes;
-  st->ptr.assign(slices + 1, 0);
-  st->out.assign(slices * kSliceLanes, -1);
-  for (int64_t s = 0; s < slices; ++s)
-    st->ptr[s + 1] = st->ptr[s] + length(order[s * kSliceLanes]);
-  st->col.assign(st->ptr[slices] * kSliceLanes, 0);
-  st->val.assign(st->ptr[slices] * kSliceLanes, 0.0f);
-  for (int64_t i = 0; i < m; ++i) {
-    const int64_t s = i / kSliceLanes, lane = i % kSliceLanes;
-    const int32_t j = order[i];
-    st->out[i] = j;
-    for (int64_t t = 0; t < length(j); ++t) {
-      const int64_t at = (st->ptr[s] + t) * kSliceLanes + lane;
-      st->col[at] = sp->col_idx[row_ptr[j] + t];
-      st->val[at] = sp->values[row_ptr[j] + t];
-    }
-  }
-  sp->num_slices = slices;
-  sp->slice_ptr = st->ptr.data();
-  sp->slice_col = st->col.data();
-  sp->slice_val = st->val.data();
-  sp->slice_out = st->out.data();
 }
 
 // ---------------------------------------------------------------------------
@@ -342,8 +321,10 @@ int64_t ProductMacs(const Chain& ch) {
   return macs + ch.sparse.nnz;
 }
 
-void RunRnnOnBestIsa(const RnnPlan& plan) {
-  switch (IsaSetting().load()) {
+// `isa`: IsaSetting() read once per call, so that the sparse term's sliced
+// form (packed for AVX-512 or not) matches the engine.
+void RunRnnOnIsa(const RnnPlan& plan, int isa) {
+  switch (isa) {
     case kAvx512:
       avx512::RunRnn(plan);
       return;
@@ -476,7 +457,10 @@ class StructuredRnnOp : public OpKernel {
     RnnInputs in;
     OP_REQUIRES_OK(ctx, ValidateInputs(ctx, &in));
     RnnPlan plan{};
-    OP_REQUIRES_OK(ctx, PlanProducts(in, &plan));
+    const int isa = IsaSetting().load();
+    std::shared_ptr<const PackedSparse> packed[2];  // held through the run
+    OP_REQUIRES_OK(ctx,
+                   PlanProducts(in, PackKind(isa == kAvx512), &plan, packed));
     RnnOutputs out;
     OP_REQUIRES_OK(ctx, AllocateOutputs(ctx, in, &out));
     if (in.batch == 0) return;
@@ -486,10 +470,6 @@ class StructuredRnnOp : public OpKernel {
     }
     SlotLayout layout;
     PlanLayout(in, &layout, &plan);
-    SlicedStorage slices[2];
-    BuildSlices(traits_.recurrent_gates * in.units,
-                &plan.recurrent.chain.sparse, &slices[0]);
-    BuildSlices(in.units, &plan.candidate.chain.sparse, &slices[1]);
     const int64_t work = StepMacs(in, plan);
     const int asked =
         ThreadsFor(num_threads_, work, min_parallel_macs_per_step);
@@ -509,7 +489,7 @@ class StructuredRnnOp : public OpKernel {
     } barrier;
     plan.barrier_arrivals = &barrier.arrivals;
     const auto start = std::chrono::steady_clock::now();
-    RunRnnOnBestIsa(plan);
+    RunRnnOnIsa(plan, isa);
     if (measured) {
       const int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                              std::chrono::steady_clock::now() - start)
@@ -584,8 +564,10 @@ class StructuredRnnOp : public OpKernel {
   }
 
   // The engine's chains of every product, and how the recurrent ones are
-  // split into tasks.
-  absl::Status PlanProducts(const RnnInputs& in, RnnPlan* p) const {
+  // split into tasks; `packed` gets the sliced forms of the recurrent and
+  // candidate products' sparse terms (for `pack_kind`, PackKind).
+  absl::Status PlanProducts(const RnnInputs& in, int pack_kind, RnnPlan* p,
+                            std::shared_ptr<const PackedSparse>* packed) {
     const int64_t units = in.units;
     p->cell = traits_.cell;
     p->reset_after = traits_.reset_after;
@@ -609,7 +591,8 @@ class StructuredRnnOp : public OpKernel {
                                   recurrent_spec, &p->recurrent.chain));
     TF_RETURN_IF_ERROR(BuildSparse(in.sparse[1][0], in.sparse[1][1],
                                    in.sparse[1][2], recurrent_spec,
-                                   &p->recurrent.chain));
+                                   &p->recurrent.chain, &pack_cache_[0],
+                                   pack_kind, &packed[0]));
     PlanProduct(&p->recurrent, rec_gates, units, in.batch);
     if (traits_.has_candidate) {
       const ChainSpec candidate_spec = CandidateChainSpec(units);
@@ -617,7 +600,8 @@ class StructuredRnnOp : public OpKernel {
                                     candidate_spec, &p->candidate.chain));
       TF_RETURN_IF_ERROR(BuildSparse(in.sparse[2][0], in.sparse[2][1],
                                      in.sparse[2][2], candidate_spec,
-                                     &p->candidate.chain));
+                                     &p->candidate.chain, &pack_cache_[1],
+                                     pack_kind, &packed[1]));
       PlanProduct(&p->candidate, 1, units, in.batch);
     }
     return absl::OkStatus();
@@ -819,6 +803,8 @@ class StructuredRnnOp : public OpKernel {
   std::vector<bool> input_shuffle_, recurrent_shuffle_, candidate_shuffle_;
   bool go_backwards_ = false, return_sequences_ = false;
   int64_t num_threads_ = 0;
+  // The sliced sparse terms of the recurrent and candidate products.
+  SparsePackCache pack_cache_[2];
 };
 
 class StructuredLstmOp : public StructuredRnnOp {
@@ -988,6 +974,23 @@ __attribute__((visibility("default"))) void keras_antman_replay_thread_choice(
     threads[i] = call.threads;
     choice.End(call, call.threads > 1 ? ns_many[i] : ns_one[i]);
   }
+}
+
+// The sliced form the AVX-512 engine takes for a recurrent sparse term: 0
+// by estimated cost, 1 gathered, 2 windowed; -1 for any other value. For
+// tests.
+__attribute__((visibility("default"))) int keras_antman_set_sparse_form(
+    int form) {
+  if (form < keras_antman::kFormAuto || form > keras_antman::kFormWindowed)
+    return -1;
+  keras_antman::SparseFormSetting().store(form);
+  return 0;
+}
+
+// Sparse terms packed into their sliced form so far (the op's cache skips
+// calls whose CSR arrays are unchanged). For tests.
+__attribute__((visibility("default"))) long long keras_antman_sparse_packs() {
+  return keras_antman::SparsePackCount().load();
 }
 
 __attribute__((visibility("default"))) const char* keras_antman_best_isa() {

@@ -38,15 +38,28 @@ struct Stage {
 // over x, so tasks that own outputs share nothing (sparse_term_impl.h).
 // nnz = 0 (or no term: row_ptr null) adds nothing.
 //
-// A recurrent product also gets the term in sliced form ("SELL-16"), made
-// by the kernel: the outputs sorted by their number of entries and taken
-// 16 at a time, one per vector lane, so that a step runs 16 outputs per
-// gather with no horizontal sum; slice s holds entries [slice_ptr[s],
-// slice_ptr[s + 1]) of 16 lanes each (lane padding: column 0, value 0),
-// and lane l of slice s is output slice_out[16 s + l] (-1: none). A step
-// writes x @ S into `result` [batch, m] first (threads split the slices),
-// and each task adds its outputs from there.
+// A recurrent product also gets the term in sliced form, made by the
+// kernel (sparse_pack.h): the outputs sorted by their number of entries
+// and taken 16 at a time, one per vector lane, so that a step runs 16
+// outputs per vector with no horizontal sum; lane l of slice s is output
+// slice_out[16 s + l] (-1: none). A step writes x @ S into `result`
+// [batch, m] first (threads split the slices by slice_ptr, a count of
+// vectors), and each task adds its outputs from there. Two forms:
+// - gathered ("SELL-16", the generic and AVX2 engines): slice s holds
+//   entries [slice_ptr[s], slice_ptr[s + 1]) of 16 lanes each (lane
+//   padding: column 0, value 0), one vector gather of x per entry;
+// - windowed (the AVX-512 engine): each vector reads two 16-column blocks
+//   of x into two registers and picks each lane's column from them with a
+//   permute instead of a gather (the packing chooses the blocks so that
+//   many lanes have an entry there). Slice s is vectors [slice_ptr[s],
+//   slice_ptr[s + 1]); vector k's blocks start at columns vec_col[2 k]
+//   and vec_col[2 k + 1]; it has the lanes vec_mask[k] (bit l: lane l
+//   has an entry), their columns given by vec_idx[16 k + l] (a byte: < 16
+//   in the first block, 16 + c in the second) and their values next in
+//   vec_val (lane order, set lanes only; slice s's start at
+//   slice_val0[s]).
 constexpr int64_t kSliceLanes = 16;
+constexpr int64_t kBlockColumns = 16;
 
 struct SparseTerm {
   const int32_t* row_ptr;  // [m + 1], null: no sparse term
@@ -55,11 +68,19 @@ struct SparseTerm {
   int64_t nnz;
   // Sliced form (recurrent products only; num_slices = 0 otherwise).
   int64_t num_slices;
-  const int64_t* slice_ptr;  // [num_slices + 1]
+  bool windowed;             // which form below
+  const int64_t* slice_ptr;  // [num_slices + 1] vectors before slice s
+  const int32_t* slice_out;  // [num_slices * kSliceLanes]
+  // Gathered form.
   const int32_t* slice_col;  // [slice_ptr[num_slices] * kSliceLanes]
   const float* slice_val;    // same
-  const int32_t* slice_out;  // [num_slices * kSliceLanes]
-  float* result;             // [batch, m]
+  // Windowed form.
+  const int64_t* slice_val0;  // [num_slices]
+  const int32_t* vec_col;     // [2 * vectors]
+  const uint16_t* vec_mask;   // [vectors]
+  const uint8_t* vec_idx;     // [vectors * kSliceLanes]
+  const float* vec_val;       // [nnz + kSliceLanes] (zero padded)
+  float* result;              // [batch, m]
 };
 
 // Intermediate stage outputs alternate between two buffers, so the engine

@@ -1,4 +1,4 @@
-// The engine compiled for AVX-512 (F, VL, BW, DQ), chosen at run time where
+// The engine compiled for AVX-512 (F, VL, BW, DQ; with POPCNT), chosen at run time where
 // the CPU has it.
 // The instruction set is set here with a target pragma, not a -m flag, so
 // the library as a whole stays loadable on any x86-64 CPU; the op picks
@@ -13,12 +13,12 @@
 
 #if defined(__clang__)
 #pragma clang attribute push(                                          \
-    __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))), \
+    __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,popcnt"))), \
     apply_to = function)
 #else
 #pragma GCC push_options
 #pragma GCC target(                                                    \
-    "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+    "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,popcnt,prefer-vector-width=512")
 #endif
 
 namespace keras_antman {

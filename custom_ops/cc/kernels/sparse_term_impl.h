@@ -11,8 +11,11 @@
 //   transposed once, so that every non-zero (i, j) becomes a vector
 //   multiply-add of x^T's row i over the chunk's rows;
 // - a recurrent step (the batch): the sliced form (SparseTerm), 16
-//   outputs per vector gather, slices split between threads, into a
-//   [batch, m] buffer that each task then reads its outputs from.
+//   outputs per vector, slices split between threads, into a [batch, m]
+//   buffer that each task then reads its outputs from. The AVX-512 engine
+//   runs the windowed form where it is cheaper (a permute of two
+//   registers holding two 16-float blocks of x per vector: WindowDot),
+//   the others the gathered one (a vector gather per entry: SliceDot).
 
 // Up to NB vectors of rows (NB * V rows of x^T) of output column j.
 template <int NB>
@@ -136,8 +139,79 @@ inline void SliceDot(const int32_t* col, const float* val, int64_t len,
 #endif
 }
 
-// This thread's share of x @ S for a step (x [batch, ldx]), written to
-// sp.result [batch, m]: the slices are split between threads by entries.
+// The windowed form's SliceDot: the 16 lanes of slice s over x (n
+// floats). Per vector: x's two 16-float blocks (loads from L1, masked past
+// n), vpermt2ps picks each lane's column from them, the lanes' values are
+// expanded from the packed stream and multiply-added under the vector's
+// lane mask. One loop over the slice's vectors, four chains.
+#if KA_VBYTES == 64
+// acc + vector k's lanes times x (lanes off the mask unchanged); `val`
+// moves past the vector's values.
+inline __m512 WindowTerm(const int32_t* col, const uint16_t* mask,
+                         const uint8_t* idx, int64_t k, const float* x,
+                         int64_t n, const float*& val, __m512 acc) {
+  const int64_t ca = col[2 * k], cb = col[2 * k + 1];
+  __m512 lo, hi;
+  if (__builtin_expect(Max(ca, cb) + kBlockColumns <= n, 1)) {
+    lo = _mm512_loadu_ps(x + ca);
+    hi = _mm512_loadu_ps(x + cb);
+  } else {  // the last block is partial
+    const int64_t ra = Min(n - ca, kBlockColumns);
+    const int64_t rb = Min(n - cb, kBlockColumns);
+    lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ra) - 1), x + ca);
+    hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rb) - 1), x + cb);
+  }
+  const __mmask16 m = mask[k];
+  const __m512i lanes = _mm512_cvtepu8_epi32(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + 16 * k)));
+  // Only the set lanes' values are read (no cache-line-split 64-byte
+  // loads at a 4-byte stride).
+  const __m512 v = _mm512_maskz_expandloadu_ps(m, val);
+  val += __builtin_popcount(m);
+  return _mm512_mask3_fmadd_ps(v, _mm512_permutex2var_ps(lo, lanes, hi), acc,
+                               m);
+}
+#endif
+
+// Not inlined, with the arrays in locals: inlined into SparseSlices, GCC
+// ran out of registers and kept `val` in a vector register, which put two
+// cross-domain moves on the loop's dependency chain.
+__attribute__((noinline)) void WindowDot(const SparseTerm& sp, int64_t s,
+                                         const float* x, int64_t n,
+                                         float* acc) {
+  const float* val = sp.vec_val + sp.slice_val0[s];
+  const int32_t* col = sp.vec_col;
+  const uint16_t* mask = sp.vec_mask;
+  const uint8_t* idx = sp.vec_idx;
+  int64_t k = sp.slice_ptr[s];
+  const int64_t k1 = sp.slice_ptr[s + 1];
+#if KA_VBYTES == 64
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  for (; k + 4 <= k1; k += 4) {
+    a0 = WindowTerm(col, mask, idx, k, x, n, val, a0);
+    a1 = WindowTerm(col, mask, idx, k + 1, x, n, val, a1);
+    a2 = WindowTerm(col, mask, idx, k + 2, x, n, val, a2);
+    a3 = WindowTerm(col, mask, idx, k + 3, x, n, val, a3);
+  }
+  for (; k < k1; ++k) a0 = WindowTerm(col, mask, idx, k, x, n, val, a0);
+  _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_add_ps(a0, a1),
+                                      _mm512_add_ps(a2, a3)));
+#else
+  (void)n;
+  for (int l = 0; l < 16; ++l) acc[l] = 0.0f;
+  for (; k < k1; ++k)
+    for (int l = 0; l < 16; ++l)
+      if ((mask[k] >> l) & 1) {
+        const int i = idx[16 * k + l];
+        acc[l] += *val++ * x[col[2 * k + i / 16] + i % 16];
+      }
+#endif
+}
+
+// This thread's share of x @ S for a step (x [batch, ldx], ldx = n),
+// written to sp.result [batch, m]: the slices are split between threads by
+// vectors.
 void SparseSlices(const SparseTerm& sp, const float* x, int64_t ldx,
                   int64_t batch, int64_t m, int tid, int nt) {
   static_assert(kSliceLanes == 16, "SliceDot works on 16 lanes");
@@ -150,9 +224,12 @@ void SparseSlices(const SparseTerm& sp, const float* x, int64_t ldx,
     for (int64_t b = 0; b < batch; ++b) {
       alignas(64) float acc[kSliceLanes];
       const int64_t k0 = sp.slice_ptr[s];
-      SliceDot(sp.slice_col + k0 * kSliceLanes,
-               sp.slice_val + k0 * kSliceLanes, sp.slice_ptr[s + 1] - k0,
-               x + b * ldx, acc);
+      if (sp.windowed)
+        WindowDot(sp, s, x + b * ldx, ldx, acc);
+      else
+        SliceDot(sp.slice_col + k0 * kSliceLanes,
+                 sp.slice_val + k0 * kSliceLanes, sp.slice_ptr[s + 1] - k0,
+                 x + b * ldx, acc);
       float* y = sp.result + b * m;
       for (int64_t l = 0; l < kSliceLanes; ++l)
         if (out[l] >= 0) y[out[l]] = acc[l];
