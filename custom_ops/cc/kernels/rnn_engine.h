@@ -144,7 +144,7 @@ enum Cell { kLstm = 0, kGru = 1 };
 // first_slot * x_task_mult + q * x_gate_stride + l. That is gate-major
 // (x_task_mult 1, x_gate_stride units) except where the recurrent
 // product's tasks are its g groups and make every gate (kGroupOwned, no
-// candidate product): then task-major (x_task_mult G, x_gate_stride
+// candidate product) at batch 1: then task-major (x_task_mult G, x_gate_stride
 // units / g), so a group's z values are its block's G * units / g
 // outputs in order. An input product ending in the same shuffled stage
 // then writes them in place (the gather is the identity), and at batch 1
