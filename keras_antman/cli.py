@@ -318,7 +318,6 @@ def cmd_distill(args):
 
 def cmd_export(args):
     import keras_antman as am
-    from keras_antman import benchmark
 
     if args.tflite and not args.tflite.endswith(".tflite"):
         raise UsageError(f"--tflite {args.tflite} must end in .tflite")
@@ -330,8 +329,8 @@ def cmd_export(args):
     if args.tflite:
         print(f"Converting a portable export (batch {args.batch_size or 1}) "
               "to TFLite with built-in ops")
-        benchmark.tflite_convert(model, args.tflite,
-                                 batch_size=args.batch_size or 1)
+        am.export_tflite(model, args.tflite, batch_size=args.batch_size or 1,
+                         overwrite=True)
         print(f"Saved {os.path.abspath(args.tflite)}")
 
 
