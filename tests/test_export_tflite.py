@@ -50,6 +50,16 @@ def _kernel_elements(layer):
                if len(w.shape) >= 2)
 
 
+def _assert_integer_only(summary):
+    """Only QUANTIZE ops read float32 activations: a float model input's,
+    and those after the first step's gate SPLIT, whose forget-gate output
+    is unused (the initial cell state is zero), so the quantizer leaves
+    that one SPLIT in float between a DEQUANTIZE and QUANTIZEs."""
+    floats = summary["float_ops"]
+    assert set(floats) <= {"QUANTIZE", "SPLIT"}, summary
+    assert floats.get("SPLIT", 0) <= 1, summary
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """``{kind: (model, x, {quantize: path})}``, converted once."""
@@ -126,14 +136,8 @@ def test_int8_has_int8_weights_and_activations(files, kind):
     weights = summary["weights"]
     assert set(weights) == {"INT8", "INT32"}, summary
     assert weights["INT8"] >= _kernel_elements(model)
-    # Only QUANTIZE ops read float32 activations (the model input's, and,
-    # for the stock LSTM, the first step's gate SPLIT: its unused forget
-    # gate output, as the initial state is zero, leaves that one SPLIT
-    # float between a DEQUANTIZE and QUANTIZEs); the loop is unrolled
-    # (TFLite's calibrator cannot run a WHILE loop).
-    floats = summary["float_ops"]
-    assert set(floats) <= {"QUANTIZE", "SPLIT"}, summary
-    assert floats.get("SPLIT", 0) <= 1, summary
+    _assert_integer_only(summary)
+    # the loop is unrolled (TFLite's calibrator cannot run a WHILE loop)
     assert "WHILE" not in summary["ops"]
     if FUSED in summary["ops"]:  # tf_keras's stock LSTM, int8 kernel
         assert summary["ops"][FUSED] == 1
@@ -184,7 +188,7 @@ def test_int8_language_model_keeps_int32_token_ids(tmp_path, rng):
     np.testing.assert_allclose(want, model(x), rtol=1e-5, atol=1e-5)
     err = np.max(np.abs(_run(int8, x) - want))
     assert 0 < err <= QUANT_RTOL["int8"] * np.max(np.abs(want)), err
-    assert set(am.tflite_summary(int8)["float_ops"]) == set()
+    _assert_integer_only(am.tflite_summary(int8))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         interpreter = tf.lite.Interpreter(model_path=int8)
