@@ -26,6 +26,8 @@ from keras_antman.distill import coefficients_from_losses
 from keras_antman.doping import Doped
 from keras_antman.doping import DopingSchedule
 from keras_antman.export import export
+from keras_antman.export import export_tflite
+from keras_antman.export import tflite_summary
 from keras_antman.layers import StructuredGRU
 from keras_antman.layers import StructuredGRUCell
 from keras_antman.layers import StructuredLSTM
@@ -74,8 +76,10 @@ __all__ = [
     "datasets",
     "doping",
     "export",
+    "export_tflite",
     "grow_prune",
     "hardware",
     "iss",
     "report",
+    "tflite_summary",
 ]

@@ -9,7 +9,7 @@ a fixed input (batch, sequence length), timed through
   `Dense` schemes, the same weights and outputs: the op's dense baseline);
 - ``portable``: the structured layers on stock TF ops (structured models);
 - ``tflite``: the TFLite interpreter on a conversion of the portable
-  export (built-in ops only, fixed batch).
+  export (`keras_antman.export_tflite`: built-in ops only, fixed batch).
 
 Each time is the median of ``repeats`` calls after warm-up calls, in
 milliseconds, as ``bench/speedup.py`` times (``time.perf_counter``).
@@ -198,27 +198,6 @@ def _keras_fn(model, x, kernel):
     return lambda: fn(x)
 
 
-def tflite_convert(model, path, batch_size=1):
-    """Writes a TFLite flatbuffer of ``model`` (portable export, built-in
-    ops) to ``path`` atomically; returns ``path``."""
-    import tensorflow as tf
-
-    from keras_antman.export import export
-
-    tmp = tempfile.mkdtemp(prefix=".tflite-")
-    try:
-        saved = export(model, os.path.join(tmp, "saved"),
-                                  kernel="portable", batch_size=batch_size)
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        with quiet_stderr(keep_on_error=True):
-            flatbuffer = converter.convert()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    write_atomic(path, flatbuffer)
-    return path
-
-
 def write_atomic(path, data):
     """Writes bytes or text to ``path`` through a temporary file."""
     path = os.path.abspath(path)
@@ -292,6 +271,7 @@ def time_model(model, batch=1, steps=35, threads=1, repeats=50,
     import tqdm
 
     from keras_antman.compress import compress
+    from keras_antman.export import export_tflite
 
     possible = available_paths(model)
     paths = possible if paths is None else list(paths)
@@ -323,8 +303,9 @@ def time_model(model, batch=1, steps=35, threads=1, repeats=50,
                 path = tflite
                 if path is None:
                     tmp = tempfile.mkdtemp(prefix=".bench-")
-                    path = tflite_convert(model, os.path.join(tmp, "m.tflite"),
-                                          batch_size=batch)
+                    path = export_tflite(model,
+                                         os.path.join(tmp, "m.tflite"),
+                                         batch_size=batch)
                 fn = _tflite_fn(path, x, threads)
             results[p] = median_ms(fn, repeats, progress=bar)
     finally:

@@ -161,9 +161,10 @@ def cmd_compress(args):
     print(f"Saved {_save_model(student, out)}")
 
 
-def _calibration_batches(args):
+def _calibration_batches(args, batch_size=None):
     """The token-id windows of ``--calibration-data`` (.npz or text, with
-    ``--vocabulary`` for text), batched as the model reads them."""
+    ``--vocabulary`` for text), batched as the model reads them
+    (``batch_size``: default ``--batch-size``)."""
     from keras_antman import datasets
     from keras_antman.datasets import text
 
@@ -178,7 +179,8 @@ def _calibration_batches(args):
     try:
         ids, _, _ = text.load_token_ids(args.calibration_data, level,
                                         vocabulary)
-        data = datasets.bptt_dataset(ids, args.batch_size, args.num_steps)
+        data = datasets.bptt_dataset(ids, batch_size or args.batch_size,
+                                     args.num_steps)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     return data.map(lambda x, y: x)
@@ -318,20 +320,33 @@ def cmd_distill(args):
 
 def cmd_export(args):
     import keras_antman as am
-    from keras_antman import benchmark
 
     if args.tflite and not args.tflite.endswith(".tflite"):
         raise UsageError(f"--tflite {args.tflite} must end in .tflite")
+    if args.quantize and not args.tflite:
+        raise UsageError("--quantize applies to the TFLite file: add "
+                         "--tflite FILE")
+    if (args.quantize == "int8") != bool(args.calibration_data):
+        raise UsageError(
+            "--quantize int8 calibrates on --calibration-data (and only it "
+            "does); --quantize dynamic needs no data")
+    calibration = None
+    if args.calibration_data:
+        # Windows of --num-steps tokens; the TFLite file takes that length.
+        calibration = _calibration_batches(args, batch_size=20).take(
+            args.calibration_steps)
     model = load_model(args.model)
     print(f"Exporting {args.model} ({args.kernel}) to {args.directory}")
     path = am.export(model, args.directory, kernel=args.kernel,
                      batch_size=args.batch_size, overwrite=args.overwrite)
     print(f"Saved {path}")
     if args.tflite:
-        print(f"Converting a portable export (batch {args.batch_size or 1}) "
-              "to TFLite with built-in ops")
-        benchmark.tflite_convert(model, args.tflite,
-                                 batch_size=args.batch_size or 1)
+        print(f"Converting a portable export (batch {args.batch_size or 1}"
+              + (f", {args.quantize} int8" if args.quantize else "")
+              + ") to TFLite with built-in ops")
+        am.export_tflite(model, args.tflite, quantize=args.quantize,
+                         representative_data=calibration,
+                         batch_size=args.batch_size or 1, overwrite=True)
         print(f"Saved {os.path.abspath(args.tflite)}")
 
 
@@ -484,6 +499,22 @@ def build_parser():
                    help="fix the batch size (TFLite: default 1)")
     e.add_argument("--overwrite", action="store_true",
                    help="replace an existing DIR")
+    e.add_argument("--quantize", choices=("dynamic", "int8"),
+                   help="TFLite: dynamic-range int8 (weights) or full int8 "
+                        "(weights and activations; needs "
+                        "--calibration-data, and fixes the length to "
+                        "--num-steps)")
+    e.add_argument("--calibration-data", metavar="DATA",
+                   help="--quantize int8: token ids to calibrate on (.npz, "
+                        "or text with --vocabulary)")
+    e.add_argument("--calibration-steps", type=int, default=10,
+                   help="batches of 20 calibration windows to use")
+    e.add_argument("--vocabulary", metavar="VOCAB.json",
+                   help="vocabulary of text calibration data")
+    e.add_argument("--level", choices=("word", "char"), default="word",
+                   help="tokens of text calibration data")
+    e.add_argument("--num-steps", type=int, default=35,
+                   help="calibration window length")
 
     b = command("bench", cmd_bench,
                 "time a model on this machine through each path it runs: "

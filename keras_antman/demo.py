@@ -268,7 +268,7 @@ def _pipeline(args, work):
               kernel="portable", batch_size=1)
     tflite = {}
     for name, model in (("student", student), ("teacher", teacher)):
-        tflite[name] = benchmark.tflite_convert(
+        tflite[name] = am.export_tflite(
             model, os.path.join(exports, f"{name}.tflite"), batch_size=1)
         print(f"      {os.path.basename(tflite[name])}: "
               f"{os.path.getsize(tflite[name]) / 1e6:.2f} MB")

@@ -327,12 +327,12 @@ def _tflite_layer_fn(layer, x, threads, folder):
     """Times ``layer`` as TFLite: the portable export of a model around it,
     converted with built-in ops only, run by the interpreter."""
     from keras_antman import benchmark
+    from keras_antman.export import export_tflite
 
     inputs = keras.Input(batch_shape=x.shape)
     model = keras.Model(inputs, layer(inputs))
-    path = benchmark.tflite_convert(
-        model, os.path.join(folder, f"{id(layer)}.tflite"),
-        batch_size=x.shape[0])
+    path = export_tflite(model, os.path.join(folder, f"{id(layer)}.tflite"),
+                         batch_size=x.shape[0])
     return benchmark._tflite_fn(path, x, int(threads))
 
 

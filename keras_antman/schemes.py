@@ -62,6 +62,25 @@ def _shuffle_columns(m, groups):
     return np.arange(m).reshape(groups, b).T.reshape(m)
 
 
+_LOWERING = {"per_group": False}
+
+
+@contextlib.contextmanager
+def per_group_products():
+    """Trace `block_diag_matmul` as one 2-D matmul per group instead of one
+    batched matmul (what `keras_antman.export_tflite` does for full-integer
+    int8: TFLite quantizes the constant operand of a ``BATCH_MATMUL`` like
+    an activation, with a non-zero zero point, and its int8 output came out
+    far off, while a ``FULLY_CONNECTED`` gets symmetric per-channel
+    weights)."""
+    saved = _LOWERING["per_group"]
+    _LOWERING["per_group"] = True
+    try:
+        yield
+    finally:
+        _LOWERING["per_group"] = saved
+
+
 def block_diag_matmul(x, blocks, shuffle=False):
     """``x @ blockdiag(blocks)`` in plain TF ops, optionally shuffle-mixed.
 
@@ -80,6 +99,13 @@ def block_diag_matmul(x, blocks, shuffle=False):
     """
     g, a, b = blocks.shape
     lead = ops.shape(x)[:-1]
+    if _LOWERING["per_group"]:
+        # One 2-D product per group (TFLite: a FULLY_CONNECTED each); the
+        # shuffle interleaves the groups' outputs: j * g + i.
+        xs = ops.split(x, g, axis=-1)
+        ys = [ops.matmul(xs[i], blocks[i]) for i in range(g)]
+        y = ops.stack(ys, axis=-1) if shuffle else ops.concatenate(ys, -1)
+        return ops.reshape(y, (*lead, g * b))
     xg = ops.transpose(ops.reshape(x, (-1, g, a)), (1, 0, 2))
     yg = ops.matmul(xg, blocks)
     yg = ops.transpose(yg, (1, 2, 0) if shuffle else (1, 0, 2))

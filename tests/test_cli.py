@@ -221,6 +221,35 @@ def test_export_compiled_portable_and_tflite(files, capsys, tmp_path):
                            "pass overwrite=True")
 
 
+def test_export_quantized_tflite(files, capsys, tmp_path):
+    small = tmp_path / "s.keras"
+    _run(capsys, "compress", files / "lm.keras", "-o", small,
+         "--input-scheme", "lgp_shuffle:4", "--recurrent-scheme",
+         "lgp_shuffle:4")
+    for q, extra in (("dynamic", []),
+                     ("int8", ["--calibration-data", files / "ids.npz",
+                               "--calibration-steps", "2",
+                               "--num-steps", "6"])):
+        out = tmp_path / f"{q}.tflite"
+        code, text, err = _run(capsys, "export", small, tmp_path / q,
+                               "--tflite", out, "--quantize", q, *extra)
+        assert code == 0, err
+        assert f"{q} int8" in text
+        summary = am.tflite_summary(out)
+        if q == "int8":  # (dynamic leaves matrices under 1024 elements)
+            assert summary["weights"]["INT8"] > 0, summary
+            assert "FLOAT32" not in summary["weights"], summary
+    for argv, match in (
+            (["--quantize", "dynamic"], "add --tflite FILE"),
+            (["--tflite", tmp_path / "x.tflite", "--quantize", "int8"],
+             "--quantize int8 calibrates on --calibration-data"),
+            (["--tflite", tmp_path / "x.tflite", "--calibration-data",
+              files / "ids.npz"], "(and only it does)")):
+        _assert_one_line_error(capsys, ["export", small, tmp_path / "y",
+                                        *argv], match)
+    assert not (tmp_path / "y").exists()
+
+
 def test_bench_times_each_path(files, capsys, tmp_path):
     code, text, err = _run(capsys, "bench", files / "lm.keras", "--steps", 4,
                            "--repeats", 2, "--paths", "keras,compiled",
