@@ -48,6 +48,7 @@ HEADERS = [
     "custom_ops/cc/kernels/sparse_checks.h",
     "custom_ops/cc/kernels/sparse_pack.h",
     "custom_ops/cc/kernels/sparse_term_impl.h",
+    "custom_ops/cc/kernels/thread_choice.h",
 ]
 # No -m flags: the engine files pick their instruction set with a target
 # pragma and the op chooses one at run time, so the library loads on any

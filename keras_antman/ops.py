@@ -556,14 +556,18 @@ def threads_used(step_macs, num_threads=None):
     A sequence whose recurrent products cost fewer than 16384 (16K)
     multiply-adds per step, summed over the batch, runs on one thread
     whatever is asked: the per-step barrier would cost more than the
-    threads save. Above that the op measures: the first 6 calls of each
-    size class (the bit length of ``step_macs``) and thread count alternate
-    between one thread and the count asked, and later calls use whichever
-    ran a step faster. The class is measured again every 200 calls, and
-    at once when a call on more threads runs a step 25% slower than one
-    thread's best (a second thread loses when other work holds the
-    cores). This returns the choice as it stands (the count asked while
-    the class is still being measured) without counting as a call.
+    threads save. Above that the op measures, separately for each
+    ``step_macs`` and thread count asked: 4 calls on one thread, then 4 on
+    the count asked, the first of each 4 not counted (it pays for caches
+    and a team the other count left cold), and later calls keep the count
+    asked only if its median step time over the other 3 is at least 5%
+    below one thread's. The measurement runs again after 25 calls, then
+    after twice as many each time it confirms the choice (at most 400),
+    and at once when 3 calls in a row on more threads run a step 25%
+    slower than one thread's median (a second thread loses when other
+    work holds the cores). This returns the choice as it stands (the count
+    asked until the first measurement has decided) without counting as a
+    call.
 
     Args:
         step_macs: batch size x multiply-adds of the recurrent product(s)
@@ -576,6 +580,29 @@ def threads_used(step_macs, num_threads=None):
     load()
     return int(_state["cdll"].keras_antman_rnn_threads(
         ctypes.c_longlong(int(step_macs)), int(num_threads or 0)))
+
+
+def _replay_thread_choice(ns_one, ns_many, asked=2):
+    """The thread counts a fresh measured class would run calls on.
+
+    Call ``i`` takes ``ns_one[i]`` ns per step on one thread and
+    ``ns_many[i]`` on ``asked`` threads; the choice (the op's own C++
+    code, with injected timings instead of a clock) sees only the time of
+    the count it ran. For tests.
+    """
+    load()
+    if len(ns_one) != len(ns_many):
+        raise ValueError(
+            f"ns_one and ns_many must have the same length; received "
+            f"{len(ns_one)} and {len(ns_many)}"
+        )
+    n = len(ns_one)
+    one = (ctypes.c_longlong * n)(*map(int, ns_one))
+    many = (ctypes.c_longlong * n)(*map(int, ns_many))
+    out = (ctypes.c_int * n)()
+    _state["cdll"].keras_antman_replay_thread_choice(
+        int(asked), one, many, n, out)
+    return list(out)
 
 
 _MAX_THREADS = 1 << 16

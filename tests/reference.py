@@ -10,12 +10,14 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def lstm(x, kernel, recurrent_kernel, bias, go_backwards=False):
-    """All hidden states [B, T, h] and the final (h, c) of a Keras LSTM."""
+def lstm(x, kernel, recurrent_kernel, bias, go_backwards=False, h0=None,
+         c0=None):
+    """All hidden states [B, T, h] and the final (h, c) of a Keras LSTM
+    (initial states h0, c0; None: zeros)."""
     b, t, _ = x.shape
     units = recurrent_kernel.shape[0]
-    h = np.zeros((b, units))
-    c = np.zeros((b, units))
+    h = np.zeros((b, units)) if h0 is None else np.asarray(h0, np.float64)
+    c = np.zeros((b, units)) if c0 is None else np.asarray(c0, np.float64)
     steps = range(t - 1, -1, -1) if go_backwards else range(t)
     outs = []
     for s in steps:

@@ -1256,19 +1256,110 @@ def test_threads_used_follows_the_per_step_threshold():
 @needs_op
 @pytest.mark.skipif(os.cpu_count() < 2, reason="needs 2 cores")
 def test_threads_by_measurement_keep_results():
-    """The first 6 calls of a size class alternate 1 and 2 threads; the
-    class then keeps one count. Every call matches the reference."""
+    """A measured class runs 4 calls on one thread, 4 on two, then keeps
+    one count; each exact step size is its own class. Every call matches
+    the reference."""
     ops.set_num_threads(2)
     case = lstm_case("blocks_shuffle", "blocks_shuffle", 7, batch=2,
                      features=64, units=128)
     step_macs = 2 * 128 * 4 * 128 // 4  # g = 4 blocks of 32 x 128
     assert ops.threads_used(step_macs) == 2  # not measured yet
     first = check_lstm(case, False, True, num_threads=None)
-    for _ in range(7):
+    for _ in range(9):
         again = check_lstm(case, False, True, num_threads=None)
         for a, b in zip(first, again):
             np.testing.assert_array_equal(a, b)
     assert ops.threads_used(step_macs) in (1, 2)
+    # The neighbouring size is another class, still unmeasured.
+    assert ops.threads_used(step_macs + 1) == 2
+
+
+# -- the thread choice, replayed with injected timings (no clock) ---------
+
+ONE_NS = 19_000  # ns per step on one thread (d = 800, LGP-Shuffle g = 10)
+
+
+def replay(many, one=ONE_NS, calls=400, asked=2, **at):
+    """The counts a fresh class runs `calls` calls on, one thread taking
+    `one` ns per step and `asked` threads `many`; `at` overrides single
+    calls: one_<i> / many_<i> = ns."""
+    ns_one, ns_many = [one] * calls, [many] * calls
+    for key, ns in at.items():
+        arm, i = key.split("_")
+        (ns_one if arm == "one" else ns_many)[int(i)] = ns
+    return ops._replay_thread_choice(ns_one, ns_many, asked)
+
+
+@needs_op
+def test_thread_choice_keeps_two_threads_that_pay():
+    # The first call of each count pays for cold caches and a sleeping
+    # team: not counted, so two threads win on their later calls.
+    threads = replay(9_000, one_0=60_000, many_4=80_000)
+    assert threads[:8] == [1] * 4 + [2] * 4
+    # Measured again after 25 calls, then after 50, 100, 200, ...
+    assert threads[8:33] == [2] * 25
+    assert threads[33:41] == [1] * 4 + [2] * 4
+    assert threads[41:91] == [2] * 50
+    assert threads[91:95] == [1] * 4
+    assert threads.count(1) == 4 * 4  # measurements at 0, 33, 91, 199
+    assert replay(9_000, asked=3)[4:12] == [3] * 8
+
+
+@needs_op
+def test_thread_choice_keeps_one_thread_unless_clearly_faster():
+    # Two threads 10% slower, or only 3% faster (within the 5% margin):
+    # one thread, apart from the measurements' 4 calls on two.
+    for many in (1.1 * ONE_NS, 0.97 * ONE_NS):
+        threads = replay(many, calls=2000)
+        starts = [0, 33, 91, 199, 407, 815, 1223, 1631]  # at most 400
+        for i, t in enumerate(threads):
+            in_probe = any(s + 4 <= i < s + 8 for s in starts)
+            assert t == (2 if in_probe else 1), (many, i)
+
+
+@needs_op
+def test_thread_choice_median_ignores_one_slow_call():
+    # One slow call among the three counted on two threads: the median.
+    assert replay(9_000, many_5=10**6)[8:33] == [2] * 25
+    # Two of three slow: that measurement keeps one thread.
+    assert replay(9_000, many_5=10**6, many_6=10**6)[8:33] == [1] * 25
+
+
+@needs_op
+def test_thread_choice_recovers_from_a_loaded_measurement():
+    """The d = 800 defect: a measurement during a moment of load chose one
+    thread; it is measured again after 25 calls, not 200."""
+    loaded = {f"many_{i}": 40_000 for i in range(4, 8)}
+    threads = replay(9_000, **loaded)
+    assert threads[8:33] == [1] * 25
+    assert threads[33:41] == [1] * 4 + [2] * 4
+    assert threads[41:66] == [2] * 25
+
+
+@needs_op
+def test_thread_choice_single_slow_call_is_not_load():
+    base = replay(9_000)
+    assert replay(9_000, many_20=10**6, many_50=10**6) == base
+    # Two slow calls in a row, then a normal one: still no new measurement.
+    assert replay(9_000, many_20=10**6, many_21=10**6) == base
+
+
+@needs_op
+def test_thread_choice_measures_again_when_two_threads_stay_slow():
+    # From call 100 other work holds a core: two threads take 3x one
+    # thread's time. After 3 such calls the class measures again and
+    # keeps one thread.
+    ns_one, ns_many = [ONE_NS] * 300, [9_000] * 100 + [3 * ONE_NS] * 200
+    threads = ops._replay_thread_choice(ns_one, ns_many)
+    assert threads[95:103] == [2] * 8  # measured at 91..98
+    assert threads[103:111] == [1] * 4 + [2] * 4
+    assert threads[111:136] == [1] * 25
+
+
+@needs_op
+def test_replay_thread_choice_checks_lengths():
+    with pytest.raises(ValueError, match="same length; received 2 and 1"):
+        ops._replay_thread_choice([1, 2], [1])
 
 
 def test_set_num_threads_validates():

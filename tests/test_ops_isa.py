@@ -106,6 +106,40 @@ def test_lstm_every_isa(isa, batch, kind):
 
 
 @pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("g,units", [(2, 200), (10, 200), (4, 96)])
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_lstm_batch1_group_step(isa, g, units, go_backwards):
+    """Batch 1 with one shuffled block stage (LGP-Shuffle) runs the step of
+    the limit kernel: each group's product starts from its input projection
+    and the group before's gate math runs inside it. Here units / g is no
+    multiple of the vector width, g = 2 blocks are wider than the
+    registers hold (several column chunks), odd steps walk backwards, and
+    the initial states are not zero."""
+    ops.set_instruction_set(isa)
+    rng = np.random.default_rng(g + units)
+    features = 40
+    x = rng.standard_normal((1, 7, features)).astype("f")
+    in_stages, k_in = chain("shuffle", features, 4 * units, rng)
+    blocks = weights(rng, g, units // g, 4 * units // g)
+    rec_stages = [Stage(blocks, True)]
+    k_rec = reference.shuffled(reference.block_diag(blocks), g)
+    bias = (0.3 * rng.standard_normal(4 * units)).astype("f")
+    scale = np.array([0.5, 2.0])[:, None, None]
+    h0, c0 = (rng.standard_normal((2, 1, units)) * scale).astype("f")
+    seq_ref, h_ref, c_ref = reference.lstm(
+        x.astype(np.float64), k_in, k_rec, bias, go_backwards, h0, c0)
+    for seq, h, c in run_both_thread_counts(
+        lambda t: ops.structured_lstm(x, h0, c0, bias, in_stages, rec_stages,
+                                      go_backwards=go_backwards,
+                                      return_sequences=True, num_threads=t)
+    ):
+        tol = dict(rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(seq, seq_ref, **tol)
+        np.testing.assert_allclose(h, h_ref, **tol)
+        np.testing.assert_allclose(c, c_ref, **tol)
+
+
+@pytest.mark.parametrize("isa", isas())
 @pytest.mark.parametrize("batch", [1, 3, 8, 32])
 @pytest.mark.parametrize("kind", ["shuffle", "dense"])
 @pytest.mark.parametrize("reset_after", [True, False])

@@ -19,6 +19,7 @@
 #include "custom_ops/cc/kernels/rnn_engine.h"
 #include "custom_ops/cc/kernels/sparse_checks.h"
 #include "custom_ops/cc/kernels/sparse_pack.h"
+#include "custom_ops/cc/kernels/thread_choice.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
@@ -92,7 +93,7 @@ std::atomic<int>& ThreadSetting() {
 // thread is faster than two on any machine we know: the per-step barrier
 // and the team's start-up cost more than the work saved (2-core AMD EPYC,
 // Zen 4: two threads start to pay between 25K and 50K). Above it the
-// choice is measured (ThreadsByMeasurement).
+// choice is measured (thread_choice.h).
 // Tests lower both to 0 to run the parallel paths on small shapes (0 also
 // turns the measuring off: every call uses the threads asked).
 std::atomic<int64_t> min_parallel_macs_per_step{16 * 1024};
@@ -118,83 +119,22 @@ int ThreadsFor(int64_t attr, int64_t work,
   return static_cast<int>(std::max<int64_t>(1, n));
 }
 
-// Threads by measurement. Whether more threads pay for a sequence depends
-// on the machine (barrier cost, caches, what else runs), so the first
-// kProbeCalls calls of each size class (the bit length of the
-// multiply-adds per step) and thread count alternate between one thread
-// and the count asked, and the class then keeps whichever ran a step
-// faster (best of kProbeCalls / 2 calls each). The threads do not change
-// the result, so probing costs only the slower probes' time. The choice is
-// measured again every kReprobeCalls calls, and at once when a call on
-// more threads runs a step 25% slower than one thread's best: what else
-// runs on the machine changes (a second thread loses badly when the cores
-// are oversubscribed, since every step waits for both threads to hold a
-// core).
-constexpr int kProbeCalls = 6;
-constexpr int kReprobeCalls = 200;
-constexpr int kMaxProbedThreads = 64;
-
-struct ThreadProbe {
-  std::atomic<uint32_t> calls{0};
-  // Best ns per step on one thread ([0]) and on the count asked ([1]); 0:
-  // none yet.
-  std::atomic<int64_t> best_ns[2] = {};
-};
-
-ThreadProbe& ProbeFor(int64_t work, int threads) {
-  static ThreadProbe probes[65][kMaxProbedThreads + 1];
-  const int bits = 64 - __builtin_clzll(static_cast<uint64_t>(work) | 1);
-  return probes[bits][std::min(threads, kMaxProbedThreads)];
+// Threads by measurement (thread_choice.h), above the threshold and when
+// more than one thread is asked. Never destroyed: an op may run while the
+// process exits.
+ThreadChoices& Choices() {
+  static ThreadChoices* choices = new ThreadChoices;
+  return *choices;
 }
 
-// The threads for a call with `asked` threads (already capped) and `work`
-// multiply-adds per step; sets *probe_slot to 0 or 1 when this call is a
-// probe to be timed (RecordProbe), else to -1.
-int ThreadsByMeasurement(int asked, int64_t work, int* probe_slot) {
-  *probe_slot = -1;
-  if (asked <= 1 || min_parallel_macs_per_step.load() == 0) return asked;
-  ThreadProbe& probe = ProbeFor(work, asked);
-  const uint32_t call =
-      probe.calls.fetch_add(1, std::memory_order_relaxed) % kReprobeCalls;
-  if (call == 0) {
-    probe.best_ns[0].store(0);
-    probe.best_ns[1].store(0);
-  }
-  if (call < kProbeCalls) {
-    *probe_slot = call & 1;
-    return call & 1 ? asked : 1;
-  }
-  const int64_t one = probe.best_ns[0].load(), many = probe.best_ns[1].load();
-  return many > 0 && (one == 0 || many < one) ? asked : 1;
+bool Measured(int asked) {
+  return asked > 1 && min_parallel_macs_per_step.load() != 0;
 }
 
-void RecordProbe(int asked, int64_t work, int slot, int64_t ns_per_step) {
-  std::atomic<int64_t>& best = ProbeFor(work, asked).best_ns[slot];
-  ns_per_step = std::max<int64_t>(1, ns_per_step);
-  int64_t cur = best.load();
-  while ((cur == 0 || ns_per_step < cur) &&
-         !best.compare_exchange_weak(cur, ns_per_step)) {
-  }
-}
-
-// A call that ran on more threads than one after the measurement chose
-// them: if a step took clearly longer than one thread's best, the machine
-// has changed (other work now holds the cores), so the next calls measure
-// again.
-void CheckParallelCall(int asked, int64_t work, int64_t ns_per_step) {
-  ThreadProbe& probe = ProbeFor(work, asked);
-  const int64_t one = probe.best_ns[0].load();
-  if (one > 0 && ns_per_step > one + one / 4) probe.calls.store(0);
-}
-
-// The choice as it stands, without counting a call: 1 below the
-// threshold, the count asked while still probing, then the faster.
+// The choice as it stands for a call with `asked` threads (already capped)
+// and `work` multiply-adds per step, without counting a call.
 int ThreadsChosen(int asked, int64_t work) {
-  if (asked <= 1 || min_parallel_macs_per_step.load() == 0) return asked;
-  ThreadProbe& probe = ProbeFor(work, asked);
-  if (probe.calls.load() % kReprobeCalls < kProbeCalls) return asked;
-  const int64_t one = probe.best_ns[0].load(), many = probe.best_ns[1].load();
-  return many > 0 && (one == 0 || many < one) ? asked : 1;
+  return Measured(asked) ? Choices().Current(work, asked) : asked;
 }
 
 // Every tensor the ops allocate is capped far above any machine's memory
@@ -533,8 +473,11 @@ class StructuredRnnOp : public OpKernel {
     const int64_t work = StepMacs(in, plan);
     const int asked =
         ThreadsFor(num_threads_, work, min_parallel_macs_per_step);
-    int probe_slot;
-    plan.num_threads = ThreadsByMeasurement(asked, work, &probe_slot);
+    const bool measured = Measured(asked);
+    const ThreadChoice::Call call = measured
+                                        ? Choices().Begin(work, asked)
+                                        : ThreadChoice::Call{asked, -1, 0};
+    plan.num_threads = call.threads;
     Tensor scratch;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(
                             tensorflow::DT_FLOAT,
@@ -547,14 +490,11 @@ class StructuredRnnOp : public OpKernel {
     plan.barrier_arrivals = &barrier.arrivals;
     const auto start = std::chrono::steady_clock::now();
     RunRnnOnIsa(plan, isa);
-    if (plan.num_threads > 1 || probe_slot >= 0) {
+    if (measured) {
       const int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                              std::chrono::steady_clock::now() - start)
                              .count();
-      if (probe_slot >= 0)
-        RecordProbe(asked, work, probe_slot, ns / in.steps);
-      else
-        CheckParallelCall(asked, work, ns / in.steps);
+      Choices().End(work, asked, call, ns / in.steps);
     }
     WriteStates(in, plan, out);
   }
@@ -703,12 +643,27 @@ class StructuredRnnOp : public OpKernel {
     layout->gather.resize(width);
     layout->bias_slots.resize(width);
     if (traits_.recurrent_bias) layout->recurrent_bias_slots.resize(width);
+    // Task-major where the recurrent product's groups make every gate, at
+    // batch 1: with a batch, x_proj outgrows the caches (d = 800, batch 32:
+    // 41 MB) and the gate math read it 1.4x slower task-major than
+    // gate-major (four streams a group instead of one).
+    const bool task_major = p->recurrent.mode == kGroupOwned &&
+                            !traits_.has_candidate && in.batch == 1;
+    const int64_t len =
+        task_major
+            ? units / p->recurrent.chain.stages[p->recurrent.chain.num_stages -
+                                                1].g
+            : units;
+    p->x_task_mult = task_major ? traits_.gates : 1;
+    p->x_gate_stride = len;
     for (int q = 0; q < traits_.gates; ++q) {
       // Gates past the recurrent product's come from the candidate product.
       const Product& pr =
           q < traits_.recurrent_gates ? p->recurrent : p->candidate;
       for (int64_t k = 0; k < units; ++k) {
-        const int64_t slot = q * units + k;
+        // Unit slot k = i * len + l: task i's l-th unit.
+        const int64_t slot =
+            (k / len) * len * p->x_task_mult + q * len + k % len;
         const int64_t column = q * units + UnitOfSlot(pr, units, k);
         // With a shuffle, natural column j * g + i is the unshuffled
         // output i * b + j.
@@ -765,7 +720,8 @@ class StructuredRnnOp : public OpKernel {
         std::max(p->recurrent.max_task_units, p->candidate.max_task_units);
     const int64_t task_product =
         RoundUp16(batch * traits_.recurrent_gates * task_units);
-    const int64_t recurrent_need = task_product + 4 * RoundUp16(task_units);
+    const int64_t recurrent_need =
+        2 * task_product + 4 * RoundUp16(task_units);
     // A shuffling intermediate stage needs room for its unshuffled rows: a
     // row chunk in the input phase, the batch in the recurrent phase.
     int64_t shuffle_floats =
@@ -781,7 +737,8 @@ class StructuredRnnOp : public OpKernel {
     p->off_pack = 2 * stage_floats + RoundUp16(width);
     p->off_sparse_x = p->off_pack + kBlockFloats;
     p->off_task_product = 0;
-    p->off_task_vectors = task_product;
+    p->off_task_product_alt = task_product;
+    p->off_task_vectors = 2 * task_product;
     return shared + p->num_threads * p->scratch_stride;
   }
 
@@ -1005,6 +962,21 @@ __attribute__((visibility("default"))) int keras_antman_rnn_threads(
       keras_antman::ThreadsFor(asked, work,
                                keras_antman::min_parallel_macs_per_step),
       work);
+}
+
+// Replays `calls` calls of one class through a fresh ThreadChoice: call i
+// takes ns_one[i] ns per step on one thread, ns_many[i] on `asked`;
+// threads[i] receives the count it ran on. For the tests: the choice
+// given injected timings, with no clock.
+__attribute__((visibility("default"))) void keras_antman_replay_thread_choice(
+    int asked, const long long* ns_one, const long long* ns_many, int calls,
+    int* threads) {
+  keras_antman::ThreadChoice choice(asked);
+  for (int i = 0; i < calls; ++i) {
+    const keras_antman::ThreadChoice::Call call = choice.Begin();
+    threads[i] = call.threads;
+    choice.End(call, call.threads > 1 ? ns_many[i] : ns_one[i]);
+  }
 }
 
 // The sliced form the AVX-512 engine takes for a recurrent sparse term: 0

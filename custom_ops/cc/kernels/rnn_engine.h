@@ -135,12 +135,21 @@ enum Cell { kLstm = 0, kGru = 1 };
 // (antman_kernels.cc) fills it after checking every input, and the engine
 // trusts it.
 //
-// "Slot layout": the state-sized arrays the gate math reads per task (the
-// input projection x_proj, the biases, the LSTM cell state c) are ordered
-// so that each task's units are contiguous: gate q's slot k sits at
-// q * units + k and holds unit UnitOfSlot(k) of the product making gate q
-// (the identity except in kGroupOwned mode). h and the outputs stay in
-// natural unit order.
+// "Slot layout": the arrays the gate math reads per task (the input
+// projection x_proj, the biases, the LSTM cell state c) are ordered so
+// that each task's units are contiguous: unit slot k holds unit
+// UnitOfSlot(k) of the product making the gate (the identity except in
+// kGroupOwned mode), c is [units] in slot order, and a row of x_proj or
+// of the biases holds gate q of a task's l-th unit at
+// first_slot * x_task_mult + q * x_gate_stride + l. That is gate-major
+// (x_task_mult 1, x_gate_stride units) except where the recurrent
+// product's tasks are its g groups and make every gate (kGroupOwned, no
+// candidate product) at batch 1: then task-major (x_task_mult G, x_gate_stride
+// units / g), so a group's z values are its block's G * units / g
+// outputs in order. An input product ending in the same shuffled stage
+// then writes them in place (the gather is the identity), and at batch 1
+// a recurrent block's accumulators start from them (LstmGroupStep). h and
+// the outputs stay in natural unit order.
 struct RnnPlan {
   int cell;
   bool reset_after;  // GRU only
@@ -162,6 +171,7 @@ struct RnnPlan {
   // instead (runs too short). One run (0, 0, z_width) is the identity.
   const int64_t* runs;
   int64_t num_runs;
+  int64_t x_task_mult, x_gate_stride;  // see "Slot layout" above
   const float* bias_slots;  // [z_width] input-side bias, folded into x_proj
   // GRU reset_after: the recurrent bias (added inside r * (...)), slots.
   const float* recurrent_bias_slots;
@@ -190,8 +200,9 @@ struct RnnPlan {
   // Input phase with a sparse term: a row chunk of x transposed,
   // [features, kRowChunk] (0 floats without one).
   int64_t off_sparse_x;
-  // Recurrent phase: a task's product, [batch, G * max_task_units] ...
-  int64_t off_task_product;
+  // Recurrent phase: a task's product, [batch, G * max_task_units], twice
+  // (LstmGroupStep keeps one group's while the next one's is computed) ...
+  int64_t off_task_product, off_task_product_alt;
   // ... and 4 vectors of max_task_units for its gate math.
   int64_t off_task_vectors;
   // Both phases: an intermediate stage that shuffles is computed here,

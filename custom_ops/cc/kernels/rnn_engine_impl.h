@@ -21,9 +21,18 @@ constexpr int V = KA_VBYTES / 4;
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t Max(int64_t a, int64_t b) { return a > b ? a : b; }
 
+// s in every lane. A uniform initializer is one broadcast (from memory
+// where s is loaded); `vf{} + s` was an add of 0 (which IEEE rules keep)
+// and a register broadcast, two floating-point ops per broadcast in every
+// product's inner loop.
 inline vf Splat(float s) {
-  vf z = {};
-  return z + s;
+#if KA_VBYTES == 64
+  return vf{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+#elif KA_VBYTES == 32
+  return vf{s, s, s, s, s, s, s, s};
+#else
+  return vf{s, s, s, s};
+#endif
 }
 inline vf LoadU(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void StoreU(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
@@ -85,7 +94,7 @@ inline void StoreN(float* p, vf v, int64_t n) {
 // the clamp keeps 2^n finite and is far beyond where sigmoid and tanh
 // saturate in float32. ExpReduced is e^(x - n ln 2) for the integer n = nf
 // (ln 2 in two parts, then the polynomial), shared by both Exp variants.
-inline vf ExpReduced(vf x, vf nf) {
+[[gnu::always_inline]] inline vf ExpReduced(vf x, vf nf) {
   x = x - nf * 0.693359375f;
   x = x - nf * -2.12194440e-4f;
   vf z = x * x;
@@ -101,7 +110,7 @@ inline vf ExpReduced(vf x, vf nf) {
 #if KA_VBYTES == 64
 // AVX-512: the nearest integer n and the final y * 2^n in one instruction
 // each (roundscale, scalef).
-inline vf Exp(vf x) {
+[[gnu::always_inline]] inline vf Exp(vf x) {
   const vf hi = Splat(87.0f), lo = Splat(-87.0f);
   x = x > hi ? hi : x;
   x = x < lo ? lo : x;
@@ -112,7 +121,7 @@ inline vf Exp(vf x) {
   return (vf)_mm512_scalef_ps((__m512)y, (__m512)nf);
 }
 #else
-inline vf Exp(vf x) {
+[[gnu::always_inline]] inline vf Exp(vf x) {
   const vf hi = Splat(87.0f), lo = Splat(-87.0f);
   x = x > hi ? hi : x;
   x = x < lo ? lo : x;
@@ -126,8 +135,30 @@ inline vf Exp(vf x) {
   return y * (vf)e;
 }
 #endif
-inline vf Sigmoid(vf x) { return 1.0f / (1.0f + Exp(-x)); }
-inline vf Tanh(vf x) { return 2.0f / (1.0f + Exp(-2.0f * x)) - 1.0f; }
+[[gnu::always_inline]] inline vf Sigmoid(vf x) {
+  return 1.0f / (1.0f + Exp(-x));
+}
+[[gnu::always_inline]] inline vf Tanh(vf x) {
+  return 2.0f / (1.0f + Exp(-2.0f * x)) - 1.0f;
+}
+
+// The LSTM cell for one vector of units: c' = f * c + i * tanh(g),
+// h' = o * tanh(c'), with 3 divides instead of 5: sigmoid(a) * tanh(b) =
+// (1 - e^-2b) / ((1 + e^-a) (1 + e^-2b)). Where that denominator rounds to
+// inf the product is below 1e-37; the numerator stays finite (Exp clamps),
+// so the quotient is 0.
+struct CellOut {
+  vf c, h;
+};
+[[gnu::always_inline]] inline vf SigmoidTimesTanh(vf a, vf b) {
+  const vf ea = Exp(-a), eb = Exp(-2.0f * b);
+  return (1.0f - eb) / ((1.0f + ea) * (1.0f + eb));
+}
+[[gnu::always_inline]] inline CellOut LstmCell(vf zi, vf zf, vf zg, vf zo,
+                                               vf c) {
+  const vf cn = c / (1.0f + Exp(-zf)) + SigmoidTimesTanh(zi, zg);
+  return {cn, SigmoidTimesTanh(zo, cn)};
+}
 
 // y[0, n) = a[0, n) + b[0, n); y may be a.
 inline void AddRow(const float* a, const float* b, int64_t n, float* y) {
@@ -371,7 +402,10 @@ void GemvStream(const float* x, int64_t ldx, const float* w, int64_t ldw,
 // null) receives a copy of each strided block so that the rows read it
 // contiguously: a narrow block of a wide W spans one page per row, which
 // the TLB and the prefetcher handle badly, and the copy is paid once per
-// block for many rows.
+// block for many rows. Rows shorter than a page are read in place: a
+// block of a block-diagonal stage (LGP-Shuffle g=10 at d = 1600, 640
+// columns) stays in L2 anyway, and its copy took 8% of the op's time.
+constexpr int64_t kPackMinLdw = 1024;
 void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
           int64_t ldw, int64_t k_len, int64_t n, float* y, int64_t ldy,
           float* pack = nullptr) {
@@ -396,7 +430,7 @@ void Gemm(const float* x, int64_t ldx, int64_t rows, const float* w,
     const int64_t nc = Min(nb, n - c0);
     const float* wb = w + c0;
     int64_t ldb = ldw;
-    if (pack != nullptr && rows > 4 && nc < ldw &&
+    if (pack != nullptr && rows > 4 && nc < ldw && ldw >= kPackMinLdw &&
         k_len * nc <= kBlockFloats) {
       for (int64_t k = 0; k < k_len; ++k)
         for (int64_t c = 0; c < nc; ++c) pack[k * nc + c] = wb[k * ldw + c];
@@ -661,7 +695,8 @@ struct StepView {
 // Row b of x_proj at this step, from the task's first slot.
 inline const float* XProjRow(const StepView& st, int64_t b, const Task& tk) {
   const RnnPlan& p = *st.p;
-  return p.x_proj + (b * p.steps + st.t) * p.z_width + tk.first_slot;
+  return p.x_proj + (b * p.steps + st.t) * p.z_width +
+         tk.first_slot * p.x_task_mult;
 }
 
 // Writes the task's new h (in v.h) to the state and the output sequence.
@@ -682,7 +717,7 @@ struct LstmGates {
   const StepView& st;
   void operator()(const Task& tk, const float* rec, int64_t ldv) const {
     const RnnPlan& p = *st.p;
-    const int64_t units = p.units, len = tk.len;
+    const int64_t units = p.units, len = tk.len, xs = p.x_gate_stride;
     float* task_h = st.v.h;
     for (int64_t b = 0; b < p.batch; ++b) {
       const float* rec_row = rec + b * ldv;
@@ -691,19 +726,153 @@ struct LstmGates {
       for (int64_t l = 0; l < len; l += V) {
         const int64_t n = Min(V, len - l);
         const vf zi = LoadN(rec_row + l, n) + LoadN(x_row + l, n);
-        const vf zf = LoadN(rec_row + len + l, n) + LoadN(x_row + units + l, n);
+        const vf zf = LoadN(rec_row + len + l, n) + LoadN(x_row + xs + l, n);
         const vf zg =
-            LoadN(rec_row + 2 * len + l, n) + LoadN(x_row + 2 * units + l, n);
+            LoadN(rec_row + 2 * len + l, n) + LoadN(x_row + 2 * xs + l, n);
         const vf zo =
-            LoadN(rec_row + 3 * len + l, n) + LoadN(x_row + 3 * units + l, n);
-        const vf cn = Sigmoid(zf) * LoadN(c + l, n) + Sigmoid(zi) * Tanh(zg);
-        StoreN(c + l, cn, n);
-        StoreN(task_h + l, Sigmoid(zo) * Tanh(cn), n);
+            LoadN(rec_row + 3 * len + l, n) + LoadN(x_row + 3 * xs + l, n);
+        const CellOut out = LstmCell(zi, zf, zg, zo, LoadN(c + l, n));
+        StoreN(c + l, out.c, n);
+        StoreN(task_h + l, out.h, n);
       }
       EmitH(st, tk, b);
     }
   }
 };
+
+// ---------------------------------------------------------------------------
+// The batch-1 LSTM step of ../shared/limit for one shuffled block-diagonal
+// recurrent stage (LGP-Shuffle): each group's accumulators start from its
+// z values in x_proj (task-major, bias folded in), so its product ends as
+// z = x_proj + h_prev @ W_i; and the gate math of the group before runs
+// one vector at a time between segments of this group's product, which
+// waits on its weights (from L2) while the gate math keeps the
+// floating-point units busy.
+
+// A group whose z is complete, its gate math still to run.
+struct LstmPending {
+  const StepView* st;
+  const float* z;  // [4][len], null: none
+  int64_t group, len;
+
+  int64_t Vectors() const { return z == nullptr ? 0 : (len + V - 1) / V; }
+
+  // Units [j * V, + V) of the group; the last vector also writes h out.
+  [[gnu::always_inline]] void Vector(int64_t j) const {
+    const RnnPlan& p = *st->p;
+    const int64_t l = j * V, n = Min(V, len - l);
+    float* c = p.c + group * len + l;
+    const vf zi = LoadN(z + l, n), zf = LoadN(z + len + l, n);
+    const vf zg = LoadN(z + 2 * len + l, n), zo = LoadN(z + 3 * len + l, n);
+    const CellOut out = LstmCell(zi, zf, zg, zo, LoadN(c, n));
+    StoreN(c, out.c, n);
+    StoreN(st->v.h + l, out.h, n);
+    if (l + n == len) {
+      const int64_t g = p.units / len;
+      EmitH(*st, Task{group, g, len, group * len}, 0);
+    }
+  }
+};
+
+// out[0, NV * V) = init + h[0, k_len) @ w (rows of stride ldw), with the
+// pending group's gate math in between; REV walks the rows backwards.
+template <int NV, bool REV>
+void GemvFrom(const float* __restrict h, const float* __restrict w,
+              int64_t ldw, int64_t k_len, const float* __restrict init,
+              float* __restrict out, const LstmPending& pending) {
+  vf acc[NV];
+#pragma GCC unroll 32
+  for (int j = 0; j < NV; ++j) acc[j] = LoadU(init + j * V);
+  const int64_t vectors = pending.Vectors();
+  const int64_t seg = (k_len + vectors) / (vectors + 1);
+  int64_t done = 0;
+  for (int64_t i0 = 0; i0 < k_len; i0 += seg) {
+    const int64_t i1 = Min(k_len, i0 + seg);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t k = REV ? k_len - 1 - i : i;
+      const vf hk = Splat(h[k]);
+      const float* wk = w + k * ldw;
+#pragma GCC unroll 32
+      for (int j = 0; j < NV; ++j) acc[j] += hk * LoadU(wk + j * V);
+    }
+    if (done < vectors) pending.Vector(done++);
+  }
+  for (; done < vectors; ++done) pending.Vector(done);
+#pragma GCC unroll 32
+  for (int j = 0; j < NV; ++j) StoreU(out + j * V, acc[j]);
+}
+
+typedef void (*GemvFromFn)(const float*, const float*, int64_t, int64_t,
+                           const float*, float*, const LstmPending&);
+
+template <int NV>
+GemvFromFn PickGemvFrom(int64_t nv, bool rev) {
+  if constexpr (NV == 0) {
+    return nullptr;
+  } else {
+    if (nv == NV) return rev ? &GemvFrom<NV, true> : &GemvFrom<NV, false>;
+    return PickGemvFrom<NV - 1>(nv, rev);
+  }
+}
+
+// Whether LstmGroupStep runs the plan's steps: batch 1, one stage of
+// unshared blocks whose groups own their units (shuffle), whole vectors
+// per block, no sparse term, task-major x_proj.
+bool GroupStepFits(const RnnPlan& p) {
+  const Product& pr = p.recurrent;
+  if (p.cell != kLstm || p.batch != 1 || pr.chain.num_stages != 1 ||
+      pr.mode != kGroupOwned || HasSlices(pr) || p.x_task_mult != 4)
+    return false;
+  const Stage& s = pr.chain.stages[0];
+  return !s.shared && s.b % V == 0;
+}
+
+// A group's block product in column chunks of at most MaxNv(1) vectors,
+// near-equal: chunk c has ChunkVectors(nvec, c) vectors from vector
+// ChunkStart(nvec, c).
+constexpr int kGroupNv = MaxNv(1);
+inline int64_t Chunks(int64_t nvec) {
+  return (nvec + kGroupNv - 1) / kGroupNv;
+}
+inline int64_t ChunkVectors(int64_t nvec, int64_t c) {
+  const int64_t n = Chunks(nvec);
+  return nvec / n + (c < nvec % n ? 1 : 0);
+}
+inline int64_t ChunkStart(int64_t nvec, int64_t c) {
+  const int64_t n = Chunks(nvec);
+  return c * (nvec / n) + Min(c, nvec % n);
+}
+
+// One step of this thread's groups: each group's block product in chunks
+// of at most MaxNv(1) vectors (the pending gate math in the first), the
+// groups walked backwards on odd steps (`rev`, and the rows and chunks of
+// each block too), so a step starts on the weights the last one used last.
+void LstmGroupStep(const StepView& st, int tid, int nt, bool rev,
+                   float* z_buffers[2]) {
+  const RnnPlan& p = *st.p;
+  const Stage& s = p.recurrent.chain.stages[0];
+  const int64_t g0 = s.g * tid / nt, g1 = s.g * (tid + 1) / nt;
+  const int64_t len = p.units / s.g, nvec = s.b / V;
+  const int64_t chunks = Chunks(nvec);
+  const float* x_row = p.x_proj + st.t * p.z_width;
+  LstmPending pending{&st, nullptr, 0, len};
+  for (int64_t j = 0; j < g1 - g0; ++j) {
+    const int64_t i = rev ? g1 - 1 - j : g0 + j;
+    float* z = z_buffers[j & 1];
+    const float* w = s.w + i * s.a * s.b;
+    const float* init = x_row + i * s.b;
+    for (int64_t cj = 0; cj < chunks; ++cj) {
+      const int64_t c = rev ? chunks - 1 - cj : cj;
+      const int64_t nv = ChunkVectors(nvec, c);
+      const int64_t c0 = ChunkStart(nvec, c) * V;
+      PickGemvFrom<kGroupNv>(nv, rev)(st.h_prev + i * s.a, w + c0, s.b, s.a,
+                                      init + c0, z + c0,
+                                      cj == 0 ? pending : LstmPending{});
+    }
+    pending = LstmPending{&st, z, i, len};
+  }
+  for (int64_t v = 0; v < pending.Vectors(); ++v) pending.Vector(v);
+}
 
 // GRU with reset_after (z, r, h): the reset gate multiplies the recurrent
 // term including its bias, h~ = tanh(x_h + r * (rec_h + b_rec_h)).
@@ -711,8 +880,9 @@ struct GruResetAfterGates {
   const StepView& st;
   void operator()(const Task& tk, const float* rec, int64_t ldv) const {
     const RnnPlan& p = *st.p;
-    const int64_t units = p.units, len = tk.len;
-    const float* rec_bias = p.recurrent_bias_slots + tk.first_slot;
+    const int64_t units = p.units, len = tk.len, xs = p.x_gate_stride;
+    const float* rec_bias =
+        p.recurrent_bias_slots + tk.first_slot * p.x_task_mult;
     float* task_h = st.v.h;
     float* task_h_prev = st.v.h_prev;
     for (int64_t b = 0; b < p.batch; ++b) {
@@ -723,12 +893,12 @@ struct GruResetAfterGates {
         const int64_t n = Min(V, len - l);
         const vf z = Sigmoid(LoadN(x_row + l, n) + LoadN(rec_row + l, n) +
                              LoadN(rec_bias + l, n));
-        const vf r = Sigmoid(LoadN(x_row + units + l, n) +
+        const vf r = Sigmoid(LoadN(x_row + xs + l, n) +
                              LoadN(rec_row + len + l, n) +
-                             LoadN(rec_bias + units + l, n));
-        const vf hh = Tanh(LoadN(x_row + 2 * units + l, n) +
+                             LoadN(rec_bias + xs + l, n));
+        const vf hh = Tanh(LoadN(x_row + 2 * xs + l, n) +
                            r * (LoadN(rec_row + 2 * len + l, n) +
-                                LoadN(rec_bias + 2 * units + l, n)));
+                                LoadN(rec_bias + 2 * xs + l, n)));
         const vf hp = LoadN(task_h_prev + l, n);
         StoreN(task_h + l, z * hp + (1.0f - z) * hh, n);
       }
@@ -754,7 +924,7 @@ struct GruGatesA {
       for (int64_t l = 0; l < len; l += V) {
         const int64_t n = Min(V, len - l);
         const vf z = Sigmoid(LoadN(x_row + l, n) + LoadN(rec_row + l, n));
-        const vf r = Sigmoid(LoadN(x_row + units + l, n) +
+        const vf r = Sigmoid(LoadN(x_row + p.x_gate_stride + l, n) +
                              LoadN(rec_row + len + l, n));
         StoreN(task_z + l, z, n);
         StoreN(task_r_h_prev + l, r * LoadN(task_h_prev + l, n), n);
@@ -778,7 +948,7 @@ struct GruCandidate {
     float* task_z = st.v.z;
     for (int64_t b = 0; b < p.batch; ++b) {
       const float* rec_row = rec + b * ldv;
-      const float* x_row = XProjRow(st, b, tk) + 2 * units;
+      const float* x_row = XProjRow(st, b, tk) + 2 * p.x_gate_stride;
       GatherUnits(st.h_prev + b * units, tk, task_h_prev);
       GatherUnits(p.update_gate + b * units, tk, task_z);
       for (int64_t l = 0; l < len; l += V) {
@@ -801,8 +971,10 @@ struct NoCandidate {
 // The step loop of every cell: the recurrent product's intermediate
 // stages, its last stage fused with `Gates`, and for the GRU without
 // reset_after the candidate product fused with `Candidate`.
+// `group_step`: LstmGroupStep runs the steps instead (GroupStepFits).
 template <class Gates, class Candidate>
-void RecurrentPhase(const RnnPlan& p, int tid, int nt, Sync& sync) {
+void RecurrentPhase(const RnnPlan& p, int tid, int nt, Sync& sync,
+                    bool group_step = false) {
   const int64_t batch = p.batch, units = p.units;
   float* thread_scratch = p.scratch + tid * p.scratch_stride;
   float* task_product = thread_scratch + p.off_task_product;
@@ -815,10 +987,18 @@ void RecurrentPhase(const RnnPlan& p, int tid, int nt, Sync& sync) {
   v.z = v.h_prev + max_units;
   v.r_h_prev = v.z + max_units;
 
+  float* z_buffers[2] = {task_product,
+                         thread_scratch + p.off_task_product_alt};
+
   for (int64_t s = 0; s < p.steps; ++s) {
     const StepView st{&p, s, p.go_backwards ? p.steps - 1 - s : s,
                       p.h[s & 1], p.h[(s + 1) & 1], v};
     const bool rev = (s & 1) != 0;
+    if (group_step) {
+      LstmGroupStep(st, tid, nt, rev, z_buffers);
+      sync.Wait();
+      continue;
+    }
     int64_t ldx;
     // A sparse term's outputs are all computed before the last stage; a
     // chain of 2+ stages has a barrier in Intermediate in between.
@@ -856,7 +1036,8 @@ void RnnBody(const RnnPlan& p, int tid, int nt) {
   InputPhase(p, tid, nt);
   sync.Wait();
   if (p.cell == kLstm)
-    RecurrentPhase<LstmGates, NoCandidate>(p, tid, nt, sync);
+    RecurrentPhase<LstmGates, NoCandidate>(p, tid, nt, sync,
+                                           GroupStepFits(p));
   else if (p.reset_after)
     RecurrentPhase<GruResetAfterGates, NoCandidate>(p, tid, nt, sync);
   else
