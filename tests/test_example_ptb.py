@@ -407,3 +407,205 @@ def test_data_aware_init_rows_and_intermediate_perplexities(example,
     assert rows["LGP-Shuffle g=10 (data-aware init)"]["test_ppl_at"][
         "0"] == pytest.approx(test, rel=1e-4)
     assert math.isfinite(test)
+
+
+# -- --carry-state (Zaremba's stateful BPTT) and the plateau schedule -------
+
+def _np_logits(model, x):
+    """NumPy forward pass of `language_model` (either LSTM kind) over the
+    token rows ``x`` [B, T], from zero states: the reference for a model
+    carrying its state across the windows of ``x``."""
+    from reference import lstm
+
+    h = model.get_layer("embedding").get_weights()[0][x].astype("float64")
+    for i in range(2):
+        layer = model.get_layer(f"lstm_{i}")
+        weights = (layer.stock_weights() if hasattr(layer, "stock_weights")
+                   else layer.get_weights())
+        h = lstm(h, *(np.asarray(w, "float64") for w in weights))[0]
+    w, b = model.get_layer("logits").get_weights()
+    return h @ w + b
+
+
+def _np_ppl(logits, y):
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    return float(np.exp(-np.take_along_axis(logp, y[..., None], -1).mean()))
+
+
+def _stateful_lms(example, vocab=31):
+    """A stateful teacher (random weights) and its compressed LGP student,
+    on batches of 4 rows x 5 steps."""
+    import keras_antman as am
+
+    from conftest import randomize_weights
+
+    teacher = example.language_model(vocab, 8, 8, "teacher", batch_size=4)
+    randomize_weights(teacher, seed=3, scale=0.5)
+    g = am.LGPShuffle(2)
+    student = am.compress(teacher, input_scheme=g, recurrent_scheme=g)
+    return teacher, student
+
+
+def test_carried_state_eval_is_one_long_sequence(example, rng):
+    """Evaluation with the state carried over a split equals one pass over
+    each whole stream from a zero state (a NumPy LSTM); zero-state
+    evaluation equals separate windows; the two differ; the states a
+    training run carries are left as they were. For the stock LSTM
+    teacher and for its compressed (StructuredLSTM) student."""
+    from keras_antman import calibration
+    from keras_antman import datasets
+
+    ids = rng.integers(0, 31, 4 * 5 * 3 + 1)
+    ds = datasets.bptt_dataset(ids, batch_size=4, num_steps=5)
+    xs, ys = zip(*ds.as_numpy_iterator())
+    x, y = np.concatenate(xs, 1), np.concatenate(ys, 1)  # [4, 15] streams
+    for model in _stateful_lms(example):
+        layers = calibration.stateful_layers(model)
+        assert len(layers) == 2
+        model(xs[1], training=False)  # a state to keep
+        before = [np.array(v) for layer in layers for v in layer.states]
+        ppl = example._perplexity_fn(model)
+        carried, zero = ppl(ds, carry=True), ppl(ds, carry=False)
+        assert carried == pytest.approx(_np_ppl(_np_logits(model, x), y),
+                                        rel=1e-4)
+        windows = np.concatenate([_np_logits(model, w) for w in xs], 1)
+        assert zero == pytest.approx(_np_ppl(windows, y), rel=1e-4)
+        assert carried != pytest.approx(zero, rel=1e-4)
+        after = [np.array(v) for layer in layers for v in layer.states]
+        for a, b in zip(before, after):
+            np.testing.assert_array_equal(a, b)
+        # The second window's logits: after the first vs from zero.
+        for layer in layers:
+            layer.reset_states()
+        model(xs[0], training=False)
+        carried = np.asarray(model(xs[1], training=False))
+        for layer in layers:
+            layer.reset_states()
+        zero = np.asarray(model(xs[1], training=False))
+        assert np.linalg.norm(carried - zero) > 0.05 * np.linalg.norm(zero)
+
+
+def test_distiller_carries_both_states_and_resets_at_epoch_start(
+        example, tmp_path):
+    """Distillation with --carry-state: after 6 steps of a 4-step epoch
+    (learning rate 0, so the weights stay), the teacher's and the student's
+    LSTM states are those of one pass over the epoch's first two windows
+    from zero: carried across windows, zeroed at the epoch start, and the
+    teacher on the same state history as the student."""
+    from reference import lstm
+
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    args = example.build_parser().parse_args([
+        "--data", str(data), "--run-dir", str(tmp_path / "run"),
+        "--carry-state", "--batch-size", "4", "--num-steps", "5",
+        "--max-train-tokens", "85", "--chunk-steps", "2", "--optimizer",
+        "sgd", "--verbose", "0"])
+    run = example.Run(args)
+    assert run.epoch_steps == 4
+    teacher, student = _stateful_lms(example, run.vocab)
+    steps, _ = example.distill(run, teacher, student, dict(
+        c_target=1.0, c_mse=1.0, c_kl=1.0), 6, "probe", lr=0.0)
+    assert steps == 6
+    xs = [x for x, _ in run.train.take(2).as_numpy_iterator()]
+    tokens = np.concatenate(xs, 1)
+    for model in (teacher, student):
+        h = model.get_layer("embedding").get_weights()[0][tokens]
+        for i in range(2):
+            layer = model.get_layer(f"lstm_{i}")
+            weights = (layer.stock_weights()
+                       if hasattr(layer, "stock_weights")
+                       else layer.get_weights())
+            h, h_last, c_last = lstm(h.astype("float64"), *(
+                np.asarray(w, "float64") for w in weights))
+            np.testing.assert_allclose(np.array(layer.states[0]), h_last,
+                                       rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(np.array(layer.states[1]), c_last,
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_plateau_rule(example):
+    args = example.build_parser().parse_args([
+        "--data", "unused", "--plateau-tol", "0.01", "--plateau-stop",
+        "0.002", "--plateau-decays", "2"])
+
+    def entry(val, lr, decayed=False):
+        return dict(val_ppl=val, lr=lr, decayed=decayed)
+
+    assert example.plateau_step([entry(200, 1.0)], args) == (1.0, False)
+    log = [entry(200, 1.0), entry(150, 1.0)]
+    assert example.plateau_step(log, args) == (1.0, False)  # 25% better
+    log.append(entry(149, 1.0))  # 0.7% better: decay
+    assert example.plateau_step(log, args) == (0.5, False)
+    log[-1]["decayed"] = True
+    log.append(entry(140, 0.5))  # better by 6% than the best: keep
+    assert example.plateau_step(log, args) == (0.5, False)
+    log.append(entry(139.9, 0.5))  # 0.07% after a decay: flat, stop
+    assert example.plateau_step(log, args) == (0.5, True)
+    log[-1] = entry(139, 0.5)  # 0.7%: decay once more
+    assert example.plateau_step(log, args) == (0.25, False)
+    log[-1]["decayed"] = True
+    log.append(entry(138, 0.25))  # 0.7% with 2 decays done: stop
+    assert example.plateau_step(log, args) == (0.25, True)
+
+
+def test_carry_state_run_plateau_teacher_resumes_and_reports(
+        example, tmp_path, monkeypatch):
+    """A --carry-state run end to end: the teacher on the plateau schedule
+    (interrupted before an evaluation, then resumed: no evaluation lost
+    or repeated, the decayed rate kept), then students with curves, and
+    the report's zero-state column and curve tables."""
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--run-dir", str(tmp_path / "run"),
+            "--out", str(out), "--hidden", "20", "--groups", "10",
+            "--batch-size", "4", "--num-steps", "5", "--max-train-tokens",
+            "85", "--carry-state", "--teacher-schedule", "plateau",
+            "--teacher-epochs", "5", "--chunk-steps", "2", "--eval-every",
+            "2", "--plateau-tol", "1", "--plateau-stop", "1",
+            "--optimizer", "sgd", "--lr", "1", "--student-steps", "4",
+            "--curve-every", "2", "--students", "lgp,dense",
+            "--calib-steps", "2", "--calib-eval", "2", "--verbose", "0",
+            "--eager", "--report-name", "conv", "--stages",
+            "teacher,calibrate,students,report"]
+    ends = []
+    clock_end = example._Clock.on_epoch_end
+
+    def counting_end(self, epoch, logs=None):
+        clock_end(self, epoch, logs)
+        ends.append(self.key)
+        if len(ends) == 2:  # after the 2nd chunk's backup, before its eval
+            raise _Stop()
+
+    monkeypatch.setattr(example._Clock, "on_epoch_end", counting_end)
+    with pytest.raises(_Stop):
+        example.main(argv)
+    log = json.loads((tmp_path / "run" / "results.json").read_text())[
+        "schedule"]["teacher"]
+    assert [e["step"] for e in log] == [2]
+    monkeypatch.setattr(example._Clock, "on_epoch_end", clock_end)
+    results = example.main(argv)
+    teacher = results["teacher"]
+    # tol 1: every evaluation but the first decays, stop 1: the one after
+    # a decay stops.
+    assert [(e["step"], e["lr"], e["decayed"], e["stopped"])
+            for e in teacher["curve"]] == [
+        (2, 1.0, False, False), (4, 1.0, True, False),
+        (6, 0.5, False, True)]
+    assert teacher["steps"] == 6 and teacher["carry_state"]
+    assert "schedule" not in results or "teacher" not in results["schedule"]
+    for r in [teacher, *results["students"].values()]:
+        assert {"val_ppl_zero_state", "test_ppl_zero_state"} <= set(r)
+        assert np.isfinite(r["test_ppl"]) and r["test_ppl"] != r[
+            "test_ppl_zero_state"]
+    for r in results["students"].values():
+        assert [e["step"] for e in r["curve"]] == [0, 2, 4]
+        assert r["curve"][-1]["test_ppl"] == pytest.approx(r["test_ppl"])
+    table = (out / "conv_results.md").read_text()
+    assert "zero state" in table and "stateful truncated BPTT" in table
+    assert "### Teacher" in table and "| 6 | 0.5 |" in table
+    assert (out / "conv_curves.png").stat().st_size > 0
