@@ -254,6 +254,11 @@ class Run:
         return os.path.join(self.args.run_dir, name)
 
     def perplexities(self, model):
+        """``(val ppl, test ppl)`` of ``model`` (see `scores`)."""
+        scores = self.scores(model)
+        return scores["val_ppl"], scores["test_ppl"]
+
+    def scores(self, model):
         """``{"val_ppl", "test_ppl"}`` of ``model``; with ``--carry-state``
         the state carried over each whole split, plus the zero-state
         values as ``val_ppl_zero_state`` and ``test_ppl_zero_state``."""
@@ -520,7 +525,7 @@ def stage_teacher(run):
     else:
         steps, seconds = train_chunked(run, teacher, "teacher", steps)
     teacher.save(path)
-    scores = run.perplexities(teacher)
+    scores = run.scores(teacher)
     params, macs = lstm_cost(teacher)
     run.results["teacher"] = dict(
         lstm_params=params, lstm_macs=macs, mac_reduction=1.0, **scores,
@@ -658,7 +663,7 @@ def stage_students(run, teacher):
                                  run.args.student_steps, "student " + name,
                                  lr=lr, callbacks=callbacks)
         student.save(run.file(f"student_{_slug(name)}.keras"))
-        scores = run.perplexities(student)
+        scores = run.scores(student)
         val, test = scores["val_ppl"], scores["test_ppl"]
         params, macs = lstm_cost(student)
         run.results.setdefault("students", {})[name] = dict(
@@ -734,7 +739,7 @@ def stage_iss(run, teacher):
             shuffle=False, verbose=args.verbose)
         seconds = time.time() - t0
         shrunk.save(run.file(f"student_{_slug(name)}.keras"))
-        scores = run.perplexities(shrunk)
+        scores = run.scores(shrunk)
         val, test = scores["val_ppl"], scores["test_ppl"]
         cost = am.report(teacher, shrunk).recurrent_total
         units = [layer.units for layer in shrunk.layers
@@ -977,7 +982,7 @@ def stage_doping(run, teacher):
             params, macs = lstm_cost(student)
             scheme = arg.describe()
         student.save(run.file(f"student_{_slug(name)}.keras"))
-        scores = run.perplexities(student)
+        scores = run.scores(student)
         val, test = scores["val_ppl"], scores["test_ppl"]
         run.results.setdefault("students", {})[name] = dict(
             lstm_params=params, lstm_macs=macs,
@@ -1030,7 +1035,7 @@ def stage_grid(run, teacher):
             coeffs = {"c_target": 1.0, "c_mse": c_mse, "c_kl": c_kl}
             steps, seconds = distill(run, teacher, student, coeffs,
                                      run.args.grid_steps, "grid " + key)
-            scores = run.perplexities(student)
+            scores = run.scores(student)
             val, test = scores["val_ppl"], scores["test_ppl"]
             run.results.setdefault("grid", {})[key] = dict(
                 c_target=1.0, c_mse=c_mse, c_kl=c_kl, **scores,
