@@ -1369,7 +1369,7 @@ def _plot_curves(curves, path):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, curve in curves:
-        ax = left if name == "Teacher" else right
+        ax = left if name.startswith("Teacher") else right
         steps = [e["step"] for e in curve]
         ax.plot(steps, [e["val_ppl"] for e in curve], marker=".",
                 label=name)
@@ -1458,6 +1458,10 @@ def stage_report(run, out_dir):
     if t_ppl and any("test_ppl_at" in r for _, r in rows):
         lines += _init_table(res, t_ppl)
     curves = [(n, r["curve"]) for n, r in rows if r.get("curve")]
+    curves += [(f"{'Teacher' if key == 'teacher' else key} (in training)",
+                log) for key, log in res.get("schedule", {}).items() if log]
+    curves += [(f"{key} (in training)", log)
+               for key, log in res.get("curves", {}).items() if log]
     if curves:
         lines += _curve_tables(curves)
         _plot_curves(curves, os.path.join(out_dir, f"{run.args.report_name}"
