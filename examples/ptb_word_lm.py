@@ -129,6 +129,9 @@ def with_state_layout(model, batch_size):
                 c[key] = [batch_size, *c[key][1:]]
         if "stateful" in c:
             c["stateful"] = batch_size is not None
+        shape = layer.get("build_config", {}).get("input_shape")
+        if shape and not isinstance(shape[0], list):  # Keras 3 builds from it
+            layer["build_config"]["input_shape"] = [batch_size, *shape[1:]]
     new = model.__class__.from_config(config)
     new.set_weights(model.get_weights())
     return new

@@ -486,6 +486,26 @@ def test_carried_state_eval_is_one_long_sequence(example, rng):
         assert np.linalg.norm(carried - zero) > 0.05 * np.linalg.norm(zero)
 
 
+def test_state_layout_converts_both_ways(example, rng):
+    """`with_state_layout` turns a stateless LM stateful (fixed batch) and
+    back, with the same weights: the stateful copy's zero-state output is
+    the stateless model's, and carrying its state changes it."""
+    from keras_antman import calibration
+
+    stateless = example.language_model(31, 8, 8, "lm")
+    assert example.with_state_layout(stateless, None) is stateless
+    stateful = example.with_state_layout(stateless, 4)
+    assert len(calibration.stateful_layers(stateful)) == 2
+    assert stateful.inputs[0].shape[0] == 4
+    x = rng.integers(0, 31, (4, 5))
+    want = np.asarray(stateless(x))
+    np.testing.assert_allclose(np.asarray(stateful(x)), want, atol=1e-5)
+    assert not np.allclose(np.asarray(stateful(x)), want, atol=1e-5)
+    back = example.with_state_layout(stateful, None)
+    assert not calibration.stateful_layers(back)
+    np.testing.assert_allclose(np.asarray(back(x[:2])), want[:2], atol=1e-5)
+
+
 def test_distiller_carries_both_states_and_resets_at_epoch_start(
         example, tmp_path):
     """Distillation with --carry-state: after 6 steps of a 4-step epoch
