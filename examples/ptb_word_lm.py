@@ -431,40 +431,54 @@ class _SetLR(keras.callbacks.Callback):
         self.model.optimizer.learning_rate = self.lr
 
 
+def _gain(log, i):
+    """Relative improvement of ``log[i]``'s validation perplexity on the
+    best before it (inf for the first)."""
+    best = min((e["val_ppl"] for e in log[:i]), default=math.inf)
+    return (best - log[i]["val_ppl"]) / best if i else math.inf
+
+
 def plateau_step(log, args):
     """The plateau rule on the evaluations so far, ``log`` (dicts with
-    ``val_ppl`` and ``lr``, the newest last): returns ``(next lr, stop)``.
+    ``val_ppl``, ``lr`` and ``decayed``, the newest last): returns
+    ``(next lr, stop)``.
 
     If the newest validation perplexity improves on the best before it by
     less than ``--plateau-tol`` (relative), the rate is multiplied by
     ``--plateau-decay`` (Zaremba halves it each epoch once it has
-    plateaued). Training stops when the rate has been decayed and an
-    evaluation still improves by less than ``--plateau-stop``, or when one
-    more decay would exceed ``--plateau-decays`` decays."""
-    *earlier, new = log
-    best = min((e["val_ppl"] for e in earlier), default=math.inf)
-    gain = (best - new["val_ppl"]) / best if earlier else math.inf
-    decays = sum(e["decayed"] for e in earlier)
-    if gain >= args.plateau_tol:
-        return new["lr"], False
-    if (decays and gain < args.plateau_stop) or (
+    plateaued). Training stops, once the rate has been decayed, when the
+    last ``--plateau-patience`` evaluations each improved on the best
+    before them by less than ``--plateau-stop`` (worse counts as no
+    improvement), or instead of a decay beyond ``--plateau-decays``."""
+    if _gain(log, len(log) - 1) >= args.plateau_tol:
+        return log[-1]["lr"], False
+    decays = sum(e["decayed"] for e in log[:-1])
+    stale = 0
+    while stale < len(log) and _gain(log, len(log) - 1 - stale) < (
+            args.plateau_stop):
+        stale += 1
+    if (decays and stale >= args.plateau_patience) or (
             decays >= args.plateau_decays):
-        return new["lr"], True
-    return new["lr"] * args.plateau_decay, False
+        return log[-1]["lr"], True
+    return log[-1]["lr"] * args.plateau_decay, False
 
 
 def train_plateau(run, model, key, max_steps):
     """``train_chunked`` for at most ``max_steps`` steps with the plateau
     schedule: every ``--eval-every`` steps (rounded to whole chunks; 0: one
     epoch) the validation and test perplexities are measured and
-    `plateau_step` sets the rate of the next period or stops. The log
-    (``results["schedule"][key]``: step, lr of the period, val / test ppl,
-    whether it decayed) is saved after each evaluation, and a resumed run
-    continues from it: the rate it reached, an evaluation a kill skipped,
-    or a stop it decided. Returns ``(steps run, seconds, log)``."""
+    `plateau_step` sets the rate of the next period or stops; the weights
+    of each new best validation perplexity are saved, and restored at the
+    end. The log (``results["schedule"][key]``: step, lr of the period,
+    val / test ppl, whether it decayed, whether its weights were kept as
+    the best) is saved after each evaluation, and a resumed run continues
+    from it: the rate it reached, an evaluation a kill skipped, or a stop
+    it decided. Returns ``(steps run, seconds, log, step of the weights
+    kept)``."""
     chunks, chunk = chunk_plan(run, max_steps)
     every = max(1, round((run.args.eval_every or run.epoch_steps) / chunk))
     log = run.results.setdefault("schedule", {}).setdefault(key, [])
+    best_path = run.file(f"best_{_slug(key)}.weights.h5")
     ppl = _perplexity_fn(model)
     while True:
         done = chunks_done(run, key)
@@ -480,6 +494,10 @@ def train_plateau(run, model, key, max_steps):
             entry = dict(step=step, lr=lr, **{
                 f"{split}_ppl": ppl(ds, carry=run.args.carry_state)
                 for split, ds in (("val", run.valid), ("test", run.test))})
+            entry["best"] = entry["val_ppl"] < min(
+                (e["val_ppl"] for e in log), default=math.inf)
+            if entry["best"]:
+                model.save_weights(best_path)
             log.append(entry)
             entry["next_lr"], entry["stopped"] = plateau_step(log, run.args)
             entry["decayed"] = entry["next_lr"] != lr
@@ -491,8 +509,14 @@ def train_plateau(run, model, key, max_steps):
                      else ""), flush=True)
             stopped = entry["stopped"]
         if stopped or target == chunks:
+            kept = step
+            saved = [e for e in log if e.get("best")]
+            if saved and saved[-1]["step"] != step and os.path.exists(
+                    best_path):
+                model.load_weights(best_path)
+                kept = saved[-1]["step"]
             seconds = run.results.get("elapsed", {}).get(key, 0.0)
-            return step, seconds, log
+            return step, seconds, log, kept
 
 
 def finish(run, key):
@@ -523,8 +547,9 @@ def stage_teacher(run):
     steps = max(1, round(args.teacher_epochs * run.epoch_steps))
     extra = {}
     if args.teacher_schedule == "plateau":
-        steps, seconds, log = train_plateau(run, teacher, "teacher", steps)
-        extra = dict(schedule="plateau", curve=log)
+        steps, seconds, log, kept = train_plateau(run, teacher, "teacher",
+                                                  steps)
+        extra = dict(schedule="plateau", curve=log, weights_step=kept)
     else:
         steps, seconds = train_chunked(run, teacher, "teacher", steps)
     teacher.save(path)
@@ -537,6 +562,8 @@ def stage_teacher(run):
     run.results.get("schedule", {}).pop("teacher", None)
     run.save()
     finish(run, "teacher")
+    if os.path.exists(run.file("best_teacher.weights.h5")):
+        os.remove(run.file("best_teacher.weights.h5"))
     print(f"teacher: val {scores['val_ppl']:.2f} test "
           f"{scores['test_ppl']:.2f}", flush=True)
     return teacher
@@ -1190,9 +1217,12 @@ def _setup_text(res):
            f"the lr is multiplied by {a.plateau_decay:g} when the "
            f"validation perplexity improves on the best by less than "
            f"{a.plateau_tol:.1%}; training stops once the lr has been "
-           f"decayed and an evaluation improves by less than "
+           f"decayed and {getattr(a, 'plateau_patience', 1)} evaluation(s) "
+           f"in a row improve on the best by less than "
            f"{a.plateau_stop:.1%}, or instead of a decay beyond "
-           f"{a.plateau_decays})" if plateau else "") + ", "
+           f"{a.plateau_decays}; the weights of the best validation "
+           f"evaluation, step {teacher.get('weights_step', '?')}, are kept)"
+           if plateau else "") + ", "
         f"students initialised from the teacher lr {a.student_lr}"
         + (" (cosine decay to 0 over the student's steps)"
            if getattr(a, "student_schedule", "constant") == "cosine" else "")
@@ -1351,6 +1381,7 @@ def _curve_tables(curves):
             for e in curve:
                 then = ("stop" if e["stopped"] else
                         f"lr {e['next_lr']:g}" if e["decayed"] else "-")
+                then += " (best so far)" if e.get("best") else ""
                 lines.append(f"| {e['step']} | {e['lr']:g} | "
                              f"{e['val_ppl']:.2f} | {e['test_ppl']:.2f} | "
                              f"{then} |")
@@ -1733,8 +1764,13 @@ def build_parser():
     p.add_argument("--plateau-decay", type=float, default=0.5,
                    help="plateau schedule: factor of each decay")
     p.add_argument("--plateau-stop", type=float, default=0.002,
-                   help="plateau schedule: once decayed, stop when an "
-                        "evaluation improves by less than this fraction")
+                   help="plateau schedule: an evaluation improving on the "
+                        "best by less than this fraction counts towards "
+                        "--plateau-patience")
+    p.add_argument("--plateau-patience", type=int, default=2,
+                   help="plateau schedule: once decayed, stop after this "
+                        "many evaluations in a row improving by less than "
+                        "--plateau-stop")
     p.add_argument("--plateau-decays", type=int, default=6,
                    help="plateau schedule: stop rather than decay more "
                         "often than this")

@@ -549,26 +549,69 @@ def test_distiller_carries_both_states_and_resets_at_epoch_start(
 def test_plateau_rule(example):
     args = example.build_parser().parse_args([
         "--data", "unused", "--plateau-tol", "0.01", "--plateau-stop",
-        "0.002", "--plateau-decays", "2"])
+        "0.002", "--plateau-patience", "2", "--plateau-decays", "3"])
 
-    def entry(val, lr, decayed=False):
-        return dict(val_ppl=val, lr=lr, decayed=decayed)
+    def step(vals, decayed=()):
+        log = [dict(val_ppl=v, lr=1.0, decayed=i in decayed)
+               for i, v in enumerate(vals)]
+        return example.plateau_step(log, args)
 
-    assert example.plateau_step([entry(200, 1.0)], args) == (1.0, False)
-    log = [entry(200, 1.0), entry(150, 1.0)]
-    assert example.plateau_step(log, args) == (1.0, False)  # 25% better
-    log.append(entry(149, 1.0))  # 0.7% better: decay
-    assert example.plateau_step(log, args) == (0.5, False)
-    log[-1]["decayed"] = True
-    log.append(entry(140, 0.5))  # better by 6% than the best: keep
-    assert example.plateau_step(log, args) == (0.5, False)
-    log.append(entry(139.9, 0.5))  # 0.07% after a decay: flat, stop
-    assert example.plateau_step(log, args) == (0.5, True)
-    log[-1] = entry(139, 0.5)  # 0.7%: decay once more
-    assert example.plateau_step(log, args) == (0.25, False)
-    log[-1]["decayed"] = True
-    log.append(entry(138, 0.25))  # 0.7% with 2 decays done: stop
-    assert example.plateau_step(log, args) == (0.25, True)
+    assert step([200]) == (1.0, False)
+    assert step([200, 150]) == (1.0, False)  # 25% better: keep the rate
+    assert step([200, 150, 149]) == (0.5, False)  # 0.7%: decay
+    assert step([200, 150, 151]) == (0.5, False)  # worse, none decayed yet
+    # Once decayed: one flat evaluation (< 0.2% on the best before it)
+    # decays again, the second flat or worse one in a row stops.
+    assert step([200, 150, 149, 148.9], {2}) == (0.5, False)  # 0.07%
+    assert step([200, 150, 151, 149.9], {2}) == (1.0, True)
+    assert step([200, 150, 151, 150.5], {2}) == (1.0, True)
+    assert step([200, 150, 149, 140], {2}) == (1.0, False)  # 6% better
+    # No more than 3 decays: stop instead of a 4th.
+    assert step([200, 150, 149, 148, 147], {1, 2, 3}) == (1.0, True)
+
+
+def test_plateau_keeps_the_best_weights(example, tmp_path, monkeypatch):
+    """The plateau teacher ends with the weights of its best validation
+    evaluation, not its last (validation perplexities scripted: 100, 90,
+    95, 96 -> decay after 95, stop after 96, keep step 4's weights)."""
+    from keras_antman._keras import keras
+
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    calls, snapshots = [], {}
+
+    def scripted(model):
+        def perplexity(batches, carry=False):
+            calls.append(carry)
+            i = len(calls) - 1
+            if i < 8 and i % 2 == 0:  # the validation call of evaluation i/2
+                snapshots[2 * (i // 2 + 1)] = model.get_weights()
+                return (100.0, 90.0, 95.0, 96.0)[i // 2]
+            return 50.0
+        return perplexity
+
+    monkeypatch.setattr(example, "_perplexity_fn", scripted)
+    results = example.main([
+        "--data", str(data), "--run-dir", str(tmp_path / "run"),
+        "--hidden", "8", "--batch-size", "4", "--num-steps", "5",
+        "--max-train-tokens", "85", "--carry-state", "--teacher-schedule",
+        "plateau", "--teacher-epochs", "5", "--chunk-steps", "2",
+        "--eval-every", "2", "--optimizer", "sgd", "--lr", "1",
+        "--verbose", "0", "--eager", "--stages", "teacher"])
+    teacher = results["teacher"]
+    assert [(e["step"], e["best"], e["decayed"], e["stopped"])
+            for e in teacher["curve"]] == [
+        (2, True, False, False), (4, True, False, False),
+        (6, False, True, False), (8, False, False, True)]
+    assert teacher["steps"] == 8 and teacher["weights_step"] == 4
+    saved = keras.models.load_model(tmp_path / "run" / "teacher.keras")
+    for got, want, last in zip(saved.get_weights(), snapshots[4],
+                               snapshots[8]):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.array_equal(a, b)
+               for a, b in zip(snapshots[4], snapshots[8]))
+    assert not (tmp_path / "run" / "best_teacher.weights.h5").exists()
 
 
 def test_carry_state_run_plateau_teacher_resumes_and_reports(
@@ -617,6 +660,9 @@ def test_carry_state_run_plateau_teacher_resumes_and_reports(
         (2, 1.0, False, False), (4, 1.0, True, False),
         (6, 0.5, False, True)]
     assert teacher["steps"] == 6 and teacher["carry_state"]
+    best = min(teacher["curve"], key=lambda e: e["val_ppl"])
+    assert teacher["weights_step"] == best["step"]
+    assert teacher["val_ppl"] == pytest.approx(best["val_ppl"], rel=1e-5)
     assert "schedule" not in results or "teacher" not in results["schedule"]
     for r in [teacher, *results["students"].values()]:
         assert {"val_ppl_zero_state", "test_ppl_zero_state"} <= set(r)
