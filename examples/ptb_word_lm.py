@@ -40,9 +40,23 @@ Usage:
         --grid-steps 100 --calib-steps 80
 
 The data is never copied: ``--data`` points at a directory holding
-``ptb.{train,valid,test}.txt``. Batches are stateless truncated BPTT
-(every 35-step window starts from a zero state), which costs some
-perplexity against Zaremba's stateful setup.
+``ptb.{train,valid,test}.txt``. By default batches are stateless truncated
+BPTT (every 35-step window starts from a zero state), which costs some
+perplexity against Zaremba's stateful setup; every run recorded before
+``--carry-state`` existed used it, and its commands still reproduce it.
+``--carry-state`` is Zaremba's setup: each batch holds ``--batch-size``
+contiguous streams (`datasets.bptt_dataset`: row r of batch i + 1
+continues row r of batch i), every LSTM is ``stateful=True`` with that
+fixed batch size, so its state carries from window to window, and the
+states of the model being trained (a `Distiller`'s student and teacher
+alike) are zeroed at every epoch start (`_ResetStates`). Evaluation then
+carries the state over the whole valid / test stream; each row also
+records the zero-state perplexities (``*_zero_state``). A resumed run
+restarts its chunk from zero states (they are not in the backup).
+``--teacher-schedule plateau`` decays the teacher's learning rate when its
+validation perplexity stops improving and stops when it flattens
+(`train_plateau`); ``--curve-every`` logs each student's validation and
+test perplexity during training.
 """
 
 import argparse
@@ -76,26 +90,66 @@ STAGES = ("teacher", "students", "calibrate", "grid", "report")
 ISS_STRENGTH = 2e-3  # --iss-strength's default (see its help)
 
 
-def language_model(vocab, hidden, embed, name, dropout=0.0, scheme=None):
+def language_model(vocab, hidden, embed, name, dropout=0.0, scheme=None,
+                   batch_size=None):
     """Embedding -> dropout -> 2 x LSTM(hidden) -> dropout -> Dense logits.
 
     With ``scheme``, the LSTMs are `StructuredLSTM` layers with that scheme
-    on both products, randomly initialised."""
-    inputs = keras.Input((None,), dtype="int32")
+    on both products, randomly initialised. With ``batch_size`` the model
+    takes batches of exactly that size and its LSTMs are stateful (the
+    state carries from one call to the next: ``--carry-state``)."""
+    inputs = keras.Input(batch_shape=(batch_size, None), dtype="int32")
     h = keras.layers.Embedding(vocab, embed, name="embedding")(inputs)
     h = keras.layers.Dropout(dropout, name="dropout_in")(h)
+    stateful = batch_size is not None
     for i in range(2):
         if scheme is None:
             lstm = keras.layers.LSTM(hidden, return_sequences=True,
-                                     name=f"lstm_{i}")
+                                     stateful=stateful, name=f"lstm_{i}")
         else:
             lstm = am.StructuredLSTM(hidden, input_scheme=scheme,
                                      recurrent_scheme=scheme,
-                                     return_sequences=True, name=f"lstm_{i}")
+                                     return_sequences=True,
+                                     stateful=stateful, name=f"lstm_{i}")
         h = lstm(h)
     h = keras.layers.Dropout(dropout, name="dropout_out")(h)
     logits = keras.layers.Dense(vocab, name="logits")(h)
     return keras.Model(inputs, logits, name=name)
+
+
+def carried_batch(args):
+    """The fixed batch size of the models (``--carry-state``), else None."""
+    return args.batch_size if args.carry_state else None
+
+
+def _save_arrays(path, arrays):
+    """``arrays`` to the ``.npz`` file ``path``, through a temporary file."""
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, *arrays)
+    os.replace(tmp, path)
+
+
+def with_state_layout(model, batch_size):
+    """``model`` with stateful LSTMs and a fixed ``batch_size`` (or, with
+    ``batch_size=None``, stateless ones and any batch size), the same
+    weights; ``model`` itself if it already is so. Lets a run with
+    ``--carry-state`` reuse a stateless teacher and the other way round."""
+    if bool(am.calibration.stateful_layers(model)) == (batch_size is not None):
+        return model
+    config = model.get_config()
+    for layer in config["layers"]:
+        c = layer["config"]
+        for key in ("batch_shape", "batch_input_shape"):  # Keras 3, tf_keras
+            if layer["class_name"] == "InputLayer" and key in c:
+                c[key] = [batch_size, *c[key][1:]]
+        if "stateful" in c:
+            c["stateful"] = batch_size is not None
+        shape = layer.get("build_config", {}).get("input_shape")
+        if shape and not isinstance(shape[0], list):  # Keras 3 builds from it
+            layer["build_config"]["input_shape"] = [batch_size, *shape[1:]]
+    new = model.__class__.from_config(config)
+    new.set_weights(model.get_weights())
+    return new
 
 
 def small_hidden(hidden, reduction=10.0, embed=None):
@@ -249,11 +303,24 @@ class Run:
         return os.path.join(self.args.run_dir, name)
 
     def perplexities(self, model):
-        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True))
-        return tuple(
-            math.exp(model.evaluate(ds, verbose=0)) for ds in
-            (self.valid, self.test))
+        """``(val ppl, test ppl)`` of ``model`` (see `scores`)."""
+        scores = self.scores(model)
+        return scores["val_ppl"], scores["test_ppl"]
+
+    def scores(self, model):
+        """``{"val_ppl", "test_ppl"}`` of ``model``; with ``--carry-state``
+        the state carried over each whole split, plus the zero-state
+        values as ``val_ppl_zero_state`` and ``test_ppl_zero_state``."""
+        if not self.args.carry_state:
+            model.compile(loss=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True))
+            return {f"{split}_ppl": math.exp(model.evaluate(ds, verbose=0))
+                    for split, ds in (("val", self.valid),
+                                      ("test", self.test))}
+        ppl = _perplexity_fn(model)
+        return {f"{split}_ppl{tag}": ppl(ds, carry=carry)
+                for tag, carry in (("", True), ("_zero_state", False))
+                for split, ds in (("val", self.valid), ("test", self.test))}
 
 
 def optimizer(lr, args, decay_steps=0):
@@ -277,9 +344,12 @@ def _step(model):
 
 
 def _perplexity_fn(student):
-    """``batches -> perplexity`` of ``student`` in inference mode (a
-    compiled forward pass; the batches are equal-sized, so the mean of
-    their mean cross-entropies is the token mean)."""
+    """``(batches, carry=False) -> perplexity`` of ``student`` in inference
+    mode (a compiled forward pass; the batches are equal-sized, so the mean
+    of their mean cross-entropies is the token mean). A stateful student
+    starts from zero states and, with ``carry``, carries them from batch to
+    batch (else each batch starts from zero); its states are put back
+    afterwards, so a callback may evaluate in the middle of training."""
     import tensorflow as tf
 
     @tf.function
@@ -288,8 +358,14 @@ def _perplexity_fn(student):
         return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
             y, logits, from_logits=True))
 
-    def perplexity(batches):
-        losses = [float(loss(x, y)) for x, y in batches]
+    def perplexity(batches, carry=False):
+        losses = []
+        with am.calibration.kept_states(student) as layers:
+            for i, (x, y) in enumerate(batches):
+                if i == 0 or not carry:
+                    for layer in layers:
+                        layer.reset_states()
+                losses.append(float(loss(x, y)))
         return math.exp(sum(losses) / len(losses))
 
     return perplexity
@@ -328,7 +404,34 @@ def chunks_done(run, key):
     return 0
 
 
-def train_chunked(run, model, key, steps, callbacks=()):
+class _ResetStates(keras.callbacks.Callback):
+    """``--carry-state``: zeroes the LSTM states of the model being fitted
+    (a `Distiller`'s student and teacher alike, so the teacher always sees
+    the student's state history) before every step that starts an epoch of
+    the training data (optimizer step % ``epoch_steps`` == 0); in between,
+    the stateful layers carry the state from window to window."""
+
+    def __init__(self, epoch_steps):
+        super().__init__()
+        self.epoch_steps = epoch_steps
+
+    def on_train_begin(self, logs=None):
+        self.layers = am.calibration.stateful_layers(self.model)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if _step(self.model) % self.epoch_steps == 0:
+            for layer in self.layers:
+                layer.reset_states()
+
+
+def chunk_plan(run, steps):
+    """``(chunks, chunk)``: equal chunks of at most ``--chunk-steps``
+    steps, ``chunks * chunk`` being ``steps`` rounded up."""
+    chunks = max(1, math.ceil(steps / run.args.chunk_steps))
+    return chunks, math.ceil(steps / chunks)
+
+
+def train_chunked(run, model, key, steps, callbacks=(), until=None):
     """``model.fit`` for ``steps`` steps, resumable chunk by chunk.
 
     Keras epochs are equal chunks of at most ``--chunk-steps`` steps (the
@@ -339,23 +442,132 @@ def train_chunked(run, model, key, steps, callbacks=()):
     run after the restore (they may read the restored optimizer step)
     and before the clock; a callback that saves state at a chunk's end
     does so after that chunk's backup, so a run killed between the two
-    must detect the mismatch on resume. Returns
+    must detect the mismatch on resume. ``until`` stops after that many
+    chunks (of the plan for ``steps``) instead of all; a later call
+    continues. With ``--carry-state``, `_ResetStates` zeroes the states
+    at each epoch start. Returns
     ``(steps actually run, seconds spent over all sessions)``.
     """
-    chunks = max(1, math.ceil(steps / run.args.chunk_steps))
-    chunk = math.ceil(steps / chunks)  # chunks * chunk: steps, rounded up
+    chunks, chunk = chunk_plan(run, steps)
     backup = run.file(f"backup_{_slug(key)}")
     done = chunks_done(run, key)
     if not done:  # a fresh start: forget time from a run that left no backup
         run.results.get("elapsed", {}).pop(key, None)
+    if run.args.carry_state:
+        callbacks = [_ResetStates(run.epoch_steps), *callbacks]
     data = run.train.repeat().skip(done * chunk)
-    model.fit(data, epochs=chunks, steps_per_epoch=chunk, shuffle=False,
-              verbose=run.args.verbose,
+    model.fit(data, epochs=chunks if until is None else until,
+              steps_per_epoch=chunk, shuffle=False, verbose=run.args.verbose,
               callbacks=[keras.callbacks.BackupAndRestore(
                   backup, delete_checkpoint=False), *callbacks,
                   _Clock(run, key)])
     seconds = run.results.get("elapsed", {}).get(key, 0.0)
     return chunks * chunk, seconds
+
+
+class _SetLR(keras.callbacks.Callback):
+    """Sets the optimizer's learning rate after `BackupAndRestore` has
+    restored the optimizer (which may hold an older rate)."""
+
+    def __init__(self, lr):
+        super().__init__()
+        self.lr = lr
+
+    def on_train_begin(self, logs=None):
+        self.model.optimizer.learning_rate = self.lr
+
+
+def _gain(log, i):
+    """Relative improvement of ``log[i]``'s validation perplexity on the
+    best before it (inf for the first)."""
+    best = min((e["val_ppl"] for e in log[:i]), default=math.inf)
+    return (best - log[i]["val_ppl"]) / best if i else math.inf
+
+
+def plateau_step(log, args):
+    """The plateau rule on the evaluations so far, ``log`` (dicts with
+    ``val_ppl``, ``lr`` and ``decayed``, the newest last): returns
+    ``(next lr, stop)``.
+
+    If the newest validation perplexity improves on the best before it by
+    less than ``--plateau-tol`` (relative), the rate is multiplied by
+    ``--plateau-decay`` (Zaremba halves it each epoch once it has
+    plateaued). Training stops, once the rate has been decayed, when the
+    last ``--plateau-patience`` evaluations each improved on the best
+    before them by less than ``--plateau-stop`` (worse counts as no
+    improvement), or instead of a decay beyond ``--plateau-decays``."""
+    if _gain(log, len(log) - 1) >= args.plateau_tol:
+        return log[-1]["lr"], False
+    decays = sum(e["decayed"] for e in log[:-1])
+    stale = 0
+    while stale < len(log) and _gain(log, len(log) - 1 - stale) < (
+            args.plateau_stop):
+        stale += 1
+    if (decays and stale >= args.plateau_patience) or (
+            decays >= args.plateau_decays):
+        return log[-1]["lr"], True
+    return log[-1]["lr"] * args.plateau_decay, False
+
+
+def train_plateau(run, model, key, max_steps):
+    """``train_chunked`` for at most ``max_steps`` steps with the plateau
+    schedule: every ``--eval-every`` steps (rounded to whole chunks; 0: one
+    epoch) the validation and test perplexities are measured and
+    `plateau_step` sets the rate of the next period or stops; the weights
+    of each new best validation perplexity are saved, and restored at the
+    end. The log (``results["schedule"][key]``: step, lr of the period,
+    val / test ppl, whether it decayed, whether its weights were kept as
+    the best) is saved after each evaluation, and a resumed run continues
+    from it: the rate it reached, an evaluation a kill skipped, or a stop
+    it decided. Returns ``(steps run, seconds, log, step of the weights
+    kept)``."""
+    chunks, chunk = chunk_plan(run, max_steps)
+    every = max(1, round((run.args.eval_every or run.epoch_steps) / chunk))
+    log = run.results.setdefault("schedule", {}).setdefault(key, [])
+    # The best evaluation's weights as plain arrays: tf_keras cannot reload
+    # its own `.weights.h5` of a compiled model ("Layer 'loss' expected 2
+    # variables"), and arrays read the same in both flavours.
+    best_path = run.file(f"best_{_slug(key)}.npz")
+    ppl = _perplexity_fn(model)
+    while True:
+        done = chunks_done(run, key)
+        stopped = bool(log) and log[-1]["stopped"]
+        due = done and (done % every == 0 or done == chunks) and not any(
+            e["step"] == done * chunk for e in log)
+        target = done if stopped or due else min(
+            chunks, (done // every + 1) * every)
+        lr = log[-1]["next_lr"] if log else run.args.lr
+        train_chunked(run, model, key, max_steps, [_SetLR(lr)], until=target)
+        step = target * chunk
+        if not stopped and not any(e["step"] == step for e in log):
+            entry = dict(step=step, lr=lr, **{
+                f"{split}_ppl": ppl(ds, carry=run.args.carry_state)
+                for split, ds in (("val", run.valid), ("test", run.test))})
+            entry["best"] = entry["val_ppl"] < min(
+                (e["val_ppl"] for e in log), default=math.inf)
+            if entry["best"]:
+                _save_arrays(best_path, model.get_weights())
+            log.append(entry)
+            entry["next_lr"], entry["stopped"] = plateau_step(log, run.args)
+            entry["decayed"] = entry["next_lr"] != lr
+            run.save()
+            print(f"{key} step {step}: lr {lr:g} val {entry['val_ppl']:.2f} "
+                  f"test {entry['test_ppl']:.2f}"
+                  + (" -> stop" if entry["stopped"] else
+                     f" -> lr {entry['next_lr']:g}" if entry["decayed"]
+                     else ""), flush=True)
+            stopped = entry["stopped"]
+        if stopped or target == chunks:
+            kept = step
+            saved = [e for e in log if e.get("best")]
+            if saved and saved[-1]["step"] != step and os.path.exists(
+                    best_path):
+                with np.load(best_path) as f:
+                    model.set_weights([f[f"arr_{i}"]
+                                       for i in range(len(f.files))])
+                kept = saved[-1]["step"]
+            seconds = run.results.get("elapsed", {}).get(key, 0.0)
+            return step, seconds, log, kept
 
 
 def finish(run, key):
@@ -367,28 +579,44 @@ def finish(run, key):
 
 
 def stage_teacher(run):
+    """The teacher: loaded if its result exists (in the state layout of
+    this run, `with_state_layout`), else trained for ``--teacher-epochs``
+    (with ``--teacher-schedule plateau``: at most that many, see
+    `train_plateau`)."""
     args = run.args
     path = run.file("teacher.keras")
     if "teacher" in run.results and os.path.exists(path):
-        return load_lm(path, "teacher")
+        return with_state_layout(load_lm(path, "teacher"),
+                                 carried_batch(args))
     keras.utils.set_random_seed(args.seed)
     teacher = language_model(run.vocab, args.hidden, embed_width(args),
-                             "teacher", args.dropout)
+                             "teacher", args.dropout,
+                             batch_size=carried_batch(args))
     teacher.compile(
         optimizer=optimizer(args.lr, args),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     steps = max(1, round(args.teacher_epochs * run.epoch_steps))
-    steps, seconds = train_chunked(run, teacher, "teacher", steps)
+    extra = {}
+    if args.teacher_schedule == "plateau":
+        steps, seconds, log, kept = train_plateau(run, teacher, "teacher",
+                                                  steps)
+        extra = dict(schedule="plateau", curve=log, weights_step=kept)
+    else:
+        steps, seconds = train_chunked(run, teacher, "teacher", steps)
     teacher.save(path)
-    val, test = run.perplexities(teacher)
+    scores = run.scores(teacher)
     params, macs = lstm_cost(teacher)
     run.results["teacher"] = dict(
-        lstm_params=params, lstm_macs=macs, mac_reduction=1.0,
-        val_ppl=val, test_ppl=test, train_seconds=seconds, steps=steps,
-        epochs=steps / run.epoch_steps, init="random")
+        lstm_params=params, lstm_macs=macs, mac_reduction=1.0, **scores,
+        train_seconds=seconds, steps=steps, epochs=steps / run.epoch_steps,
+        init="random", carry_state=args.carry_state, **extra)
+    run.results.get("schedule", {}).pop("teacher", None)
     run.save()
     finish(run, "teacher")
-    print(f"teacher: val {val:.2f} test {test:.2f}", flush=True)
+    if os.path.exists(run.file("best_teacher.weights.h5")):
+        os.remove(run.file("best_teacher.weights.h5"))
+    print(f"teacher: val {scores['val_ppl']:.2f} test "
+          f"{scores['test_ppl']:.2f}", flush=True)
     return teacher
 
 
@@ -399,12 +627,13 @@ def make_student(run, teacher, kind, arg):
         return am.compress(teacher, input_scheme=arg, recurrent_scheme=arg,
                            calibration_data=run.train,
                            calibration_steps=run.args.calibration_batches)
+    batch = carried_batch(run.args)
     if kind == "structured":
         return language_model(run.vocab, run.args.hidden,
                               embed_width(run.args), "student",
-                              run.args.dropout, scheme=arg)
+                              run.args.dropout, scheme=arg, batch_size=batch)
     return language_model(run.vocab, arg, embed_width(run.args), "small",
-                          run.args.dropout)
+                          run.args.dropout, batch_size=batch)
 
 
 def distill(run, teacher, student, coefficients, steps, key, lr=None,
@@ -445,12 +674,47 @@ class _EvalAt(keras.callbacks.Callback):
             self._record(0)
 
     def _record(self, step):
-        self._log[str(step)] = self._ppl(self.run.test)
+        self._log[str(step)] = self._ppl(self.run.test,
+                                         carry=self.run.args.carry_state)
         self.run.save()
 
     def on_train_batch_end(self, batch, logs=None):
         step = _step(self.model)
         if step in self.steps:
+            self._record(step)
+
+
+class _Curve(keras.callbacks.Callback):
+    """Every ``--curve-every`` optimizer steps (and at step 0) the
+    validation and test perplexity of ``student`` (state carried with
+    ``--carry-state``), appended to ``results["curves"][name]`` as
+    ``{"step", "val_ppl", "test_ppl"}``. A resumed run drops the entries
+    past its restored step first."""
+
+    def __init__(self, run, name, student):
+        super().__init__()
+        self.run, self.name, self.student = run, name, student
+        self.every = run.args.curve_every
+
+    def on_train_begin(self, logs=None):
+        self._ppl = _perplexity_fn(self.student)
+        step = _step(self.model)
+        log = self.run.results.setdefault("curves", {}).setdefault(
+            self.name, [])
+        log[:] = [e for e in log if e["step"] <= step]
+        if not step:
+            self._record(0)
+
+    def _record(self, step):
+        carry = self.run.args.carry_state
+        self.run.results["curves"][self.name].append(dict(
+            step=step, val_ppl=self._ppl(self.run.valid, carry=carry),
+            test_ppl=self._ppl(self.run.test, carry=carry)))
+        self.run.save()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _step(self.model)
+        if step % self.every == 0:
             self._record(step)
 
 
@@ -474,20 +738,28 @@ def stage_students(run, teacher):
         if kind not in ("compress", "calibrated"):
             lr = run.args.scratch_lr or run.args.lr
         callbacks = [_EvalAt(run, name, student)] if run.args.eval_at else []
+        if run.args.curve_every:
+            callbacks.append(_Curve(run, name, student))
         steps, seconds = distill(run, teacher, student, coeffs,
                                  run.args.student_steps, "student " + name,
                                  lr=lr, callbacks=callbacks)
         student.save(run.file(f"student_{_slug(name)}.keras"))
-        val, test = run.perplexities(student)
+        scores = run.scores(student)
+        val, test = scores["val_ppl"], scores["test_ppl"]
         params, macs = lstm_cost(student)
         run.results.setdefault("students", {})[name] = dict(
             lstm_params=params, lstm_macs=macs,
-            mac_reduction=teacher_macs / macs, val_ppl=val, test_ppl=test,
+            mac_reduction=teacher_macs / macs, **scores,
             train_seconds=seconds, steps=steps,
             epochs=steps / run.epoch_steps,
             scheme=f"dense h={arg}" if kind == "small" else arg.describe(),
             init=INITS.get(kind, "random"), coefficients=coeffs, lr=lr,
             schedule=run.args.student_schedule)
+        row = run.results["students"][name]
+        if run.args.carry_state:
+            row["carry_state"] = True
+        if run.args.curve_every:
+            row["curve"] = run.results["curves"].pop(name)
         if kind == "calibrated":
             row = run.results["students"][name]
             row["init"] += f" ({run.args.calibration_batches} batches)"
@@ -549,7 +821,8 @@ def stage_iss(run, teacher):
             shuffle=False, verbose=args.verbose)
         seconds = time.time() - t0
         shrunk.save(run.file(f"student_{_slug(name)}.keras"))
-        val, test = run.perplexities(shrunk)
+        scores = run.scores(shrunk)
+        val, test = scores["val_ppl"], scores["test_ppl"]
         cost = am.report(teacher, shrunk).recurrent_total
         units = [layer.units for layer in shrunk.layers
                  if isinstance(layer, keras.layers.LSTM)]
@@ -695,7 +968,8 @@ class _AnnealLog(keras.callbacks.Callback):
 
     def _record(self, step):
         self.run.results["anneal"][self.name].append(
-            [step, self.sparsity(), self._ppl(self.batches)])
+            [step, self.sparsity(),
+             self._ppl(self.batches, carry=self.run.args.carry_state)])
         self.run.save()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -750,7 +1024,8 @@ def stage_doping(run, teacher):
         callbacks, init = [], "teacher (from_dense)"
         if kind == "prune":
             student = language_model(run.vocab, args.hidden,
-                                     embed_width(args), "pruned", args.dropout)
+                                     embed_width(args), "pruned", args.dropout,
+                                     batch_size=carried_batch(args))
             student.set_weights(teacher.get_weights())
             masks = grow_prune.KernelMasks(student)
             callbacks = [_ResumablePrune(masks, arg, 0, end,
@@ -789,12 +1064,13 @@ def stage_doping(run, teacher):
             params, macs = lstm_cost(student)
             scheme = arg.describe()
         student.save(run.file(f"student_{_slug(name)}.keras"))
-        val, test = run.perplexities(student)
+        scores = run.scores(student)
+        val, test = scores["val_ppl"], scores["test_ppl"]
         run.results.setdefault("students", {})[name] = dict(
             lstm_params=params, lstm_macs=macs,
             mac_reduction=teacher_macs / macs,
-            param_reduction=teacher_params / params, val_ppl=val,
-            test_ppl=test, train_seconds=seconds, steps=steps,
+            param_reduction=teacher_params / params, **scores,
+            train_seconds=seconds, steps=steps,
             epochs=steps / run.epoch_steps, scheme=scheme, init=init,
             doping_kind=kind, budget_reduction=reduction,
             coefficients=coefficients(run),
@@ -973,10 +1249,11 @@ def stage_grid(run, teacher):
             coeffs = {"c_target": 1.0, "c_mse": c_mse, "c_kl": c_kl}
             steps, seconds = distill(run, teacher, student, coeffs,
                                      run.args.grid_steps, "grid " + key)
-            val, test = run.perplexities(student)
+            scores = run.scores(student)
+            val, test = scores["val_ppl"], scores["test_ppl"]
             run.results.setdefault("grid", {})[key] = dict(
-                c_target=1.0, c_mse=c_mse, c_kl=c_kl, val_ppl=val,
-                test_ppl=test, train_seconds=seconds, steps=steps)
+                c_target=1.0, c_mse=c_mse, c_kl=c_kl, **scores,
+                train_seconds=seconds, steps=steps)
             run.save()
             finish(run, "grid " + key)
             print(f"grid {key}: val {val:.2f} test {test:.2f}", flush=True)
@@ -1070,13 +1347,22 @@ def _setup_text(res):
             f"averages the loss over the {a.num_steps} steps of a window, "
             f"so lambda here is lambda_ref / {a.num_steps} in the "
             "reference code's scale (which sums over the window). ")
+    teacher = res.get("teacher", {})
+    plateau = teacher.get("schedule") == "plateau"
+    carry = getattr(a, "carry_state", False)
     return (
         f"**Scale.** Teacher 2 x LSTM({a.hidden}) "
         + (f"on a {embed}-wide embedding " if embed != a.hidden else "")
         + "trained "
-        f"{a.teacher_epochs} epoch(s) ({epoch_steps} steps per epoch, "
-        f"{tokens:,} training tokens); each student {a.student_steps} "
-        f"distillation steps ({a.student_steps / epoch_steps:.2f} epoch); "
+        + (f"with the plateau schedule (below) to its plateau, "
+           f"{teacher['epochs']:.2f} epochs (cap {a.teacher_epochs}) "
+           if plateau else f"{a.teacher_epochs} epoch(s) ")
+        + f"({epoch_steps} steps per epoch, "
+        f"{tokens:,} training tokens); "
+        + ("each student the distillation steps of its row (cosine "
+           "schedules span them); " if plateau else
+           f"each student {a.student_steps} distillation steps "
+           f"({a.student_steps / epoch_steps:.2f} epoch); ")
         + (f"grid {a.grid_steps} steps per cell; " if res.get("grid") else "")
         + f"calibration {a.calib_steps} steps per loss. "
         + (f"Teacher and calibration come from the earlier run "
@@ -1086,17 +1372,41 @@ def _setup_text(res):
            "on this run's directory; the steps column gives each row's "
            "count. "
            if res.get("reused_from") else "")
-        + "The paper trains 2 x LSTM(1500) for 39 epochs "
-        "(and its students to convergence); this run is far smaller (sized "
-        "to finish in about an hour on the machine below), so its "
-        "perplexities are not comparable with the paper's and the "
-        "students are not trained to convergence.\n\n"
-        f"**Setup.** Batch {a.batch_size}, {a.num_steps} steps, stateless "
-        "truncated BPTT (every window starts from a zero state; Zaremba "
-        "carries the state across windows), embedding width "
+        + ("The paper trains 2 x LSTM(1500) for 39 epochs and its "
+           "students to convergence; this run trains its teacher to its "
+           "plateau and logs each student's perplexities during training "
+           "(curves below) to show whether they have flattened, but the "
+           "model is far smaller than the paper's, so its perplexities are "
+           "not comparable with the paper's.\n\n" if plateau else
+           "The paper trains 2 x LSTM(1500) for 39 epochs "
+           "(and its students to convergence); this run is far smaller "
+           "(sized to finish in about an hour on the machine below), so its "
+           "perplexities are not comparable with the paper's and the "
+           "students are not trained to convergence.\n\n")
+        + f"**Setup.** Batch {a.batch_size}, {a.num_steps} steps, "
+        + ("stateful truncated BPTT as Zaremba's (`--carry-state`): the "
+           f"batch is {a.batch_size} contiguous streams, the LSTM state "
+           "carries from window to window and is zeroed at each epoch "
+           "start, for the teacher and every student (the Distiller's "
+           "teacher runs on the same carried state), "
+           if carry else
+           "stateless truncated BPTT (every window starts from a zero "
+           "state; Zaremba carries the state across windows), ")
+        + "embedding width "
         + ("= hidden, " if embed == a.hidden else f"{embed}, ") +
         f"dropout {a.dropout} after the embedding and after the LSTMs. "
-        f"{getattr(a, 'optimizer', 'adam').upper()}, teacher lr {a.lr}, "
+        f"{getattr(a, 'optimizer', 'adam').upper()}, teacher lr {a.lr}"
+        + (f" on the plateau schedule (evaluated every "
+           f"{a.eval_every or epoch_steps} steps, rounded to whole chunks; "
+           f"the lr is multiplied by {a.plateau_decay:g} when the "
+           f"validation perplexity improves on the best by less than "
+           f"{a.plateau_tol:.1%}; training stops once the lr has been "
+           f"decayed and {getattr(a, 'plateau_patience', 1)} evaluation(s) "
+           f"in a row improve on the best by less than "
+           f"{a.plateau_stop:.1%}, or instead of a decay beyond "
+           f"{a.plateau_decays}; the weights of the best validation "
+           f"evaluation, step {teacher.get('weights_step', '?')}, are kept)"
+           if plateau else "") + ", "
         f"students initialised from the teacher lr {a.student_lr}"
         + (" (cosine decay to 0 over the student's steps)"
            if getattr(a, "student_schedule", "constant") == "cosine" else "")
@@ -1117,7 +1427,10 @@ def _setup_text(res):
         "Evaluation: "
         + (f"first {a.eval_batches} batches of " if a.eval_batches
            else "all of ") +
-        "the valid / test splits, perplexity = exp(mean cross-entropy). "
+        "the valid / test splits, perplexity = exp(mean cross-entropy)"
+        + ("; the state is carried over each whole split (the "
+           "zero-state column: every window from a zero state). "
+           if carry else ". ") +
         f"Seed {a.seed} (`keras.utils.set_random_seed` before each "
         "model).\n\n"
         f"**Machine.** {c.get('machine', '?')}; Keras "
@@ -1308,6 +1621,64 @@ def _plot_init(rows, path):
     plt.close(fig)
 
 
+def _curve_tables(curves):
+    """Markdown: each logged curve (the teacher's plateau schedule, the
+    students' ``--curve-every`` log) as step / lr / val / test rows."""
+    lines = ["\n## Perplexity during training\n",
+             "Validation and test perplexity at the logged optimizer steps "
+             "(state carried over each split when the run carries it). "
+             "Teacher: the plateau schedule's evaluations, with the rate "
+             "used up to each one and what the rule decided; students: "
+             "every `--curve-every` distillation steps (step 0: the "
+             "initial weights).\n"]
+    for name, curve in curves:
+        lines += [f"### {name}\n"]
+        if "lr" in curve[0]:
+            lines += ["| step | lr | val ppl | test ppl | then |",
+                      "| ---: | ---: | ---: | ---: | --- |"]
+            for e in curve:
+                then = ("stop" if e["stopped"] else
+                        f"lr {e['next_lr']:g}" if e["decayed"] else "-")
+                then += " (best so far)" if e.get("best") else ""
+                lines.append(f"| {e['step']} | {e['lr']:g} | "
+                             f"{e['val_ppl']:.2f} | {e['test_ppl']:.2f} | "
+                             f"{then} |")
+        else:
+            lines += ["| step | val ppl | test ppl |", "| ---: | ---: | ---: |"]
+            lines += [f"| {e['step']} | {e['val_ppl']:.2f} | "
+                      f"{e['test_ppl']:.2f} |" for e in curve]
+        lines.append("")
+    return lines
+
+
+def _plot_curves(curves, path):
+    """Validation perplexity against the step: the teacher (left) and the
+    students (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, curve in curves:
+        ax = left if name.startswith("Teacher") else right
+        steps = [e["step"] for e in curve]
+        ax.plot(steps, [e["val_ppl"] for e in curve], marker=".",
+                label=name)
+    left.set_title("teacher (plateau schedule)")
+    right.set_title("students (distillation)")
+    for ax in (left, right):
+        ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("validation perplexity (log scale)")
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _plot_annealing(anneal, path):
     """Validation perplexity against ``S``'s density (left) and against the
     step (right) for each logged doped / pruned student."""
@@ -1347,14 +1718,16 @@ def stage_report(run, out_dir):
     cfg = res.get("config", {})
     lr0 = (cfg.get("args") or cfg.get("reused_args") or {}).get("lr", "-")
     iss_rows = any("target_reduction" in r for _, r in rows)
+    zero = any("test_ppl_zero_state" in r for _, r in rows)
     lines = [
         "# PTB word LM: teacher and distilled students (paper Tables 2, 6"
         + (", ISS baseline" if iss_rows else "") + ")\n", _setup_text(res),
         "| model | scheme | LSTM params | LSTM MAC reduction | init | "
-        "lr | val ppl | test ppl | test ppl vs teacher | train time (s) | "
-        "steps (epochs) |",
+        "lr | val ppl | test ppl | test ppl vs teacher | "
+        + ("test ppl, zero state | " if zero else "")
+        + "train time (s) | steps (epochs) |",
         "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: "
-        "| ---: |",
+        "| ---: |" + (" ---: |" if zero else ""),
     ]
     for name, r in rows:
         delta = (f"{100 * (r['test_ppl'] / t_ppl - 1):+.1f}%"
@@ -1362,12 +1735,16 @@ def stage_report(run, out_dir):
         lr = r.get("lr", "-") if name != "Teacher" else lr0
         if r.get("schedule", "constant") != "constant":
             lr = f"{lr} ({r['schedule']})"
+        cell = ""
+        if zero:
+            z = r.get("test_ppl_zero_state")
+            cell = "- | " if z is None else f"{z:.2f} | "
         lines.append(
             f"| {name} | {r.get('scheme', 'dense')} | {r['lstm_params']:,} "
             f"| {r['mac_reduction']:.2f}x | {r.get('init', '-')} | "
             f"{lr} | "
             f"{r['val_ppl']:.2f} | {r['test_ppl']:.2f} | {delta} | "
-            f"{r['train_seconds']:.0f} | {r['steps']} "
+            f"{cell}{r['train_seconds']:.0f} | {r['steps']} "
             f"({r.get('epochs', 0):.2f}) |")
     if t_ppl and any("doping_kind" in r for _, r in rows):
         lines += _doping_tables(res, t_ppl)
@@ -1375,6 +1752,15 @@ def stage_report(run, out_dir):
         lines += _init_table(res, t_ppl)
     if t_ppl:
         lines += _tfmot_tables(res, t_ppl)
+    curves = [(n, r["curve"]) for n, r in rows if r.get("curve")]
+    curves += [(f"{'Teacher' if key == 'teacher' else key} (in training)",
+                log) for key, log in res.get("schedule", {}).items() if log]
+    curves += [(f"{key} (in training)", log)
+               for key, log in res.get("curves", {}).items() if log]
+    if curves:
+        lines += _curve_tables(curves)
+        _plot_curves(curves, os.path.join(out_dir, f"{run.args.report_name}"
+                                                   "_curves.png"))
     if run.args.notes:  # a hand-written discussion, kept in its own file
         with open(run.args.notes) as f:
             lines += ["", f.read().rstrip()]
@@ -1621,6 +2007,42 @@ def build_parser():
                         "steps of a doped or pruned student")
     p.add_argument("--anneal-batches", type=int, default=20,
                    help="validation batches of that log")
+    p.add_argument("--carry-state", action="store_true",
+                   help="Zaremba's stateful BPTT: stateful LSTMs (fixed "
+                        "batch size) carry the state from window to window, "
+                        "zeroed at each epoch start, for the teacher and the"
+                        " students (a Distiller's teacher too); evaluation "
+                        "carries it over each split and also records the "
+                        "zero-state perplexities. Not for the ISS rows")
+    p.add_argument("--teacher-schedule", choices=("constant", "plateau"),
+                   default="constant",
+                   help="teacher's learning rate: constant for "
+                        "--teacher-epochs, or plateau: decayed when the "
+                        "validation perplexity stops improving, stopping "
+                        "when it flattens (--teacher-epochs is then a cap)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="plateau schedule: steps between evaluations, "
+                        "rounded to whole chunks (0: one epoch)")
+    p.add_argument("--plateau-tol", type=float, default=0.01,
+                   help="plateau schedule: decay when the validation "
+                        "perplexity improves on the best so far by less "
+                        "than this fraction")
+    p.add_argument("--plateau-decay", type=float, default=0.5,
+                   help="plateau schedule: factor of each decay")
+    p.add_argument("--plateau-stop", type=float, default=0.002,
+                   help="plateau schedule: an evaluation improving on the "
+                        "best by less than this fraction counts towards "
+                        "--plateau-patience")
+    p.add_argument("--plateau-patience", type=int, default=2,
+                   help="plateau schedule: once decayed, stop after this "
+                        "many evaluations in a row improving by less than "
+                        "--plateau-stop")
+    p.add_argument("--plateau-decays", type=int, default=6,
+                   help="plateau schedule: stop rather than decay more "
+                        "often than this")
+    p.add_argument("--curve-every", type=int, default=0,
+                   help="log each student's validation and test perplexity "
+                        "every N steps (0: never)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                    help="for the teacher and the students")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -1663,6 +2085,11 @@ def main(argv=None):
     bad = [s for s in args.tfmot_sparsities if not 0.0 < s < 1.0]
     if bad:
         raise SystemExit(f"--tfmot-sparsities must be in (0, 1); got {bad}")
+    if args.carry_state and "students" in stages and iss_specs(args):
+        raise SystemExit(
+            "--carry-state does not cover the ISS rows (iss.prune_to runs "
+            "its own fit without the state resets); leave iss out of "
+            "--students or drop --carry-state")
     eager = tf.config.functions_run_eagerly()
     tf.config.run_functions_eagerly(args.eager or eager)
     try:

@@ -43,6 +43,7 @@ model is left as it was.
 """
 
 import collections.abc
+import contextlib
 import typing
 
 import numpy as np
@@ -398,7 +399,10 @@ def _batches(data, steps, batch_size):
         yield batch
 
 
-def _stateful_layers(obj):
+def stateful_layers(obj):
+    """The stateful recurrent layers of ``obj`` (a model or a layer, nested
+    models, wrappers and sub-models such as a `Distiller`'s student and
+    teacher included) whose states exist (built), in tracking order."""
     found = []
 
     def walk(layer):
@@ -410,6 +414,22 @@ def _stateful_layers(obj):
 
     walk(obj)
     return found
+
+
+@contextlib.contextmanager
+def kept_states(obj):
+    """Yields ``stateful_layers(obj)`` and puts their states back as they
+    were on exit, so that a run in between (an evaluation, a calibration
+    pass) leaves the carried state of a training run untouched."""
+    layers = stateful_layers(obj)
+    saved = [[ops.convert_to_numpy(s) for s in tree.flatten(layer.states)]
+             for layer in layers]
+    try:
+        yield layers
+    finally:
+        for layer, values in zip(layers, saved):
+            for var, value in zip(tree.flatten(layer.states), values):
+                var.assign(value)
 
 
 def record(model, layers, data, steps=None):
@@ -437,16 +457,9 @@ def record(model, layers, data, steps=None):
             return model(x, training=training)
 
         batch = None
-    stateful = _stateful_layers(model)
-    saved = [[ops.convert_to_numpy(s) for s in tree.flatten(layer.states)]
-             for layer in stateful]
-    try:
+    with kept_states(model):
         for x in _batches(data, steps, batch or ARRAY_BATCH_SIZE):
             runner(x, training=False)
-    finally:
-        for layer, values in zip(stateful, saved):
-            for var, value in zip(tree.flatten(layer.states), values):
-                var.assign(value)
     return recorder
 
 

@@ -21,6 +21,7 @@ import math
 import tensorflow as tf
 
 from keras_antman import _keras
+from keras_antman import calibration
 from keras_antman._keras import keras
 from keras_antman._keras import ops
 
@@ -1006,6 +1007,8 @@ def calibrate_coefficients(
 
     `student` is left untouched (copies come from `keras.models.clone_model`
     and `set_weights`); `teacher.trainable` is restored afterwards.
+    A stateful teacher's states are zeroed before each run, as the copies'
+    are (each run starts at the beginning of `train_data`).
 
     Args:
         student: The compressed `keras.Model` (logits output).
@@ -1068,6 +1071,10 @@ def calibrate_coefficients(
     try:
         for alone in terms:
             copy = _copy_model(student, reinitialize)
+            # The copy's stateful layers start from zero states; so do the
+            # teacher's, each run seeing the data from its start.
+            for layer in calibration.stateful_layers(teacher):
+                layer.reset_states()
             distiller = Distiller(student=copy, teacher=teacher)
             distiller.compile(
                 optimizer=_fresh_optimizer(optimizer),

@@ -590,3 +590,271 @@ def test_report_sets_measured_times_against_theoretical(example, tmp_path):
             ) in text
     assert ("| Teacher | 1.00x | 120.00 | op CSR | 4.000 (0.010) | 4.000 | "
             "2.000 | 0.50x | 0.50x | 0.50x | 0.50 |") in text
+
+
+# -- --carry-state (Zaremba's stateful BPTT) and the plateau schedule -------
+
+def _np_logits(model, x):
+    """NumPy forward pass of `language_model` (either LSTM kind) over the
+    token rows ``x`` [B, T], from zero states: the reference for a model
+    carrying its state across the windows of ``x``."""
+    from reference import lstm
+
+    h = model.get_layer("embedding").get_weights()[0][x].astype("float64")
+    for i in range(2):
+        layer = model.get_layer(f"lstm_{i}")
+        weights = (layer.stock_weights() if hasattr(layer, "stock_weights")
+                   else layer.get_weights())
+        h = lstm(h, *(np.asarray(w, "float64") for w in weights))[0]
+    w, b = model.get_layer("logits").get_weights()
+    return h @ w + b
+
+
+def _np_ppl(logits, y):
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    return float(np.exp(-np.take_along_axis(logp, y[..., None], -1).mean()))
+
+
+def _stateful_lms(example, vocab=31):
+    """A stateful teacher (random weights) and its compressed LGP student,
+    on batches of 4 rows x 5 steps."""
+    import keras_antman as am
+
+    from conftest import randomize_weights
+
+    teacher = example.language_model(vocab, 8, 8, "teacher", batch_size=4)
+    randomize_weights(teacher, seed=3, scale=0.5)
+    g = am.LGPShuffle(2)
+    student = am.compress(teacher, input_scheme=g, recurrent_scheme=g)
+    return teacher, student
+
+
+def test_carried_state_eval_is_one_long_sequence(example, rng):
+    """Evaluation with the state carried over a split equals one pass over
+    each whole stream from a zero state (a NumPy LSTM); zero-state
+    evaluation equals separate windows; the two differ; the states a
+    training run carries are left as they were. For the stock LSTM
+    teacher and for its compressed (StructuredLSTM) student."""
+    from keras_antman import calibration
+    from keras_antman import datasets
+
+    ids = rng.integers(0, 31, 4 * 5 * 3 + 1)
+    ds = datasets.bptt_dataset(ids, batch_size=4, num_steps=5)
+    xs, ys = zip(*ds.as_numpy_iterator())
+    x, y = np.concatenate(xs, 1), np.concatenate(ys, 1)  # [4, 15] streams
+    for model in _stateful_lms(example):
+        layers = calibration.stateful_layers(model)
+        assert len(layers) == 2
+        model(xs[1], training=False)  # a state to keep
+        before = [np.array(v) for layer in layers for v in layer.states]
+        ppl = example._perplexity_fn(model)
+        carried, zero = ppl(ds, carry=True), ppl(ds, carry=False)
+        assert carried == pytest.approx(_np_ppl(_np_logits(model, x), y),
+                                        rel=1e-4)
+        windows = np.concatenate([_np_logits(model, w) for w in xs], 1)
+        assert zero == pytest.approx(_np_ppl(windows, y), rel=1e-4)
+        assert carried != pytest.approx(zero, rel=1e-4)
+        after = [np.array(v) for layer in layers for v in layer.states]
+        for a, b in zip(before, after):
+            np.testing.assert_array_equal(a, b)
+        # The second window's logits: after the first vs from zero.
+        for layer in layers:
+            layer.reset_states()
+        model(xs[0], training=False)
+        carried = np.asarray(model(xs[1], training=False))
+        for layer in layers:
+            layer.reset_states()
+        zero = np.asarray(model(xs[1], training=False))
+        assert np.linalg.norm(carried - zero) > 0.05 * np.linalg.norm(zero)
+
+
+def test_state_layout_converts_both_ways(example, rng):
+    """`with_state_layout` turns a stateless LM stateful (fixed batch) and
+    back, with the same weights: the stateful copy's zero-state output is
+    the stateless model's, and carrying its state changes it."""
+    from keras_antman import calibration
+
+    stateless = example.language_model(31, 8, 8, "lm")
+    assert example.with_state_layout(stateless, None) is stateless
+    stateful = example.with_state_layout(stateless, 4)
+    assert len(calibration.stateful_layers(stateful)) == 2
+    assert stateful.inputs[0].shape[0] == 4
+    x = rng.integers(0, 31, (4, 5))
+    want = np.asarray(stateless(x))
+    np.testing.assert_allclose(np.asarray(stateful(x)), want, atol=1e-5)
+    assert not np.allclose(np.asarray(stateful(x)), want, atol=1e-5)
+    back = example.with_state_layout(stateful, None)
+    assert not calibration.stateful_layers(back)
+    np.testing.assert_allclose(np.asarray(back(x[:2])), want[:2], atol=1e-5)
+
+
+def test_distiller_carries_both_states_and_resets_at_epoch_start(
+        example, tmp_path):
+    """Distillation with --carry-state: after 6 steps of a 4-step epoch
+    (learning rate 0, so the weights stay), the teacher's and the student's
+    LSTM states are those of one pass over the epoch's first two windows
+    from zero: carried across windows, zeroed at the epoch start, and the
+    teacher on the same state history as the student."""
+    from reference import lstm
+
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    args = example.build_parser().parse_args([
+        "--data", str(data), "--run-dir", str(tmp_path / "run"),
+        "--carry-state", "--batch-size", "4", "--num-steps", "5",
+        "--max-train-tokens", "85", "--chunk-steps", "2", "--optimizer",
+        "sgd", "--verbose", "0"])
+    run = example.Run(args)
+    assert run.epoch_steps == 4
+    teacher, student = _stateful_lms(example, run.vocab)
+    steps, _ = example.distill(run, teacher, student, dict(
+        c_target=1.0, c_mse=1.0, c_kl=1.0), 6, "probe", lr=0.0)
+    assert steps == 6
+    xs = [x for x, _ in run.train.take(2).as_numpy_iterator()]
+    tokens = np.concatenate(xs, 1)
+    for model in (teacher, student):
+        h = model.get_layer("embedding").get_weights()[0][tokens]
+        for i in range(2):
+            layer = model.get_layer(f"lstm_{i}")
+            weights = (layer.stock_weights()
+                       if hasattr(layer, "stock_weights")
+                       else layer.get_weights())
+            h, h_last, c_last = lstm(h.astype("float64"), *(
+                np.asarray(w, "float64") for w in weights))
+            np.testing.assert_allclose(np.array(layer.states[0]), h_last,
+                                       rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(np.array(layer.states[1]), c_last,
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_plateau_rule(example):
+    args = example.build_parser().parse_args([
+        "--data", "unused", "--plateau-tol", "0.01", "--plateau-stop",
+        "0.002", "--plateau-patience", "2", "--plateau-decays", "3"])
+
+    def step(vals, decayed=()):
+        log = [dict(val_ppl=v, lr=1.0, decayed=i in decayed)
+               for i, v in enumerate(vals)]
+        return example.plateau_step(log, args)
+
+    assert step([200]) == (1.0, False)
+    assert step([200, 150]) == (1.0, False)  # 25% better: keep the rate
+    assert step([200, 150, 149]) == (0.5, False)  # 0.7%: decay
+    assert step([200, 150, 151]) == (0.5, False)  # worse, none decayed yet
+    # Once decayed: one flat evaluation (< 0.2% on the best before it)
+    # decays again, the second flat or worse one in a row stops.
+    assert step([200, 150, 149, 148.9], {2}) == (0.5, False)  # 0.07%
+    assert step([200, 150, 151, 149.9], {2}) == (1.0, True)
+    assert step([200, 150, 151, 150.5], {2}) == (1.0, True)
+    assert step([200, 150, 149, 140], {2}) == (1.0, False)  # 6% better
+    # No more than 3 decays: stop instead of a 4th.
+    assert step([200, 150, 149, 148, 147], {1, 2, 3}) == (1.0, True)
+
+
+def test_plateau_keeps_the_best_weights(example, tmp_path, monkeypatch):
+    """The plateau teacher ends with the weights of its best validation
+    evaluation, not its last (validation perplexities scripted: 100, 90,
+    95, 96 -> decay after 95, stop after 96, keep step 4's weights)."""
+    from keras_antman._keras import keras
+
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    calls, snapshots = [], {}
+
+    def scripted(model):
+        def perplexity(batches, carry=False):
+            calls.append(carry)
+            i = len(calls) - 1
+            if i < 8 and i % 2 == 0:  # the validation call of evaluation i/2
+                snapshots[2 * (i // 2 + 1)] = model.get_weights()
+                return (100.0, 90.0, 95.0, 96.0)[i // 2]
+            return 50.0
+        return perplexity
+
+    monkeypatch.setattr(example, "_perplexity_fn", scripted)
+    results = example.main([
+        "--data", str(data), "--run-dir", str(tmp_path / "run"),
+        "--hidden", "8", "--batch-size", "4", "--num-steps", "5",
+        "--max-train-tokens", "85", "--carry-state", "--teacher-schedule",
+        "plateau", "--teacher-epochs", "5", "--chunk-steps", "2",
+        "--eval-every", "2", "--optimizer", "sgd", "--lr", "1",
+        "--verbose", "0", "--eager", "--stages", "teacher"])
+    teacher = results["teacher"]
+    assert [(e["step"], e["best"], e["decayed"], e["stopped"])
+            for e in teacher["curve"]] == [
+        (2, True, False, False), (4, True, False, False),
+        (6, False, True, False), (8, False, False, True)]
+    assert teacher["steps"] == 8 and teacher["weights_step"] == 4
+    saved = keras.models.load_model(tmp_path / "run" / "teacher.keras")
+    for got, want, last in zip(saved.get_weights(), snapshots[4],
+                               snapshots[8]):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.array_equal(a, b)
+               for a, b in zip(snapshots[4], snapshots[8]))
+    assert not (tmp_path / "run" / "best_teacher.weights.h5").exists()
+
+
+def test_carry_state_run_plateau_teacher_resumes_and_reports(
+        example, tmp_path, monkeypatch):
+    """A --carry-state run end to end: the teacher on the plateau schedule
+    (interrupted before an evaluation, then resumed: no evaluation lost
+    or repeated, the decayed rate kept), then students with curves, and
+    the report's zero-state column and curve tables."""
+    data = tmp_path / "ptb"
+    data.mkdir()
+    _tiny_ptb(data)
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--run-dir", str(tmp_path / "run"),
+            "--out", str(out), "--hidden", "20", "--groups", "10",
+            "--batch-size", "4", "--num-steps", "5", "--max-train-tokens",
+            "85", "--carry-state", "--teacher-schedule", "plateau",
+            "--teacher-epochs", "5", "--chunk-steps", "2", "--eval-every",
+            "2", "--plateau-tol", "1", "--plateau-stop", "1",
+            "--optimizer", "sgd", "--lr", "1", "--student-steps", "4",
+            "--curve-every", "2", "--students", "lgp,dense",
+            "--calib-steps", "2", "--calib-eval", "2", "--verbose", "0",
+            "--eager", "--report-name", "conv", "--stages",
+            "teacher,calibrate,students,report"]
+    ends = []
+    clock_end = example._Clock.on_epoch_end
+
+    def counting_end(self, epoch, logs=None):
+        clock_end(self, epoch, logs)
+        ends.append(self.key)
+        if len(ends) == 2:  # after the 2nd chunk's backup, before its eval
+            raise _Stop()
+
+    monkeypatch.setattr(example._Clock, "on_epoch_end", counting_end)
+    with pytest.raises(_Stop):
+        example.main(argv)
+    log = json.loads((tmp_path / "run" / "results.json").read_text())[
+        "schedule"]["teacher"]
+    assert [e["step"] for e in log] == [2]
+    monkeypatch.setattr(example._Clock, "on_epoch_end", clock_end)
+    results = example.main(argv)
+    teacher = results["teacher"]
+    # tol 1: every evaluation but the first decays, stop 1: the one after
+    # a decay stops.
+    assert [(e["step"], e["lr"], e["decayed"], e["stopped"])
+            for e in teacher["curve"]] == [
+        (2, 1.0, False, False), (4, 1.0, True, False),
+        (6, 0.5, False, True)]
+    assert teacher["steps"] == 6 and teacher["carry_state"]
+    best = min(teacher["curve"], key=lambda e: e["val_ppl"])
+    assert teacher["weights_step"] == best["step"]
+    assert teacher["val_ppl"] == pytest.approx(best["val_ppl"], rel=1e-5)
+    assert "schedule" not in results or "teacher" not in results["schedule"]
+    for r in [teacher, *results["students"].values()]:
+        assert {"val_ppl_zero_state", "test_ppl_zero_state"} <= set(r)
+        assert np.isfinite(r["test_ppl"]) and r["test_ppl"] != r[
+            "test_ppl_zero_state"]
+    for r in results["students"].values():
+        assert [e["step"] for e in r["curve"]] == [0, 2, 4]
+        assert r["curve"][-1]["test_ppl"] == pytest.approx(r["test_ppl"])
+    table = (out / "conv_results.md").read_text()
+    assert "zero state" in table and "stateful truncated BPTT" in table
+    assert "### Teacher" in table and "| 6 | 0.5 |" in table
+    assert (out / "conv_curves.png").stat().st_size > 0
