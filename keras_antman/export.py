@@ -37,32 +37,44 @@ def serving_constants(model):
     serving constants (`Scheme.serving_arrays`: e.g. a doped matrix's
     sparse part as constant CSR arrays instead of a dense masked weight).
     """
-    found = []
-
-    def walk(layer):
-        if isinstance(layer, schemes_lib.StructuredMatrix) and layer.built:
-            found.append(layer)
-        for sub in _keras.sublayers(layer):
-            walk(sub)
-
-    walk(model)
+    found = [m for m in _layers_of(model, schemes_lib.StructuredMatrix)
+             if m.built]
     with contextlib.ExitStack() as stack:
         for matrix in found:
             stack.enter_context(matrix.serving_constants())
         yield found
 
 
-def _structured_layers(model):
+def _layers_of(model, cls):
+    """Every layer of ``model`` (itself and nested ones, depth first) that
+    is an instance of ``cls``."""
     found = []
 
     def walk(layer):
-        if isinstance(layer, layers_lib._StructuredRNN):
+        if isinstance(layer, cls):
             found.append(layer)
         for sub in _keras.sublayers(layer):
             walk(sub)
 
     walk(model)
     return found
+
+
+def _structured_layers(model):
+    return _layers_of(model, layers_lib._StructuredRNN)
+
+
+@contextlib.contextmanager
+def _attribute_set(layers, name, value):
+    """Temporarily set attribute ``name`` of every layer to ``value``."""
+    saved = [getattr(layer, name) for layer in layers]
+    try:
+        for layer in layers:
+            setattr(layer, name, value)
+        yield layers
+    finally:
+        for layer, old in zip(layers, saved):
+            setattr(layer, name, old)
 
 
 @contextlib.contextmanager
@@ -81,15 +93,8 @@ def kernel_mode(model, kernel):
             f"`kernel` must be one of {layers_lib.KERNEL_CHOICES}. "
             f"Received: kernel={kernel!r}"
         )
-    found = _structured_layers(model)
-    saved = [layer.kernel for layer in found]
-    try:
-        for layer in found:
-            layer.kernel = kernel
+    with _attribute_set(_structured_layers(model), "kernel", kernel) as found:
         yield found
-    finally:
-        for layer, mode in zip(found, saved):
-            layer.kernel = mode
 
 
 def export(model, path, kernel="portable", batch_size=None, overwrite=False,
@@ -380,25 +385,9 @@ def _int8_steps(model, batches, steps):
 @contextlib.contextmanager
 def _unrolled(model, unroll):
     """Temporarily set ``unroll`` on every recurrent layer of ``model``."""
-    rnn_cls = _keras.keras.layers.RNN
-    found = []
-
-    def walk(layer):
-        if isinstance(layer, rnn_cls):
-            found.append(layer)
-        for sub in _keras.sublayers(layer):
-            walk(sub)
-
-    if unroll:
-        walk(model)
-    saved = [layer.unroll for layer in found]
-    try:
-        for layer in found:
-            layer.unroll = True
+    found = _layers_of(model, _keras.keras.layers.RNN) if unroll else []
+    with _attribute_set(found, "unroll", True):
         yield found
-    finally:
-        for layer, value in zip(found, saved):
-            layer.unroll = value
 
 
 def _calibration_batches(model, data, batch_size):
