@@ -6,9 +6,9 @@
 # validation perplexity improves by < 1% per epoch, stopped when it
 # flattens; at most 20 epochs), the calibrated distillation coefficients,
 # then the 10x students in order of how much they tell: LGP-Shuffle g=10
-# and SVD rank 16 from the teacher's weights, LowRank-LGP, the dense h=47
-# direct design, the same three structured students from a random init,
-# and the coefficient grid at 1000 steps per cell. Every student logs its
+# and SVD rank 16 from the teacher's weights, the dense h=47 direct
+# design, LGP-Shuffle and SVD from a random init, LowRank-LGP from both
+# inits, and the coefficient grid at 1000 steps per cell. Every student logs its
 # validation / test perplexity every 500 steps (--curve-every).
 #
 # Every command resumes where it stopped (results.json, backups) and skips
@@ -40,11 +40,13 @@ step() {
 step --stages teacher,calibrate
 step --stages students --students lgp --student-steps 5000
 step --stages students --students svd --student-steps 5000
-step --stages students --students lowrank_lgp --student-steps 5000
 step --stages students --students dense --student-steps 6000
-for kind in lgp svd lowrank_lgp; do
+for kind in lgp svd; do
     step --stages students --students "$kind" --student-init random \
         --student-steps 6000
 done
+step --stages students --students lowrank_lgp --student-steps 5000
+step --stages students --students lowrank_lgp --student-init random \
+    --student-steps 6000
 step --stages grid --grid-steps 1000
 echo "== $(date -u +%FT%TZ) queue done"
