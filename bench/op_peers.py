@@ -19,6 +19,14 @@ over all rounds (ms per call; "per sequence" divides by the batch).
   g=2 and g=10 at 1 and 2 threads, batch 1, loaded into this process and
   timed in the same rounds (its ``lstm_verify`` checks it first).
 
+The batch table also gives each variant's rate of product arithmetic
+(GFLOP/s: 2 FLOP per multiply-add of the input and recurrent products,
+T steps, per second of the call; gate math not counted) against this
+core's peak FMA rate, measured by the limit library's register-only FMA
+chains in the same process. A dense peer near that peak bounds what any
+kernel doing 1/k of its arithmetic can gain over it: at most k times its
+rate ratio.
+
 Usage:
     python bench/op_peers.py [--dims 400 800 1600] [--batches 1 8 32]
         [--rounds 10] [--out bench/results/op_peers]
@@ -220,10 +228,11 @@ def bench_d(d, batches, rounds, budget_s, limit):
     out = {}
     for batch in batches:
         x = rng.normal(size=(batch, T, d)).astype("float32")
-        fns, models = {}, {}
+        fns, flop = {}, {"dense": 2 * T * 8 * d * d}
         for i, (name, cls, scheme) in enumerate(ROWS):
             model, layer = model_for(cls, scheme(), d, batch, seed=i)
-            models[name] = model
+            flop[name] = 2 * T * sum(
+                m.macs() for m in layer.cell.products().values())
             for t in (1, 2):
                 fns[(name, f"op {t}T")] = op_fn(layer, x, t)
             if batch == 1:
@@ -244,6 +253,7 @@ def bench_d(d, batches, rounds, budget_s, limit):
         med = interleaved(fns, rounds, budget_s)
         out[batch] = {"load_before": load_before, "load_after": uptime(),
                       "onnxruntime": ort_version,
+                      "flop_per_sequence": flop,
                       "ms": {f"{a} | {b}": v for (a, b), v in med.items()}}
         print(f"d={d} batch={batch} done ({uptime()})", flush=True)
     return out
@@ -270,6 +280,17 @@ def _ratio(a, b):
     return "–" if a is None or b is None else f"{a / b:.2f}x"
 
 
+def _gflops(flop, ms):
+    """GFLOP/s of ``flop`` FLOP in ``ms`` milliseconds."""
+    return None if flop is None or not ms else flop / ms / 1e6
+
+
+def _pct(rate, peak):
+    if rate is None or not peak:
+        return "–"
+    return f"{rate:.0f} ({rate / peak:.0%})"
+
+
 def report(results, args, limit_note):
     lines = [
         "# The compiled op against its peers, one process",
@@ -282,6 +303,10 @@ def report(results, args, limit_note):
         f"Machine: {cpu_model()}, {os.cpu_count()} cores; op ISA "
         f"{ops.isa()}; TF {tf.__version__}, NumPy {np.__version__}; limit "
         f"kernel: {limit_note}.",
+        "Peak FMA rate of one core (the limit library's register-only "
+        "FMA chains, this process): "
+        + (f"{results['peak_gflops']:.1f} GFLOP/s." if results.get(
+            "peak_gflops") else "not measured (no limit library)."),
         f"Load: {results['load_start']} at the start, "
         f"{results['load_end']} at the end (other work shares this VM; "
         "the rounds are interleaved so it falls on every column alike).",
@@ -323,21 +348,26 @@ def report(results, args, limit_note):
     lines += ["", "## Batches: per sequence (ms), against ONNX Runtime's "
               "dense LSTM at the same batch", ""]
     body = []
+    peak = results.get("peak_gflops")
     for d, per_batch in results["dims"].items():
         base = per_batch.get("1", per_batch.get(1, {})).get("ms", {})
         for batch, res in per_batch.items():
             b = int(batch)
-            ms = res["ms"]
+            ms, flop = res["ms"], res.get("flop_per_sequence", {})
             ort = _get(ms, "dense", "ONNX Runtime")
+            ort_rate = _gflops(flop.get("dense"), ort / b)
             for name, _, _ in ROWS:
                 o1, o2 = _get(ms, name, "op 1T"), _get(ms, name, "op 2T")
                 one = _get(base, name, "op 1T")
                 body.append([str(d), str(b), name, _f(o1 / b), _f(o2 / b),
                              _f(ort / b), _ratio(ort, o1), _ratio(ort, o2),
-                             _ratio(one, o1 / b) if one else "–"])
+                             _ratio(one, o1 / b) if one else "–",
+                             _pct(_gflops(flop.get(name), o1 / b), peak),
+                             _pct(ort_rate, peak)])
     lines.append(_md(
         ["d", "batch", "cell", "op 1T", "op 2T", "ORT dense 1T",
-         "ORT/op 1T", "ORT/op 2T", "op 1T: batch-1 time / this"], body))
+         "ORT/op 1T", "ORT/op 2T", "op 1T: batch-1 time / this",
+         "op 1T GFLOP/s (of peak)", "ORT GFLOP/s (of peak)"], body))
     return "\n".join(lines) + "\n"
 
 
@@ -361,6 +391,11 @@ def main():
     results = {"argv": sys.argv, "cpu": cpu_model(), "isa": ops.isa(),
                "cores": os.cpu_count(), "limit": limit_note,
                "load_start": uptime(), "dims": {}}
+    if limit is not None:
+        limit.lstm_peak_gflops.restype = ctypes.c_double
+        limit.lstm_peak_gflops.argtypes = [ctypes.c_int]
+        results["peak_gflops"] = max(limit.lstm_peak_gflops(3)
+                                     for _ in range(3))
     for d in args.dims:
         results["dims"][d] = bench_d(d, args.batches, args.rounds,
                                      args.budget, limit)
