@@ -1653,7 +1653,8 @@ def _curve_tables(curves):
 
 def _plot_curves(curves, path):
     """Validation perplexity against the step: the teacher (left) and the
-    students (right)."""
+    students (right; dashed: from a random init, solid: from the
+    teacher's weights)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1664,9 +1665,9 @@ def _plot_curves(curves, path):
         ax = left if name.startswith("Teacher") else right
         steps = [e["step"] for e in curve]
         ax.plot(steps, [e["val_ppl"] for e in curve], marker=".",
-                label=name)
+                label=name, linestyle="--" if "random init" in name else "-")
     left.set_title("teacher (plateau schedule)")
-    right.set_title("students (distillation)")
+    right.set_title("students (distillation; dashed: random init)")
     for ax in (left, right):
         ax.set_yscale("log")
         ax.set_xlabel("optimizer step")
