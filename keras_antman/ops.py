@@ -381,6 +381,7 @@ def load():
         cdll.keras_antman_min_parallel_macs_per_step.restype = (
             ctypes.c_longlong)
         cdll.keras_antman_sparse_packs.restype = ctypes.c_longlong
+        cdll.keras_antman_weight_packs.restype = ctypes.c_longlong
         if _pending_threads is not None:
             cdll.keras_antman_set_num_threads(_pending_threads)
         _state["module"], _state["cdll"] = module, cdll

@@ -450,10 +450,10 @@ void StageColumns(const Stage& s, const float* x, int64_t ldx, int64_t rows,
     const int64_t gi0 = (c0 + s.b - 1) / s.b, gi1 = c1 / s.b;
     if (gi0 < gi1) {
       // Groups before gi0 and from gi1 on, then this.
-      StageColumns(Stage{s.w, s.g, s.a, s.b, s.shuffle, false}, x, ldx, rows,
-                   c0, gi0 * s.b, y, ldy, pack);
-      StageColumns(Stage{s.w, s.g, s.a, s.b, s.shuffle, false}, x, ldx, rows,
-                   gi1 * s.b, c1, y + (gi1 * s.b - c0), ldy, pack);
+      const Stage unshared{s.w, s.g, s.a, s.b, s.shuffle, false, nullptr};
+      StageColumns(unshared, x, ldx, rows, c0, gi0 * s.b, y, ldy, pack);
+      StageColumns(unshared, x, ldx, rows, gi1 * s.b, c1,
+                   y + (gi1 * s.b - c0), ldy, pack);
       const int64_t ng = gi1 - gi0;
       float* yg = y + (gi0 * s.b - c0);
       if (ng == s.g && ldx == s.g * s.a && ldy == s.g * s.b) {
@@ -473,6 +473,43 @@ void StageColumns(const Stage& s, const float* x, int64_t ldx, int64_t rows,
          s.a, cend - c0, y, ldy, pack);
     y += cend - c0;
     c0 = cend;
+  }
+}
+
+// A block's nvec column vectors in near-equal panels of at most max_nv
+// vectors: panel c has PanelVectors(...) vectors from vector PanelStart(...).
+// A packed stage (PackLayout) stores each panel as [a, its width].
+inline int64_t Panels(int64_t nvec, int64_t max_nv) {
+  return (nvec + max_nv - 1) / max_nv;
+}
+inline int64_t PanelVectors(int64_t nvec, int64_t max_nv, int64_t c) {
+  const int64_t n = Panels(nvec, max_nv);
+  return nvec / n + (c < nvec % n ? 1 : 0);
+}
+inline int64_t PanelStart(int64_t nvec, int64_t max_nv, int64_t c) {
+  const int64_t n = Panels(nvec, max_nv);
+  return c * (nvec / n) + Min(c, nvec % n);
+}
+
+// Panel widths of the packed layouts: the input GEMM's register tile (so
+// that any row tile takes a whole panel per pass, one stream), the batch-1
+// GEMV's accumulators.
+constexpr int kInputNv = MaxNv(kMaxRowTile);
+constexpr int kGroupNv = MaxNv(1);
+
+// Y[rows, g * b] = X @ blockdiag(s) (unshuffled) from the stage's
+// kInputPanels copy: each panel is read contiguously by every row tile.
+void PanelStage(const Stage& s, const float* x, int64_t ldx, int64_t rows,
+                float* y, int64_t ldy) {
+  const int64_t nvec = s.b / V, panels = Panels(nvec, kInputNv);
+  for (int64_t i = 0; i < s.g; ++i) {
+    const float* block = s.packed + i * s.a * s.b;
+    for (int64_t c = 0; c < panels; ++c) {
+      const int64_t nv = PanelVectors(nvec, kInputNv, c);
+      const int64_t c0 = PanelStart(nvec, kInputNv, c) * V;
+      TileGemm(x + i * s.a, ldx, rows, block + c0 * s.a, nv * V, s.a, nv * V,
+               y + i * s.b + c0, ldy);
+    }
   }
 }
 
@@ -540,8 +577,13 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
   float* row_copy = thread_scratch + p.off_row_copy;
   float* pack = thread_scratch + p.off_pack;
   float* unshuffled = thread_scratch + p.off_shuffle;
-  for (int64_t r = r0; r < r1; r += kRowChunk) {
-    const int64_t rc = Min(kRowChunk, r1 - r);
+  // One stage and no sparse term need no buffer sized by kRowChunk: all
+  // the thread's rows then pass over each panel of W at once.
+  const int64_t chunk = ch.num_stages == 1 && ch.sparse.nnz == 0
+                            ? Max(1, r1 - r0)
+                            : kRowChunk;
+  for (int64_t r = r0; r < r1; r += chunk) {
+    const int64_t rc = Min(chunk, r1 - r);
     const float* in = p.x + r * ch.n;
     int64_t ldx = ch.n;
     for (int s = 0; s < ch.num_stages; ++s) {
@@ -551,7 +593,9 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
       float* out = last ? p.x_proj + r * zw : stage_buf[s & 1];
       const int64_t ldy = last ? zw : ms;
       // The last stage's shuffle is folded into the gather below.
-      if (!last && stage.shuffle) {
+      if (stage.packed != nullptr) {  // the last stage (PackLayoutFor)
+        PanelStage(stage, in, ldx, rc, out, ldy);
+      } else if (!last && stage.shuffle) {
         StageColumns(stage, in, ldx, rc, 0, ms, unshuffled, ms, pack);
         ShuffleColumns(stage, unshuffled, ms, rc, 0, ms, out, ldy);
       } else {
@@ -827,45 +871,33 @@ bool GroupStepFits(const RnnPlan& p) {
   return !s.shared && s.b % V == 0;
 }
 
-// A group's block product in column chunks of at most MaxNv(1) vectors,
-// near-equal: chunk c has ChunkVectors(nvec, c) vectors from vector
-// ChunkStart(nvec, c).
-constexpr int kGroupNv = MaxNv(1);
-inline int64_t Chunks(int64_t nvec) {
-  return (nvec + kGroupNv - 1) / kGroupNv;
-}
-inline int64_t ChunkVectors(int64_t nvec, int64_t c) {
-  const int64_t n = Chunks(nvec);
-  return nvec / n + (c < nvec % n ? 1 : 0);
-}
-inline int64_t ChunkStart(int64_t nvec, int64_t c) {
-  const int64_t n = Chunks(nvec);
-  return c * (nvec / n) + Min(c, nvec % n);
-}
-
-// One step of this thread's groups: each group's block product in chunks
-// of at most MaxNv(1) vectors (the pending gate math in the first), the
-// groups walked backwards on odd steps (`rev`, and the rows and chunks of
+// One step of this thread's groups: each group's block product in panels
+// of at most kGroupNv vectors (the pending gate math in the first), the
+// groups walked backwards on odd steps (`rev`, and the rows and panels of
 // each block too), so a step starts on the weights the last one used last.
+// With the kRecurrentChunks copy each panel is one contiguous stream.
 void LstmGroupStep(const StepView& st, int tid, int nt, bool rev,
                    float* z_buffers[2]) {
   const RnnPlan& p = *st.p;
   const Stage& s = p.recurrent.chain.stages[0];
   const int64_t g0 = s.g * tid / nt, g1 = s.g * (tid + 1) / nt;
   const int64_t len = p.units / s.g, nvec = s.b / V;
-  const int64_t chunks = Chunks(nvec);
+  const int64_t chunks = Panels(nvec, kGroupNv);
   const float* x_row = p.x_proj + st.t * p.z_width;
   LstmPending pending{&st, nullptr, 0, len};
   for (int64_t j = 0; j < g1 - g0; ++j) {
     const int64_t i = rev ? g1 - 1 - j : g0 + j;
     float* z = z_buffers[j & 1];
-    const float* w = s.w + i * s.a * s.b;
     const float* init = x_row + i * s.b;
     for (int64_t cj = 0; cj < chunks; ++cj) {
       const int64_t c = rev ? chunks - 1 - cj : cj;
-      const int64_t nv = ChunkVectors(nvec, c);
-      const int64_t c0 = ChunkStart(nvec, c) * V;
-      PickGemvFrom<kGroupNv>(nv, rev)(st.h_prev + i * s.a, w + c0, s.b, s.a,
+      const int64_t nv = PanelVectors(nvec, kGroupNv, c);
+      const int64_t c0 = PanelStart(nvec, kGroupNv, c) * V;
+      const float* w = s.packed != nullptr
+                           ? s.packed + i * s.a * s.b + c0 * s.a
+                           : s.w + i * s.a * s.b + c0;
+      const int64_t ldw = s.packed != nullptr ? nv * V : s.b;
+      PickGemvFrom<kGroupNv>(nv, rev)(st.h_prev + i * s.a, w, ldw, s.a,
                                       init + c0, z + c0,
                                       cj == 0 ? pending : LstmPending{});
     }
@@ -1080,6 +1112,34 @@ void RunRnn(const RnnPlan& plan) {
   // start-up per region costs more than a small step.
 #pragma omp parallel num_threads(plan.num_threads)
   RnnBody(plan, omp_get_thread_num(), omp_get_num_threads());
+}
+
+int PackLayoutFor(const RnnPlan& plan, int which) {
+  if (which == 1) return GroupStepFits(plan) ? kRecurrentChunks : kNoPack;
+  // A block-diagonal input product of one stage in whole vectors (a dense
+  // one, g = 1, is left to Gemm: a copy would double a large matrix).
+  const Chain& ch = plan.input;
+  const Stage& s = ch.stages[0];
+  return ch.num_stages == 1 && s.g > 1 && !s.shared && s.b % V == 0
+             ? kInputPanels
+             : kNoPack;
+}
+
+void PackStage(const Stage& s, int layout, float* dst) {
+  const int64_t nvec = s.b / V;
+  const int64_t max_nv = layout == kInputPanels ? kInputNv : kGroupNv;
+  for (int64_t i = 0; i < s.g; ++i) {
+    const float* block = s.w + i * s.a * s.b;
+    float* out = dst + i * s.a * s.b;
+    for (int64_t c = 0; c < Panels(nvec, max_nv); ++c) {
+      const int64_t width = PanelVectors(nvec, max_nv, c) * V;
+      const int64_t c0 = PanelStart(nvec, max_nv, c) * V;
+      float* panel = out + c0 * s.a;
+      for (int64_t k = 0; k < s.a; ++k)
+        for (int64_t j = 0; j < width; ++j)
+          panel[k * width + j] = block[k * s.b + c0 + j];
+    }
+  }
 }
 
 void RunBlockDiag(const BlockDiagPlan& plan) {

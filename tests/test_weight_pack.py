@@ -1,0 +1,123 @@
+"""The op's cache of packed weights (antman_kernels.cc, PackedWeights).
+
+The engine reads the blocks of a one-stage block-diagonal input product
+and of the batch-1 LSTM group step from packed copies that the op keeps
+across calls. A copy may be reused only for the very same weights: these
+tests change the weights every way a caller can (new tensors, a variable
+assigned in place, a NumPy array written in place, another instruction
+set) and compare each result with the NumPy reference; the pack counter
+shows when the cache was hit.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_antman import ops
+from keras_antman.ops import Stage
+
+import reference
+
+pytestmark = pytest.mark.skipif(
+    not ops.is_available(), reason="compiled op library not built"
+)
+
+G, UNITS, FEATURES, STEPS = 4, 64, 48, 6
+TOL = dict(rtol=1e-4, atol=2e-5)
+
+
+@pytest.fixture(autouse=True)
+def _restore_isa():
+    yield
+    if ops.is_available():
+        ops.set_instruction_set(None)
+
+
+def packs():
+    ops.load()
+    return ops._state["cdll"].keras_antman_weight_packs()
+
+
+def blocks(rng, a, b):
+    return (rng.standard_normal((G, a, b)) / np.sqrt(a)).astype("f")
+
+
+def weights(seed):
+    """x, input blocks, recurrent blocks and bias of an LGP-Shuffle LSTM."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, STEPS, FEATURES)).astype("f")
+    k_in = blocks(rng, FEATURES // G, 4 * UNITS // G)
+    k_rec = blocks(rng, UNITS // G, 4 * UNITS // G)
+    bias = (0.3 * rng.standard_normal(4 * UNITS)).astype("f")
+    return x, k_in, k_rec, bias
+
+
+def expected(x, k_in, k_rec, bias):
+    dense = [reference.shuffled(reference.block_diag(np.asarray(k)), G)
+             for k in (k_in, k_rec)]
+    return reference.lstm(x.astype(np.float64), *dense, bias)[1]
+
+
+def final_h(x, k_in, k_rec, bias, threads=1):
+    zeros = np.zeros((1, UNITS), "f")
+    return ops.structured_lstm(x, zeros, zeros, bias, [Stage(k_in, True)],
+                               [Stage(k_rec, True)],
+                               num_threads=threads)[1].numpy()
+
+
+def owned(array):
+    """A tensor in memory TensorFlow allocated (an op's output)."""
+    return tf.constant(array) + 0.0
+
+
+def test_same_tensors_reuse_the_packing_new_ones_do_not():
+    x, k_in, k_rec, bias = weights(0)
+    t_in, t_rec = owned(k_in), owned(k_rec)
+    before = packs()
+    for _ in range(3):
+        np.testing.assert_allclose(final_h(x, t_in, t_rec, bias),
+                                   expected(x, k_in, k_rec, bias), **TOL)
+    assert packs() - before == 2  # input and recurrent, once
+    _, k_in2, k_rec2, _ = weights(1)
+    np.testing.assert_allclose(
+        final_h(x, owned(k_in2), owned(k_rec2), bias),
+        expected(x, k_in2, k_rec2, bias), **TOL)
+    assert packs() - before == 4
+
+
+def test_variable_assigned_in_place():
+    x, k_in, k_rec, bias = weights(2)
+    v_in, v_rec = tf.Variable(k_in), tf.Variable(k_rec)
+    np.testing.assert_allclose(final_h(x, v_in, v_rec, bias),
+                               expected(x, k_in, k_rec, bias), **TOL)
+    _, k_in2, k_rec2, _ = weights(3)
+    v_rec.assign(k_rec2)
+    np.testing.assert_allclose(final_h(x, v_in, v_rec, bias),
+                               expected(x, k_in, k_rec2, bias), **TOL)
+    v_in.assign_add(k_in2)
+    np.testing.assert_allclose(final_h(x, v_in, v_rec, bias),
+                               expected(x, k_in + k_in2, k_rec2, bias), **TOL)
+
+
+def test_numpy_arrays_written_in_place():
+    x, k_in, k_rec, bias = weights(4)
+    np.testing.assert_allclose(final_h(x, k_in, k_rec, bias),
+                               expected(x, k_in, k_rec, bias), **TOL)
+    _, k_in2, k_rec2, _ = weights(5)
+    k_in[...] = k_in2
+    k_rec[...] = k_rec2
+    np.testing.assert_allclose(final_h(x, k_in, k_rec, bias),
+                               expected(x, k_in2, k_rec2, bias), **TOL)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_instruction_set_on_the_same_tensors(threads):
+    """Each instruction set packs its own panel widths: alternating sets on
+    the same tensors must not read another set's packing."""
+    x, k_in, k_rec, bias = weights(6)
+    t_in, t_rec = owned(k_in), owned(k_rec)
+    want = expected(x, k_in, k_rec, bias)
+    for isa in ops.supported_instruction_sets() * 2:
+        ops.set_instruction_set(isa)
+        np.testing.assert_allclose(final_h(x, t_in, t_rec, bias, threads),
+                                   want, **TOL)
