@@ -497,12 +497,13 @@ inline int64_t PanelStart(int64_t nvec, int64_t max_nv, int64_t c) {
 constexpr int kInputNv = MaxNv(kMaxRowTile);
 constexpr int kGroupNv = MaxNv(1);
 
-// Y[rows, g * b] = X @ blockdiag(s) (unshuffled) from the stage's
-// kInputPanels copy: each panel is read contiguously by every row tile.
+// The groups [g0, g1) of X @ blockdiag(s) (unshuffled: group i's outputs
+// in y[:, i * b, + b)) from the stage's kInputPanels copy: each panel is
+// read contiguously by every row tile.
 void PanelStage(const Stage& s, const float* x, int64_t ldx, int64_t rows,
-                float* y, int64_t ldy) {
+                int64_t g0, int64_t g1, float* y, int64_t ldy) {
   const int64_t nvec = s.b / V, panels = Panels(nvec, kInputNv);
-  for (int64_t i = 0; i < s.g; ++i) {
+  for (int64_t i = g0; i < g1; ++i) {
     const float* block = s.packed + i * s.a * s.b;
     for (int64_t c = 0; c < panels; ++c) {
       const int64_t nv = PanelVectors(nvec, kInputNv, c);
@@ -564,9 +565,44 @@ inline void ScatterUnits(const float* src, const Task& tk, float* row) {
 
 #include "custom_ops/cc/kernels/sparse_term_impl.h"
 
+bool GroupStepFits(const RnnPlan& p);
+
+// Whether each thread's step loop reads z values that the input product's
+// same groups make: LstmGroupStep (task-major x_proj) after one stage of as
+// many groups, with the identity gather and no sparse term.
+bool InputByGroups(const RnnPlan& p) {
+  const Chain& ch = p.input;
+  return GroupStepFits(p) && ch.num_stages == 1 && ch.sparse.nnz == 0 &&
+         p.num_runs == 1 &&
+         ch.stages[0].g == p.recurrent.chain.stages[0].g;
+}
+
+// The input product split by groups (InputByGroups): each thread makes the
+// z values of the groups its step loop runs, for every step, so they stay
+// in its core's cache and each thread reads only its groups' weights.
+void InputPhaseByGroups(const RnnPlan& p, int tid, int nt) {
+  const Stage& s = p.input.stages[0];
+  const int64_t rows = p.batch * p.steps, zw = p.z_width;
+  const int64_t g0 = s.g * tid / nt, g1 = s.g * (tid + 1) / nt;
+  if (s.packed != nullptr)
+    PanelStage(s, p.x, s.g * s.a, rows, g0, g1, p.x_proj, zw);
+  else
+    StageColumns(s, p.x, s.g * s.a, rows, g0 * s.b, g1 * s.b,
+                 p.x_proj + g0 * s.b, zw,
+                 p.scratch + tid * p.scratch_stride + p.off_pack);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* z = p.x_proj + r * zw + g0 * s.b;
+    AddRow(z, p.bias_slots + g0 * s.b, (g1 - g0) * s.b, z);
+  }
+}
+
 // The input product for every (batch, step) row at once (its sparse term
 // included), then the gather into the slot layout with the bias folded in.
 void InputPhase(const RnnPlan& p, int tid, int nt) {
+  if (InputByGroups(p)) {
+    InputPhaseByGroups(p, tid, nt);
+    return;
+  }
   const Chain& ch = p.input;
   const int64_t rows = p.batch * p.steps, zw = p.z_width;
   int64_t r0, r1;
@@ -594,7 +630,7 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
       const int64_t ldy = last ? zw : ms;
       // The last stage's shuffle is folded into the gather below.
       if (stage.packed != nullptr) {  // the last stage (PackLayoutFor)
-        PanelStage(stage, in, ldx, rc, out, ldy);
+        PanelStage(stage, in, ldx, rc, 0, stage.g, out, ldy);
       } else if (!last && stage.shuffle) {
         StageColumns(stage, in, ldx, rc, 0, ms, unshuffled, ms, pack);
         ShuffleColumns(stage, unshuffled, ms, rc, 0, ms, out, ldy);
