@@ -240,21 +240,23 @@ inline void Kern(const float* __restrict x, int64_t ldx,
     for (int j = 0; j < NV; ++j) StoreU(y + i * ldy + j * V, acc[i][j]);
 }
 
-// The last nc < V columns.
+// The last nc < V columns, one partial vector (masked moves): a block
+// whose width is no multiple of V (GRU g = 10 at d = 400: 120 columns)
+// ran its last 8 columns scalar, in the step loop too.
 template <int MR>
 inline void KernTail(const float* __restrict x, int64_t ldx,
                      const float* __restrict w, int64_t ldw, int64_t k_len,
                      float* __restrict y, int64_t ldy, int64_t nc) {
-  float acc[MR][V] = {};
+  vf acc[MR];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) acc[i] = Splat(0.0f);
   for (int64_t k = 0; k < k_len; ++k) {
-    const float* wk = w + k * ldw;
-    for (int i = 0; i < MR; ++i) {
-      const float xv = x[i * ldx + k];
-      for (int64_t c = 0; c < nc; ++c) acc[i][c] += xv * wk[c];
-    }
+    const vf wk = LoadN(w + k * ldw, nc);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) acc[i] += Splat(x[i * ldx + k]) * wk;
   }
-  for (int i = 0; i < MR; ++i)
-    for (int64_t c = 0; c < nc; ++c) y[i * ldy + c] = acc[i][c];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) StoreN(y + i * ldy, acc[i], nc);
 }
 
 // Register tiles: MR rows x NV vectors of accumulators, plus NV weight
@@ -738,6 +740,19 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
     else
       GemvGates<2>(in, ldx, s.w, s.b, s.a, units, gates, unit_begin, len,
                    task_product, ldv);
+    gate(Task{unit_begin, 1, len, unit_begin}, task_product, ldv);
+    return;
+  }
+  if (batch <= kStreamRows) {
+    // One or two rows: the thread's whole unit range per gate (its
+    // products are small and stay in L1), a few long column ranges
+    // instead of many kUnitChunk pieces of a few multiply-adds each
+    // (LowRank-LGP's last stage: blocks of 20 rows).
+    const int64_t len = unit_end - unit_begin, ldv = gates * len;
+    if (len <= 0) return;
+    for (int64_t q = 0; q < gates; ++q)
+      StageColumns(s, in, ldx, batch, q * units + unit_begin,
+                   q * units + unit_end, task_product + q * len, ldv);
     gate(Task{unit_begin, 1, len, unit_begin}, task_product, ldv);
     return;
   }
