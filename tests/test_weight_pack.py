@@ -121,3 +121,40 @@ def test_every_instruction_set_on_the_same_tensors(threads):
         ops.set_instruction_set(isa)
         np.testing.assert_allclose(final_h(x, t_in, t_rec, bias, threads),
                                    want, **TOL)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_packed_input_chain_of_three_stages(batch):
+    """A LowRank-LGP-like input chain (blocks, a dense matrix, blocks) has
+    every stage packed; each instruction set and thread count against the
+    reference. The first call packs the 3 stages (each thread count is an
+    op attribute, so a kernel and cache of its own), the second packs
+    nothing."""
+    rng = np.random.default_rng(7 + batch)
+    chain = [blocks(rng, FEATURES // G, 16), weights_dense(rng, 64, 64),
+             blocks(rng, 16, 4 * UNITS // G)]
+    dense_in = (reference.block_diag(chain[0]) @ chain[1][0]
+                @ reference.block_diag(chain[2]))
+    u, v = weights_dense(rng, UNITS, 16), weights_dense(rng, 16, 4 * UNITS)
+    x = rng.standard_normal((batch, STEPS, FEATURES)).astype("f")
+    bias = (0.3 * rng.standard_normal(4 * UNITS)).astype("f")
+    want = reference.lstm(x.astype(np.float64), dense_in,
+                          u[0].astype(np.float64) @ v[0], bias)[1]
+    in_stages = [Stage(owned(k), False) for k in chain]
+    rec_stages = [Stage(owned(u), False), Stage(owned(v), False)]
+    zeros = np.zeros((batch, UNITS), "f")
+    for isa in ops.supported_instruction_sets():
+        ops.set_instruction_set(isa)
+        for threads in (1, 2):
+            made = []
+            for _ in range(2):
+                before = packs()
+                h = ops.structured_lstm(x, zeros, zeros, bias, in_stages,
+                                        rec_stages, num_threads=threads)[1]
+                made.append(packs() - before)
+                np.testing.assert_allclose(h, want, **TOL)
+            assert made == [3, 0]
+
+
+def weights_dense(rng, n, m):
+    return (rng.standard_normal((1, n, m)) / np.sqrt(n)).astype("f")

@@ -338,14 +338,14 @@ void RunRnnOnIsa(const RnnPlan& plan, int isa) {
   }
 }
 
-int PackLayoutOnIsa(const RnnPlan& plan, int which, int isa) {
+int PackLayoutOnIsa(const RnnPlan& plan, int product, int stage, int isa) {
   switch (isa) {
     case kAvx512:
-      return avx512::PackLayoutFor(plan, which);
+      return avx512::PackLayoutFor(plan, product, stage);
     case kAvx2:
-      return avx2::PackLayoutFor(plan, which);
+      return avx2::PackLayoutFor(plan, product, stage);
     default:
-      return generic::PackLayoutFor(plan, which);
+      return generic::PackLayoutFor(plan, product, stage);
   }
 }
 
@@ -568,7 +568,7 @@ class StructuredRnnOp : public OpKernel {
     }
     SlotLayout layout;
     PlanLayout(in, &layout, &plan);
-    std::shared_ptr<const float> packs[2];  // held through the run
+    std::shared_ptr<const float> packs[kMaxStages + 1];  // held: the run
     AttachPacks(in, isa, &plan, packs);
     const int64_t work = StepMacs(in, plan);
     const int asked =
@@ -786,22 +786,21 @@ class StructuredRnnOp : public OpKernel {
                                   : nullptr;
   }
 
-  // The packed copies the engine reads for the input product's last stage
-  // and the recurrent product's (PackLayoutFor), from the cache.
+  // The packed copies the engine reads (PackLayoutFor) for the input
+  // product's stages and the recurrent product's single stage, from the
+  // cache; `held` has room for kMaxStages + 1.
   void AttachPacks(const RnnInputs& in, int isa, RnnPlan* p,
                    std::shared_ptr<const float>* held) {
-    Stage* stages[2] = {&p->input.stages[p->input.num_stages - 1],
-                        &p->recurrent.chain.stages[p->recurrent.chain
-                                                       .num_stages - 1]};
-    const Tensor* sources[2] = {
-        &in.input_stages[in.input_stages.size() - 1],
-        &in.recurrent_stages[in.recurrent_stages.size() - 1]};
-    for (int which = 0; which < 2; ++which) {
-      const int layout = PackLayoutOnIsa(*p, which, isa);
-      if (layout == kNoPack) continue;
-      held[which] = packed_.Get(*sources[which], *stages[which], layout, isa);
-      stages[which]->packed = held[which].get();
-    }
+    auto attach = [&](int product, int s, Stage* stage, const Tensor& src) {
+      const int layout = PackLayoutOnIsa(*p, product, s, isa);
+      if (layout == kNoPack) return;
+      *held = packed_.Get(src, *stage, layout, isa);
+      stage->packed = (held++)->get();
+    };
+    for (int s = 0; s < p->input.num_stages; ++s)
+      attach(0, s, &p->input.stages[s], in.input_stages[s]);
+    if (p->recurrent.chain.num_stages == 1)
+      attach(1, 0, &p->recurrent.chain.stages[0], in.recurrent_stages[0]);
   }
 
   // Multiply-adds of the recurrent products of one step, the whole batch.

@@ -38,9 +38,9 @@ struct Stage {
 // Packed layouts of a stage's blocks, each block packed in place of its
 // g-th part of the buffer, column panels one after the other, each panel
 // [a, panel width] row-major, so that a product streams it linearly:
-// - kInputPanels: the last (only) stage of the input product, panels of
-//   the register tile's width (the input GEMM's micro-kernel reads a panel
-//   for every tile of rows);
+// - kInputPanels: a stage of the input product, panels of the register
+//   tile's width (the input GEMM's micro-kernel reads a panel for every
+//   tile of rows);
 // - kRecurrentChunks: the recurrent stage of the batch-1 LSTM group step,
 //   panels of the GEMV's accumulator chunks (what ../shared/limit does).
 enum PackLayout { kNoPack = 0, kInputPanels = 1, kRecurrentChunks = 2 };
@@ -236,14 +236,14 @@ struct BlockDiagPlan {
 };
 
 // One entry point per instruction set.
-// PackLayoutFor: the layout the engine would read for the input product's
-// last stage (which = 0) or the recurrent product's (which = 1) of `plan`,
-// kNoPack if none; PackStage writes it.
+// PackLayoutFor: the layout the engine would read for stage `stage` of the
+// input product (product = 0) or the recurrent product (product = 1) of
+// `plan`, kNoPack if none; PackStage writes it.
 #define KERAS_ANTMAN_DECLARE_ISA(isa)                       \
   namespace isa {                                           \
   void RunRnn(const RnnPlan& plan);                         \
   void RunBlockDiag(const BlockDiagPlan& plan);             \
-  int PackLayoutFor(const RnnPlan& plan, int which);        \
+  int PackLayoutFor(const RnnPlan& plan, int product, int stage); \
   void PackStage(const Stage& stage, int layout, float* dst); \
   }
 KERAS_ANTMAN_DECLARE_ISA(generic)

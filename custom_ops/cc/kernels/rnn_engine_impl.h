@@ -631,7 +631,7 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
       float* out = last ? p.x_proj + r * zw : stage_buf[s & 1];
       const int64_t ldy = last ? zw : ms;
       // The last stage's shuffle is folded into the gather below.
-      if (stage.packed != nullptr) {  // the last stage (PackLayoutFor)
+      if (stage.packed != nullptr) {  // unshuffled output (PackLayoutFor)
         PanelStage(stage, in, ldx, rc, 0, stage.g, out, ldy);
       } else if (!last && stage.shuffle) {
         StageColumns(stage, in, ldx, rc, 0, ms, unshuffled, ms, pack);
@@ -1165,13 +1165,20 @@ void RunRnn(const RnnPlan& plan) {
   RnnBody(plan, omp_get_thread_num(), omp_get_num_threads());
 }
 
-int PackLayoutFor(const RnnPlan& plan, int which) {
-  if (which == 1) return GroupStepFits(plan) ? kRecurrentChunks : kNoPack;
-  // A block-diagonal input product of one stage in whole vectors (a dense
-  // one, g = 1, is left to Gemm: a copy would double a large matrix).
+// The largest dense (g = 1) input stage that is packed: a copy doubles
+// the matrix (the Dense scheme's 1600 x 6400 is left to Gemm).
+constexpr int64_t kMaxDensePack = int64_t{1} << 20;
+
+int PackLayoutFor(const RnnPlan& plan, int product, int stage) {
+  if (product == 1)
+    return stage == 0 && GroupStepFits(plan) ? kRecurrentChunks : kNoPack;
+  // Input stages of whole vectors whose output is written unshuffled (the
+  // last stage's shuffle is folded into the gather).
   const Chain& ch = plan.input;
-  const Stage& s = ch.stages[0];
-  return ch.num_stages == 1 && s.g > 1 && !s.shared && s.b % V == 0
+  const Stage& s = ch.stages[stage];
+  const bool last = stage == ch.num_stages - 1;
+  return !s.shared && s.b % V == 0 && (last || !s.shuffle) &&
+                 (s.g > 1 || s.a * s.b <= kMaxDensePack)
              ? kInputPanels
              : kNoPack;
 }
