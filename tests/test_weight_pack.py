@@ -158,3 +158,44 @@ def test_packed_input_chain_of_three_stages(batch):
 
 def weights_dense(rng, n, m):
     return (rng.standard_normal((1, n, m)) / np.sqrt(n)).astype("f")
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_packed_gru_group_product(reset_after):
+    """A batch-1 GRU with shuffled blocks reads its recurrent blocks (the
+    z, r(, h) product) from the packed copy on every instruction set,
+    against the reference; the candidate product of reset_after=False is
+    read in place."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((1, STEPS, FEATURES)).astype("f")
+    k_in = blocks(rng, FEATURES // G, 3 * UNITS // G)
+    rec_gates = 3 if reset_after else 2
+    k_rec = blocks(rng, UNITS // G, rec_gates * UNITS // G)
+    dense = [reference.shuffled(reference.block_diag(k), G)
+             for k in (k_in, k_rec)]
+    cand = None
+    if reset_after:
+        bias = (0.3 * rng.standard_normal((2, 3 * UNITS))).astype("f")
+    else:
+        k_cand = blocks(rng, UNITS // G, UNITS // G)
+        dense[1] = np.concatenate(
+            [dense[1], reference.shuffled(reference.block_diag(k_cand), G)],
+            axis=1)
+        cand = [Stage(owned(k_cand), True)]
+        bias = (0.3 * rng.standard_normal(3 * UNITS)).astype("f")
+    want = reference.gru(x.astype(np.float64), *dense, bias,
+                         reset_after=reset_after)[0]
+    in_stages, rec_stages = [Stage(owned(k_in), True)], [Stage(owned(k_rec),
+                                                               True)]
+    for isa in ops.supported_instruction_sets():
+        ops.set_instruction_set(isa)
+        made = []
+        for _ in range(2):
+            before = packs()
+            seq = ops.structured_gru(x, np.zeros((1, UNITS), "f"), bias,
+                                     in_stages, rec_stages, cand,
+                                     reset_after=reset_after,
+                                     return_sequences=True, num_threads=1)[0]
+            made.append(packs() - before)
+            np.testing.assert_allclose(seq, want, **TOL)
+        assert made == [2, 0]

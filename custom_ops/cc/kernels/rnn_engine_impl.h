@@ -719,10 +719,22 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
         gate(Task{i, s.g, len, i * len}, task_product + (i - g0) * s.b, ldv);
       return;
     }
+    const int64_t nvec = s.b / V, panels = Panels(nvec, kGroupNv);
     for (int64_t j = 0; j < g1 - g0; ++j) {
       const int64_t i = rev ? g1 - 1 - j : g0 + j;
-      Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b,
-           task_product, s.b);
+      if (s.packed == nullptr) {
+        Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b,
+             task_product, s.b);
+      } else {  // batch 1, the kRecurrentChunks copy: one stream per panel
+        for (int64_t cj = 0; cj < panels; ++cj) {
+          const int64_t c = rev ? panels - 1 - cj : cj;
+          const int64_t nv = PanelVectors(nvec, kGroupNv, c);
+          const int64_t c0 = PanelStart(nvec, kGroupNv, c) * V;
+          PickKern<1, kGroupNv>(nv)(in + i * s.a, ldx,
+                                    s.packed + i * s.a * s.b + c0 * s.a,
+                                    nv * V, s.a, task_product + c0, s.b);
+        }
+      }
       gate(Task{i, s.g, len, i * len}, task_product, s.b);
     }
     return;
@@ -1169,9 +1181,23 @@ void RunRnn(const RnnPlan& plan) {
 // the matrix (the Dense scheme's 1600 x 6400 is left to Gemm).
 constexpr int64_t kMaxDensePack = int64_t{1} << 20;
 
+// Whether LastStage runs a batch-1 recurrent product of one stage of
+// unshared blocks in whole vectors, group-owned (the GRU's; the LSTM's
+// when not GroupStepFits), from the kRecurrentChunks copy.
+bool GroupGemvFits(const RnnPlan& p) {
+  const Product& pr = p.recurrent;
+  if (p.batch != 1 || pr.chain.num_stages != 1 || pr.mode != kGroupOwned ||
+      HasSlices(pr))
+    return false;
+  const Stage& s = pr.chain.stages[0];
+  return !s.shared && s.b % V == 0;
+}
+
 int PackLayoutFor(const RnnPlan& plan, int product, int stage) {
   if (product == 1)
-    return stage == 0 && GroupStepFits(plan) ? kRecurrentChunks : kNoPack;
+    return stage == 0 && (GroupStepFits(plan) || GroupGemvFits(plan))
+               ? kRecurrentChunks
+               : kNoPack;
   // Input stages of whole vectors whose output is written unshuffled (the
   // last stage's shuffle is folded into the gather).
   const Chain& ch = plan.input;
