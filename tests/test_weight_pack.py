@@ -199,3 +199,25 @@ def test_packed_gru_group_product(reset_after):
             made.append(packs() - before)
             np.testing.assert_allclose(seq, want, **TOL)
         assert made == [2, 0]
+
+
+@pytest.mark.parametrize("batch,steps", [(1, 300), (4, 80)])
+def test_packed_input_product_over_many_rows(batch, steps):
+    """More rows than one pass over the packed panels takes (256): the
+    batch-1 group split and the row split, 1 and 2 threads."""
+    rng = np.random.default_rng(batch)
+    k_in = blocks(rng, FEATURES // G, 4 * UNITS // G)
+    k_rec = blocks(rng, UNITS // G, 4 * UNITS // G)
+    x = rng.standard_normal((batch, steps, FEATURES)).astype("f")
+    bias = (0.3 * rng.standard_normal(4 * UNITS)).astype("f")
+    dense = [reference.shuffled(reference.block_diag(k), G)
+             for k in (k_in, k_rec)]
+    want = reference.lstm(x.astype(np.float64), *dense, bias)[0]
+    zeros = np.zeros((batch, UNITS), "f")
+    for threads in (1, 2):
+        seq = ops.structured_lstm(x, zeros, zeros, bias,
+                                  [Stage(owned(k_in), True)],
+                                  [Stage(owned(k_rec), True)],
+                                  return_sequences=True,
+                                  num_threads=threads)[0]
+        np.testing.assert_allclose(seq, want, **TOL)

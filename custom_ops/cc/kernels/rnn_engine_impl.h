@@ -569,6 +569,12 @@ inline void ScatterUnits(const float* src, const Task& tk, float* row) {
 
 bool GroupStepFits(const RnnPlan& p);
 
+// Rows of a one-stage input product per pass over the weights: a sequence
+// of 100 steps in one pass (5% faster than 64-row chunks at d = 1600), but
+// few enough that the rows' x stays in L2 while every panel passes over it
+// (all 3200 rows of batch 32 at d = 800 were 5% slower).
+constexpr int64_t kPanelRows = 256;
+
 // Whether each thread's step loop reads z values that the input product's
 // same groups make: LstmGroupStep (task-major x_proj) after one stage of as
 // many groups, with the identity gather and no sparse term.
@@ -586,12 +592,16 @@ void InputPhaseByGroups(const RnnPlan& p, int tid, int nt) {
   const Stage& s = p.input.stages[0];
   const int64_t rows = p.batch * p.steps, zw = p.z_width;
   const int64_t g0 = s.g * tid / nt, g1 = s.g * (tid + 1) / nt;
-  if (s.packed != nullptr)
-    PanelStage(s, p.x, s.g * s.a, rows, g0, g1, p.x_proj, zw);
-  else
-    StageColumns(s, p.x, s.g * s.a, rows, g0 * s.b, g1 * s.b,
-                 p.x_proj + g0 * s.b, zw,
-                 p.scratch + tid * p.scratch_stride + p.off_pack);
+  for (int64_t r = 0; r < rows; r += kPanelRows) {
+    const int64_t rc = Min(kPanelRows, rows - r);
+    const float* x = p.x + r * s.g * s.a;
+    float* y = p.x_proj + r * zw;
+    if (s.packed != nullptr)
+      PanelStage(s, x, s.g * s.a, rc, g0, g1, y, zw);
+    else
+      StageColumns(s, x, s.g * s.a, rc, g0 * s.b, g1 * s.b, y + g0 * s.b,
+                   zw, p.scratch + tid * p.scratch_stride + p.off_pack);
+  }
   for (int64_t r = 0; r < rows; ++r) {
     float* z = p.x_proj + r * zw + g0 * s.b;
     AddRow(z, p.bias_slots + g0 * s.b, (g1 - g0) * s.b, z);
@@ -615,11 +625,10 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
   float* row_copy = thread_scratch + p.off_row_copy;
   float* pack = thread_scratch + p.off_pack;
   float* unshuffled = thread_scratch + p.off_shuffle;
-  // One stage and no sparse term need no buffer sized by kRowChunk: all
-  // the thread's rows then pass over each panel of W at once.
-  const int64_t chunk = ch.num_stages == 1 && ch.sparse.nnz == 0
-                            ? Max(1, r1 - r0)
-                            : kRowChunk;
+  // One stage and no sparse term need no buffer sized by kRowChunk: more
+  // rows then pass over each panel of W at once.
+  const int64_t chunk =
+      ch.num_stages == 1 && ch.sparse.nnz == 0 ? kPanelRows : kRowChunk;
   for (int64_t r = r0; r < r1; r += chunk) {
     const int64_t rc = Min(chunk, r1 - r);
     const float* in = p.x + r * ch.n;
