@@ -1203,8 +1203,13 @@ bool GroupGemvFits(const RnnPlan& p) {
 }
 
 int PackLayoutFor(const RnnPlan& plan, int product, int stage) {
+  // A recurrent block of one panel is its own packed copy (rows of
+  // b = panel width floats, one after the other): a copy would only cost
+  // (a caller passing NumPy arrays gets a new tensor, and a packing, per
+  // call).
   if (product == 1)
-    return stage == 0 && (GroupStepFits(plan) || GroupGemvFits(plan))
+    return stage == 0 && (GroupStepFits(plan) || GroupGemvFits(plan)) &&
+                   Panels(plan.recurrent.chain.stages[0].b / V, kGroupNv) > 1
                ? kRecurrentChunks
                : kNoPack;
   // Input stages of whole vectors whose output is written unshuffled (the
