@@ -381,11 +381,24 @@ def load():
         cdll.keras_antman_min_parallel_macs_per_step.restype = (
             ctypes.c_longlong)
         cdll.keras_antman_sparse_packs.restype = ctypes.c_longlong
+        cdll.keras_antman_weight_packs.restype = ctypes.c_longlong
         if _pending_threads is not None:
             cdll.keras_antman_set_num_threads(_pending_threads)
         _state["module"], _state["cdll"] = module, cdll
         _apply_isa_env()
         return module
+
+
+def _op_module():
+    """`load` for the op calls: the loaded module at once when neither
+    ``KERAS_ANTMAN_PORTABLE`` nor ``KERAS_ANTMAN_ISA`` is set (what `load`
+    would return then, without its environment reads and lock: a few
+    microseconds of every call), else `load` itself."""
+    module = _state["module"]
+    if (module is None or _PORTABLE_ENV in os.environ
+            or _ISA_ENV in os.environ):
+        return load()
+    return module
 
 
 def _apply_isa_env():
@@ -682,6 +695,12 @@ def _stages(stages, argname):
     and contents are left to the op, which checks them (the arrays may be
     symbolic tensors here).
     """
+    # The common call, a list of Stage with bool flags and no sparse term,
+    # without the checks' isinstance calls (the op path of every layer).
+    if type(stages) is list and stages and all(
+        type(s) is Stage and type(s[1]) is bool for s in stages
+    ):
+        return [s[0] for s in stages], [s[1] for s in stages], _NO_SPARSE
     expected = (
         f"`{argname}` must be a list of keras_antman.ops.Stage(blocks, "
         "shuffle) (or (blocks, shuffle) pairs), one per stage of the chain"
@@ -729,6 +748,10 @@ def _stages(stages, argname):
         blocks.append(array)
         shuffle.append(bool(flag))
     return blocks, shuffle, sparse
+
+
+# The sparse inputs of a product without a sparse term (never modified).
+_NO_SPARSE = ([], [], [])
 
 
 def _sparse_args(product, sparse):
@@ -794,7 +817,7 @@ def structured_lstm(
     rec_blocks, rec_shuffle, rec_sparse = _stages(
         recurrent_stages, "recurrent_stages")
     num_threads = _num_threads_attr(num_threads)
-    lib = load()
+    lib = _op_module()
     return tuple(
         lib.keras_antman_structured_lstm(
             **_sparse_args("input", in_sparse),
@@ -888,7 +911,7 @@ def structured_gru(
             candidate_stages, "candidate_stages"
         )
     num_threads = _num_threads_attr(num_threads)
-    lib = load()
+    lib = _op_module()
     return tuple(
         lib.keras_antman_structured_gru(
             **_sparse_args("input", in_sparse),
@@ -930,7 +953,7 @@ def block_diag_matmul(x, blocks, shuffle=False, num_threads=None):
         CompiledOpsUnavailableError: see `load`.
     """
     num_threads = _num_threads_attr(num_threads)
-    lib = load()
+    lib = _op_module()
     return lib.keras_antman_block_diag_mat_mul(
         x=x,
         blocks=blocks,

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -20,6 +21,7 @@
 #include "custom_ops/cc/kernels/sparse_checks.h"
 #include "custom_ops/cc/kernels/sparse_pack.h"
 #include "custom_ops/cc/kernels/thread_choice.h"
+#include "tensorflow/core/common_runtime/dma_helper.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
@@ -196,8 +198,8 @@ absl::Status BuildChain(const OpInputList& arrays,
     bool shared = dims[i].g > 1;
     for (int64_t k = 1; shared && k < dims[i].g; ++k)
       shared = std::memcmp(w, w + k * block, block * sizeof(float)) == 0;
-    chain->stages[i] = Stage{w, dims[i].g, dims[i].a, dims[i].b, shuffle[i],
-                             shared};
+    chain->stages[i] = Stage{w,          dims[i].g, dims[i].a, dims[i].b,
+                             shuffle[i], shared,    nullptr};
   }
   return absl::OkStatus();
 }
@@ -336,6 +338,102 @@ void RunRnnOnIsa(const RnnPlan& plan, int isa) {
   }
 }
 
+int PackLayoutOnIsa(const RnnPlan& plan, int product, int stage, int isa) {
+  switch (isa) {
+    case kAvx512:
+      return avx512::PackLayoutFor(plan, product, stage);
+    case kAvx2:
+      return avx2::PackLayoutFor(plan, product, stage);
+    default:
+      return generic::PackLayoutFor(plan, product, stage);
+  }
+}
+
+void PackStageOnIsa(const Stage& stage, int layout, int isa, float* dst) {
+  switch (isa) {
+    case kAvx512:
+      avx512::PackStage(stage, layout, dst);
+      return;
+    case kAvx2:
+      avx2::PackStage(stage, layout, dst);
+      return;
+    default:
+      generic::PackStage(stage, layout, dst);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Packed copies of stage weights (rnn_engine.h, PackLayout), kept across
+// calls: at d = 1600 a packing reads and writes 4 MB, about what it saves
+// in one call.
+//
+// An entry holds a reference to the tensor it was packed from, so that the
+// buffer can be neither freed and reused for other weights nor written in
+// place by TensorFlow (ops write in place only into a buffer that a single
+// tensor holds; resource variables copy on write). A hit, the same buffer
+// (TensorBuffer, data pointer, shape) packed for the same layout and
+// instruction set, is then the same weights. A buffer TensorFlow does not
+// own (a NumPy array's memory wrapped without a copy) can change behind its
+// back: it is not packed, and the engine reads it in place.
+std::atomic<int64_t>& WeightPackCount() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+class PackedWeights {
+ public:
+  // The packed copy of `stage` (whose weights are `src`) in `layout`, or
+  // null (not TensorFlow's memory, or no memory for a copy).
+  std::shared_ptr<const float> Get(const Tensor& src, const Stage& stage,
+                                   int layout, int isa) {
+    Tensor held = src;  // a reference; DMAHelper wants a non-const tensor
+    tensorflow::TensorBuffer* buf = tensorflow::DMAHelper::buffer(&held);
+    if (buf == nullptr || !buf->OwnsMemory() ||
+        !buf->root_buffer()->OwnsMemory())
+      return nullptr;
+    const float* data = src.flat<float>().data();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++clock_;
+      for (Entry& e : entries_)
+        if (e.layout == layout && e.isa == isa && e.data == data &&
+            e.src.shape() == src.shape() && e.src.SharesBufferWith(src)) {
+          e.used = clock_;
+          return e.packed;
+        }
+    }
+    const int64_t floats = stage.g * stage.a * stage.b;
+    const size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+    std::shared_ptr<float> packed(
+        static_cast<float*>(std::aligned_alloc(64, bytes)), std::free);
+    if (packed == nullptr) return nullptr;
+    PackStageOnIsa(stage, layout, isa, packed.get());
+    WeightPackCount().fetch_add(1);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (entries_.size() >= kMaxEntries)
+      entries_.erase(std::min_element(
+          entries_.begin(), entries_.end(),
+          [](const Entry& a, const Entry& b) { return a.used < b.used; }));
+    entries_.push_back(Entry{held, data, layout, isa, packed, ++clock_});
+    return packed;
+  }
+
+ private:
+  // A kernel serves every layer whose op has the same attributes; a few
+  // layers' weights are kept, the least recently used dropped first.
+  static constexpr size_t kMaxEntries = 8;
+  struct Entry {
+    Tensor src;
+    const float* data;
+    int layout, isa;
+    std::shared_ptr<const float> packed;
+    uint64_t used;
+  };
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+  uint64_t clock_ = 0;
+};
+
 void RunBlockDiagOnBestIsa(const BlockDiagPlan& plan) {
   switch (IsaSetting().load()) {
     case kAvx512:
@@ -470,6 +568,8 @@ class StructuredRnnOp : public OpKernel {
     }
     SlotLayout layout;
     PlanLayout(in, &layout, &plan);
+    std::shared_ptr<const float> packs[kMaxStages + 1];  // held: the run
+    AttachPacks(in, isa, &plan, packs);
     const int64_t work = StepMacs(in, plan);
     const int asked =
         ThreadsFor(num_threads_, work, min_parallel_macs_per_step);
@@ -686,6 +786,23 @@ class StructuredRnnOp : public OpKernel {
                                   : nullptr;
   }
 
+  // The packed copies the engine reads (PackLayoutFor) for the input
+  // product's stages and the recurrent product's single stage, from the
+  // cache; `held` has room for kMaxStages + 1.
+  void AttachPacks(const RnnInputs& in, int isa, RnnPlan* p,
+                   std::shared_ptr<const float>* held) {
+    auto attach = [&](int product, int s, Stage* stage, const Tensor& src) {
+      const int layout = PackLayoutOnIsa(*p, product, s, isa);
+      if (layout == kNoPack) return;
+      *held = packed_.Get(src, *stage, layout, isa);
+      stage->packed = (held++)->get();
+    };
+    for (int s = 0; s < p->input.num_stages; ++s)
+      attach(0, s, &p->input.stages[s], in.input_stages[s]);
+    if (p->recurrent.chain.num_stages == 1)
+      attach(1, 0, &p->recurrent.chain.stages[0], in.recurrent_stages[0]);
+  }
+
   // Multiply-adds of the recurrent products of one step, the whole batch.
   int64_t StepMacs(const RnnInputs& in, const RnnPlan& p) const {
     return in.batch *
@@ -808,6 +925,7 @@ class StructuredRnnOp : public OpKernel {
   int64_t num_threads_ = 0;
   // The sliced sparse terms of the recurrent and candidate products.
   SparsePackCache pack_cache_[2];
+  PackedWeights packed_;
 };
 
 class StructuredLstmOp : public StructuredRnnOp {
@@ -994,6 +1112,12 @@ __attribute__((visibility("default"))) int keras_antman_set_sparse_form(
 // calls whose CSR arrays are unchanged). For tests.
 __attribute__((visibility("default"))) long long keras_antman_sparse_packs() {
   return keras_antman::SparsePackCount().load();
+}
+
+// Stage weights packed for the engine so far (PackedWeights: the op's
+// cache skips calls whose weight tensors it has packed). For tests.
+__attribute__((visibility("default"))) long long keras_antman_weight_packs() {
+  return keras_antman::WeightPackCount().load();
 }
 
 __attribute__((visibility("default"))) const char* keras_antman_best_isa() {

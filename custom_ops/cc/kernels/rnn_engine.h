@@ -29,7 +29,21 @@ struct Stage {
   // is a tiled block): the groups of a row are then rows of one GEMM with
   // block 0 instead of g GEMVs.
   bool shared;
+  // Null, or the blocks in the layout PackLayoutFor names for this stage
+  // (PackStage, g * a * b floats, 64-byte aligned), which the engine then
+  // reads instead of w. The kernel keeps it across calls.
+  const float* packed;
 };
+
+// Packed layouts of a stage's blocks, each block packed in place of its
+// g-th part of the buffer, column panels one after the other, each panel
+// [a, panel width] row-major, so that a product streams it linearly:
+// - kInputPanels: a stage of the input product, panels of the register
+//   tile's width (the input GEMM's micro-kernel reads a panel for every
+//   tile of rows);
+// - kRecurrentChunks: the recurrent stage of the batch-1 LSTM group step,
+//   panels of the GEMV's accumulator chunks (what ../shared/limit does).
+enum PackLayout { kNoPack = 0, kInputPanels = 1, kRecurrentChunks = 2 };
 
 // An additive sparse term of a product, y += x @ S with S [n, m] given as
 // CSR of S^T: one CSR row per output column j of S, holding the input
@@ -222,10 +236,15 @@ struct BlockDiagPlan {
 };
 
 // One entry point per instruction set.
-#define KERAS_ANTMAN_DECLARE_ISA(isa)         \
-  namespace isa {                             \
-  void RunRnn(const RnnPlan& plan);           \
-  void RunBlockDiag(const BlockDiagPlan& plan); \
+// PackLayoutFor: the layout the engine would read for stage `stage` of the
+// input product (product = 0) or the recurrent product (product = 1) of
+// `plan`, kNoPack if none; PackStage writes it.
+#define KERAS_ANTMAN_DECLARE_ISA(isa)                       \
+  namespace isa {                                           \
+  void RunRnn(const RnnPlan& plan);                         \
+  void RunBlockDiag(const BlockDiagPlan& plan);             \
+  int PackLayoutFor(const RnnPlan& plan, int product, int stage); \
+  void PackStage(const Stage& stage, int layout, float* dst); \
   }
 KERAS_ANTMAN_DECLARE_ISA(generic)
 KERAS_ANTMAN_DECLARE_ISA(avx2)

@@ -240,21 +240,23 @@ inline void Kern(const float* __restrict x, int64_t ldx,
     for (int j = 0; j < NV; ++j) StoreU(y + i * ldy + j * V, acc[i][j]);
 }
 
-// The last nc < V columns.
+// The last nc < V columns, one partial vector (masked moves): a block
+// whose width is no multiple of V (GRU g = 10 at d = 400: 120 columns)
+// ran its last 8 columns scalar, in the step loop too.
 template <int MR>
 inline void KernTail(const float* __restrict x, int64_t ldx,
                      const float* __restrict w, int64_t ldw, int64_t k_len,
                      float* __restrict y, int64_t ldy, int64_t nc) {
-  float acc[MR][V] = {};
+  vf acc[MR];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) acc[i] = Splat(0.0f);
   for (int64_t k = 0; k < k_len; ++k) {
-    const float* wk = w + k * ldw;
-    for (int i = 0; i < MR; ++i) {
-      const float xv = x[i * ldx + k];
-      for (int64_t c = 0; c < nc; ++c) acc[i][c] += xv * wk[c];
-    }
+    const vf wk = LoadN(w + k * ldw, nc);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) acc[i] += Splat(x[i * ldx + k]) * wk;
   }
-  for (int i = 0; i < MR; ++i)
-    for (int64_t c = 0; c < nc; ++c) y[i * ldy + c] = acc[i][c];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) StoreN(y + i * ldy, acc[i], nc);
 }
 
 // Register tiles: MR rows x NV vectors of accumulators, plus NV weight
@@ -450,10 +452,10 @@ void StageColumns(const Stage& s, const float* x, int64_t ldx, int64_t rows,
     const int64_t gi0 = (c0 + s.b - 1) / s.b, gi1 = c1 / s.b;
     if (gi0 < gi1) {
       // Groups before gi0 and from gi1 on, then this.
-      StageColumns(Stage{s.w, s.g, s.a, s.b, s.shuffle, false}, x, ldx, rows,
-                   c0, gi0 * s.b, y, ldy, pack);
-      StageColumns(Stage{s.w, s.g, s.a, s.b, s.shuffle, false}, x, ldx, rows,
-                   gi1 * s.b, c1, y + (gi1 * s.b - c0), ldy, pack);
+      const Stage unshared{s.w, s.g, s.a, s.b, s.shuffle, false, nullptr};
+      StageColumns(unshared, x, ldx, rows, c0, gi0 * s.b, y, ldy, pack);
+      StageColumns(unshared, x, ldx, rows, gi1 * s.b, c1,
+                   y + (gi1 * s.b - c0), ldy, pack);
       const int64_t ng = gi1 - gi0;
       float* yg = y + (gi0 * s.b - c0);
       if (ng == s.g && ldx == s.g * s.a && ldy == s.g * s.b) {
@@ -473,6 +475,44 @@ void StageColumns(const Stage& s, const float* x, int64_t ldx, int64_t rows,
          s.a, cend - c0, y, ldy, pack);
     y += cend - c0;
     c0 = cend;
+  }
+}
+
+// A block's nvec column vectors in near-equal panels of at most max_nv
+// vectors: panel c has PanelVectors(...) vectors from vector PanelStart(...).
+// A packed stage (PackLayout) stores each panel as [a, its width].
+inline int64_t Panels(int64_t nvec, int64_t max_nv) {
+  return (nvec + max_nv - 1) / max_nv;
+}
+inline int64_t PanelVectors(int64_t nvec, int64_t max_nv, int64_t c) {
+  const int64_t n = Panels(nvec, max_nv);
+  return nvec / n + (c < nvec % n ? 1 : 0);
+}
+inline int64_t PanelStart(int64_t nvec, int64_t max_nv, int64_t c) {
+  const int64_t n = Panels(nvec, max_nv);
+  return c * (nvec / n) + Min(c, nvec % n);
+}
+
+// Panel widths of the packed layouts: the input GEMM's register tile (so
+// that any row tile takes a whole panel per pass, one stream), the batch-1
+// GEMV's accumulators.
+constexpr int kInputNv = MaxNv(kMaxRowTile);
+constexpr int kGroupNv = MaxNv(1);
+
+// The groups [g0, g1) of X @ blockdiag(s) (unshuffled: group i's outputs
+// in y[:, i * b, + b)) from the stage's kInputPanels copy: each panel is
+// read contiguously by every row tile.
+void PanelStage(const Stage& s, const float* x, int64_t ldx, int64_t rows,
+                int64_t g0, int64_t g1, float* y, int64_t ldy) {
+  const int64_t nvec = s.b / V, panels = Panels(nvec, kInputNv);
+  for (int64_t i = g0; i < g1; ++i) {
+    const float* block = s.packed + i * s.a * s.b;
+    for (int64_t c = 0; c < panels; ++c) {
+      const int64_t nv = PanelVectors(nvec, kInputNv, c);
+      const int64_t c0 = PanelStart(nvec, kInputNv, c) * V;
+      TileGemm(x + i * s.a, ldx, rows, block + c0 * s.a, nv * V, s.a, nv * V,
+               y + i * s.b + c0, ldy);
+    }
   }
 }
 
@@ -527,9 +567,54 @@ inline void ScatterUnits(const float* src, const Task& tk, float* row) {
 
 #include "custom_ops/cc/kernels/sparse_term_impl.h"
 
+bool GroupStepFits(const RnnPlan& p);
+
+// Rows of a one-stage input product per pass over the weights: a sequence
+// of 100 steps in one pass (5% faster than 64-row chunks at d = 1600), but
+// few enough that the rows' x stays in L2 while every panel passes over it
+// (all 3200 rows of batch 32 at d = 800 were 5% slower).
+constexpr int64_t kPanelRows = 256;
+
+// Whether each thread's step loop reads z values that the input product's
+// same groups make: LstmGroupStep (task-major x_proj) after one stage of as
+// many groups, with the identity gather and no sparse term.
+bool InputByGroups(const RnnPlan& p) {
+  const Chain& ch = p.input;
+  return GroupStepFits(p) && ch.num_stages == 1 && ch.sparse.nnz == 0 &&
+         p.num_runs == 1 &&
+         ch.stages[0].g == p.recurrent.chain.stages[0].g;
+}
+
+// The input product split by groups (InputByGroups): each thread makes the
+// z values of the groups its step loop runs, for every step, so they stay
+// in its core's cache and each thread reads only its groups' weights.
+void InputPhaseByGroups(const RnnPlan& p, int tid, int nt) {
+  const Stage& s = p.input.stages[0];
+  const int64_t rows = p.batch * p.steps, zw = p.z_width;
+  const int64_t g0 = s.g * tid / nt, g1 = s.g * (tid + 1) / nt;
+  for (int64_t r = 0; r < rows; r += kPanelRows) {
+    const int64_t rc = Min(kPanelRows, rows - r);
+    const float* x = p.x + r * s.g * s.a;
+    float* y = p.x_proj + r * zw;
+    if (s.packed != nullptr)
+      PanelStage(s, x, s.g * s.a, rc, g0, g1, y, zw);
+    else
+      StageColumns(s, x, s.g * s.a, rc, g0 * s.b, g1 * s.b, y + g0 * s.b,
+                   zw, p.scratch + tid * p.scratch_stride + p.off_pack);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* z = p.x_proj + r * zw + g0 * s.b;
+    AddRow(z, p.bias_slots + g0 * s.b, (g1 - g0) * s.b, z);
+  }
+}
+
 // The input product for every (batch, step) row at once (its sparse term
 // included), then the gather into the slot layout with the bias folded in.
 void InputPhase(const RnnPlan& p, int tid, int nt) {
+  if (InputByGroups(p)) {
+    InputPhaseByGroups(p, tid, nt);
+    return;
+  }
   const Chain& ch = p.input;
   const int64_t rows = p.batch * p.steps, zw = p.z_width;
   int64_t r0, r1;
@@ -540,8 +625,12 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
   float* row_copy = thread_scratch + p.off_row_copy;
   float* pack = thread_scratch + p.off_pack;
   float* unshuffled = thread_scratch + p.off_shuffle;
-  for (int64_t r = r0; r < r1; r += kRowChunk) {
-    const int64_t rc = Min(kRowChunk, r1 - r);
+  // One stage and no sparse term need no buffer sized by kRowChunk: more
+  // rows then pass over each panel of W at once.
+  const int64_t chunk =
+      ch.num_stages == 1 && ch.sparse.nnz == 0 ? kPanelRows : kRowChunk;
+  for (int64_t r = r0; r < r1; r += chunk) {
+    const int64_t rc = Min(chunk, r1 - r);
     const float* in = p.x + r * ch.n;
     int64_t ldx = ch.n;
     for (int s = 0; s < ch.num_stages; ++s) {
@@ -551,7 +640,9 @@ void InputPhase(const RnnPlan& p, int tid, int nt) {
       float* out = last ? p.x_proj + r * zw : stage_buf[s & 1];
       const int64_t ldy = last ? zw : ms;
       // The last stage's shuffle is folded into the gather below.
-      if (!last && stage.shuffle) {
+      if (stage.packed != nullptr) {  // unshuffled output (PackLayoutFor)
+        PanelStage(stage, in, ldx, rc, 0, stage.g, out, ldy);
+      } else if (!last && stage.shuffle) {
         StageColumns(stage, in, ldx, rc, 0, ms, unshuffled, ms, pack);
         ShuffleColumns(stage, unshuffled, ms, rc, 0, ms, out, ldy);
       } else {
@@ -637,10 +728,22 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
         gate(Task{i, s.g, len, i * len}, task_product + (i - g0) * s.b, ldv);
       return;
     }
+    const int64_t nvec = s.b / V, panels = Panels(nvec, kGroupNv);
     for (int64_t j = 0; j < g1 - g0; ++j) {
       const int64_t i = rev ? g1 - 1 - j : g0 + j;
-      Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b,
-           task_product, s.b);
+      if (s.packed == nullptr) {
+        Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b,
+             task_product, s.b);
+      } else {  // batch 1, the kRecurrentChunks copy: one stream per panel
+        for (int64_t cj = 0; cj < panels; ++cj) {
+          const int64_t c = rev ? panels - 1 - cj : cj;
+          const int64_t nv = PanelVectors(nvec, kGroupNv, c);
+          const int64_t c0 = PanelStart(nvec, kGroupNv, c) * V;
+          PickKern<1, kGroupNv>(nv)(in + i * s.a, ldx,
+                                    s.packed + i * s.a * s.b + c0 * s.a,
+                                    nv * V, s.a, task_product + c0, s.b);
+        }
+      }
       gate(Task{i, s.g, len, i * len}, task_product, s.b);
     }
     return;
@@ -658,6 +761,19 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
     else
       GemvGates<2>(in, ldx, s.w, s.b, s.a, units, gates, unit_begin, len,
                    task_product, ldv);
+    gate(Task{unit_begin, 1, len, unit_begin}, task_product, ldv);
+    return;
+  }
+  if (batch <= kStreamRows) {
+    // One or two rows: the thread's whole unit range per gate (its
+    // products are small and stay in L1), a few long column ranges
+    // instead of many kUnitChunk pieces of a few multiply-adds each
+    // (LowRank-LGP's last stage: blocks of 20 rows).
+    const int64_t len = unit_end - unit_begin, ldv = gates * len;
+    if (len <= 0) return;
+    for (int64_t q = 0; q < gates; ++q)
+      StageColumns(s, in, ldx, batch, q * units + unit_begin,
+                   q * units + unit_end, task_product + q * len, ldv);
     gate(Task{unit_begin, 1, len, unit_begin}, task_product, ldv);
     return;
   }
@@ -827,45 +943,33 @@ bool GroupStepFits(const RnnPlan& p) {
   return !s.shared && s.b % V == 0;
 }
 
-// A group's block product in column chunks of at most MaxNv(1) vectors,
-// near-equal: chunk c has ChunkVectors(nvec, c) vectors from vector
-// ChunkStart(nvec, c).
-constexpr int kGroupNv = MaxNv(1);
-inline int64_t Chunks(int64_t nvec) {
-  return (nvec + kGroupNv - 1) / kGroupNv;
-}
-inline int64_t ChunkVectors(int64_t nvec, int64_t c) {
-  const int64_t n = Chunks(nvec);
-  return nvec / n + (c < nvec % n ? 1 : 0);
-}
-inline int64_t ChunkStart(int64_t nvec, int64_t c) {
-  const int64_t n = Chunks(nvec);
-  return c * (nvec / n) + Min(c, nvec % n);
-}
-
-// One step of this thread's groups: each group's block product in chunks
-// of at most MaxNv(1) vectors (the pending gate math in the first), the
-// groups walked backwards on odd steps (`rev`, and the rows and chunks of
+// One step of this thread's groups: each group's block product in panels
+// of at most kGroupNv vectors (the pending gate math in the first), the
+// groups walked backwards on odd steps (`rev`, and the rows and panels of
 // each block too), so a step starts on the weights the last one used last.
+// With the kRecurrentChunks copy each panel is one contiguous stream.
 void LstmGroupStep(const StepView& st, int tid, int nt, bool rev,
                    float* z_buffers[2]) {
   const RnnPlan& p = *st.p;
   const Stage& s = p.recurrent.chain.stages[0];
   const int64_t g0 = s.g * tid / nt, g1 = s.g * (tid + 1) / nt;
   const int64_t len = p.units / s.g, nvec = s.b / V;
-  const int64_t chunks = Chunks(nvec);
+  const int64_t chunks = Panels(nvec, kGroupNv);
   const float* x_row = p.x_proj + st.t * p.z_width;
   LstmPending pending{&st, nullptr, 0, len};
   for (int64_t j = 0; j < g1 - g0; ++j) {
     const int64_t i = rev ? g1 - 1 - j : g0 + j;
     float* z = z_buffers[j & 1];
-    const float* w = s.w + i * s.a * s.b;
     const float* init = x_row + i * s.b;
     for (int64_t cj = 0; cj < chunks; ++cj) {
       const int64_t c = rev ? chunks - 1 - cj : cj;
-      const int64_t nv = ChunkVectors(nvec, c);
-      const int64_t c0 = ChunkStart(nvec, c) * V;
-      PickGemvFrom<kGroupNv>(nv, rev)(st.h_prev + i * s.a, w + c0, s.b, s.a,
+      const int64_t nv = PanelVectors(nvec, kGroupNv, c);
+      const int64_t c0 = PanelStart(nvec, kGroupNv, c) * V;
+      const float* w = s.packed != nullptr
+                           ? s.packed + i * s.a * s.b + c0 * s.a
+                           : s.w + i * s.a * s.b + c0;
+      const int64_t ldw = s.packed != nullptr ? nv * V : s.b;
+      PickGemvFrom<kGroupNv>(nv, rev)(st.h_prev + i * s.a, w, ldw, s.a,
                                       init + c0, z + c0,
                                       cj == 0 ? pending : LstmPending{});
     }
@@ -1080,6 +1184,60 @@ void RunRnn(const RnnPlan& plan) {
   // start-up per region costs more than a small step.
 #pragma omp parallel num_threads(plan.num_threads)
   RnnBody(plan, omp_get_thread_num(), omp_get_num_threads());
+}
+
+// The largest dense (g = 1) input stage that is packed: a copy doubles
+// the matrix (the Dense scheme's 1600 x 6400 is left to Gemm).
+constexpr int64_t kMaxDensePack = int64_t{1} << 20;
+
+// Whether LastStage runs a batch-1 recurrent product of one stage of
+// unshared blocks in whole vectors, group-owned (the GRU's; the LSTM's
+// when not GroupStepFits), from the kRecurrentChunks copy.
+bool GroupGemvFits(const RnnPlan& p) {
+  const Product& pr = p.recurrent;
+  if (p.batch != 1 || pr.chain.num_stages != 1 || pr.mode != kGroupOwned ||
+      HasSlices(pr))
+    return false;
+  const Stage& s = pr.chain.stages[0];
+  return !s.shared && s.b % V == 0;
+}
+
+int PackLayoutFor(const RnnPlan& plan, int product, int stage) {
+  // A recurrent block of one panel is its own packed copy (rows of
+  // b = panel width floats, one after the other): a copy would only cost
+  // (a caller passing NumPy arrays gets a new tensor, and a packing, per
+  // call).
+  if (product == 1)
+    return stage == 0 && (GroupStepFits(plan) || GroupGemvFits(plan)) &&
+                   Panels(plan.recurrent.chain.stages[0].b / V, kGroupNv) > 1
+               ? kRecurrentChunks
+               : kNoPack;
+  // Input stages of whole vectors whose output is written unshuffled (the
+  // last stage's shuffle is folded into the gather).
+  const Chain& ch = plan.input;
+  const Stage& s = ch.stages[stage];
+  const bool last = stage == ch.num_stages - 1;
+  return !s.shared && s.b % V == 0 && (last || !s.shuffle) &&
+                 (s.g > 1 || s.a * s.b <= kMaxDensePack)
+             ? kInputPanels
+             : kNoPack;
+}
+
+void PackStage(const Stage& s, int layout, float* dst) {
+  const int64_t nvec = s.b / V;
+  const int64_t max_nv = layout == kInputPanels ? kInputNv : kGroupNv;
+  for (int64_t i = 0; i < s.g; ++i) {
+    const float* block = s.w + i * s.a * s.b;
+    float* out = dst + i * s.a * s.b;
+    for (int64_t c = 0; c < Panels(nvec, max_nv); ++c) {
+      const int64_t width = PanelVectors(nvec, max_nv, c) * V;
+      const int64_t c0 = PanelStart(nvec, max_nv, c) * V;
+      float* panel = out + c0 * s.a;
+      for (int64_t k = 0; k < s.a; ++k)
+        for (int64_t j = 0; j < width; ++j)
+          panel[k * width + j] = block[k * s.b + c0 + j];
+    }
+  }
 }
 
 void RunBlockDiag(const BlockDiagPlan& plan) {
