@@ -53,11 +53,14 @@ struct Stage {
 //   permute instead of a gather (the packing chooses the blocks so that
 //   many lanes have an entry there). Slice s is vectors [slice_ptr[s],
 //   slice_ptr[s + 1]); vector k's blocks start at columns vec_col[2 k]
-//   and vec_col[2 k + 1]; it has the lanes vec_mask[k] (bit l: lane l
-//   has an entry), their columns given by vec_idx[16 k + l] (a byte: < 16
-//   in the first block, 16 + c in the second) and their values next in
+//   and vec_col[2 k + 1] (both <= n - 16 when n >= 16); it has the lanes
+//   vec_mask[k] (bit l: lane l has an entry), their values next in
 //   vec_val (lane order, set lanes only; slice s's start at
-//   slice_val0[s]).
+//   slice_val0[s]), and their columns in vec_idx as bytes (< 16 in the
+//   first block, 16 + c in the second), four vectors interleaved: the
+//   t-th vector of slice s has lane l's byte at 64 (slice_idx0[s] + t / 4)
+//   + 4 l + t % 4, so that one 64-byte load holds the lanes of four
+//   vectors as 32-bit permute indices (shifted by 8 (t % 4)).
 constexpr int64_t kSliceLanes = 16;
 constexpr int64_t kBlockColumns = 16;
 
@@ -76,9 +79,10 @@ struct SparseTerm {
   const float* slice_val;    // same
   // Windowed form.
   const int64_t* slice_val0;  // [num_slices]
+  const int64_t* slice_idx0;  // [num_slices]
   const int32_t* vec_col;     // [2 * vectors]
   const uint16_t* vec_mask;   // [vectors]
-  const uint8_t* vec_idx;     // [vectors * kSliceLanes]
+  const uint8_t* vec_idx;     // [64 * 4-vector groups]
   const float* vec_val;       // [nnz + kSliceLanes] (zero padded)
   float* result;              // [batch, m]
 };

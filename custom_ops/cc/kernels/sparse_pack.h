@@ -48,7 +48,7 @@ struct PackedSparse {
   std::vector<int32_t> slice_out;
   std::vector<int32_t> slice_col;  // gathered form
   std::vector<float> slice_val;
-  std::vector<int64_t> slice_val0;  // windowed form
+  std::vector<int64_t> slice_val0, slice_idx0;  // windowed form
   std::vector<int32_t> vec_col;
   std::vector<uint16_t> vec_mask;
   std::vector<uint8_t> vec_idx;
@@ -74,6 +74,7 @@ struct PackedSparse {
     sp->slice_col = slice_col.data();
     sp->slice_val = slice_val.data();
     sp->slice_val0 = slice_val0.data();
+    sp->slice_idx0 = slice_idx0.data();
     sp->vec_col = vec_col.data();
     sp->vec_mask = vec_mask.data();
     sp->vec_idx = vec_idx.data();
@@ -135,8 +136,18 @@ inline void PackWindowed(PackedSparse* p) {
   std::vector<int32_t> local(blocks, -1);  // block -> its index in `used`
   std::vector<int32_t> used, count, score, score2, next;
   std::vector<Entry> e;
+  // Block u is read from column BlockStart(u): the last one is moved back
+  // to end at n, so that every 16-float load stays inside x (n >= 16).
+  const auto block_start = [p](int64_t u) {
+    return static_cast<int32_t>(
+        p->n >= kBlockColumns ? std::min(u * kBlockColumns,
+                                         p->n - kBlockColumns)
+                              : 0);
+  };
   p->slice_ptr.assign(1, 0);
   p->slice_val0.clear();
+  p->slice_idx0.clear();
+  int64_t groups = 0;  // 4-vector groups of vec_idx so far
   for (int64_t s = 0; s < p->num_slices; ++s) {
     // Each lane's entries, grouped by block: lane l's entries in block
     // used[u] are e[next[l * nu + u] ...] until count runs out.
@@ -172,6 +183,8 @@ inline void PackWindowed(PackedSparse* p) {
       }
     int64_t left = lane_start[L];
     p->slice_val0.push_back(static_cast<int64_t>(p->vec_val.size()));
+    p->slice_idx0.push_back(groups);
+    int64_t t = 0;  // vectors of this slice so far
     while (left > 0) {
       const int64_t a = std::max_element(score.begin(), score.end()) -
                         score.begin();
@@ -183,7 +196,10 @@ inline void PackWindowed(PackedSparse* p) {
                         score2.begin();
       const bool has_b = score2[b] > 0;
       uint16_t mask = 0;
-      uint8_t idx[L] = {};
+      if (t % 4 == 0) p->vec_idx.resize(p->vec_idx.size() + 4 * L, 0);
+      uint8_t* idx = p->vec_idx.data() + (groups + t / 4) * 4 * L + t % 4;
+      const int32_t sa = block_start(used[a]);
+      const int32_t sb = block_start(has_b ? used[b] : used[a]);
       for (int64_t l = 0; l < L; ++l) {
         int64_t u = a;
         if (count[l * nu + a] == 0) {
@@ -194,16 +210,16 @@ inline void PackWindowed(PackedSparse* p) {
         if (--count[l * nu + u] == 0) --score[u];
         --left;
         mask |= static_cast<uint16_t>(1u << l);
-        idx[l] = static_cast<uint8_t>(x.col - x.block * kBlockColumns +
-                                      (u == a ? 0 : kBlockColumns));
+        idx[4 * l] = static_cast<uint8_t>(
+            u == a ? x.col - sa : kBlockColumns + x.col - sb);
         p->vec_val.push_back(x.val);
       }
-      p->vec_col.push_back(used[a] * static_cast<int32_t>(kBlockColumns));
-      p->vec_col.push_back((has_b ? used[b] : used[a]) *
-                           static_cast<int32_t>(kBlockColumns));
+      p->vec_col.push_back(sa);
+      p->vec_col.push_back(sb);
       p->vec_mask.push_back(mask);
-      p->vec_idx.insert(p->vec_idx.end(), idx, idx + L);
+      ++t;
     }
+    groups += (t + 3) / 4;
     for (int32_t b : used) local[b] = -1;
     p->slice_ptr.push_back(static_cast<int64_t>(p->vec_mask.size()));
   }
@@ -253,6 +269,7 @@ inline std::shared_ptr<const PackedSparse> PackSparse(
     if (p->windowed) return p;
     p->slice_ptr.clear();
     p->slice_val0 = {};
+    p->slice_idx0 = {};
     p->vec_col = {};
     p->vec_mask = {};
     p->vec_idx = {};

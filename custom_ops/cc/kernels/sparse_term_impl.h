@@ -140,72 +140,103 @@ inline void SliceDot(const int32_t* col, const float* val, int64_t len,
 }
 
 // The windowed form's SliceDot: the 16 lanes of slice s over x (n
-// floats). Per vector: x's two 16-float blocks (loads from L1, masked past
-// n), vpermt2ps picks each lane's column from them, the lanes' values are
+// floats). Per vector: x's two 16-float blocks (two loads from L1),
+// vpermt2ps picks each lane's column from them, the lanes' values are
 // expanded from the packed stream and multiply-added under the vector's
-// lane mask. One loop over the slice's vectors, four chains.
+// lane mask. The permute indices of four vectors come in one 64-byte load
+// (a byte per lane each; vpermt2ps reads the low 5 bits of a 32-bit lane,
+// so vector t % 4 = r takes them shifted right by 8 r). One loop over the
+// slice's vectors, four chains.
 #if KA_VBYTES == 64
-// acc + vector k's lanes times x (lanes off the mask unchanged); `val`
-// moves past the vector's values.
+// acc + vector k's lanes times x (lanes off the mask unchanged), with
+// `lanes` its permute indices in the low byte of each 32-bit lane; `val`
+// moves past the vector's values. FULL: both blocks are whole 16-float
+// loads (n >= 16: the packing keeps them inside x).
+template <bool FULL>
 inline __m512 WindowTerm(const int32_t* col, const uint16_t* mask,
-                         const uint8_t* idx, int64_t k, const float* x,
+                         __m512i lanes, int64_t k, const float* x,
                          int64_t n, const float*& val, __m512 acc) {
   const int64_t ca = col[2 * k], cb = col[2 * k + 1];
   __m512 lo, hi;
-  if (__builtin_expect(Max(ca, cb) + kBlockColumns <= n, 1)) {
+  if (FULL) {
     lo = _mm512_loadu_ps(x + ca);
     hi = _mm512_loadu_ps(x + cb);
-  } else {  // the last block is partial
-    const int64_t ra = Min(n - ca, kBlockColumns);
-    const int64_t rb = Min(n - cb, kBlockColumns);
-    lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ra) - 1), x + ca);
-    hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rb) - 1), x + cb);
+  } else {  // n < 16: one partial block
+    const __mmask16 in = static_cast<__mmask16>((1u << n) - 1);
+    lo = _mm512_maskz_loadu_ps(in, x + ca);
+    hi = _mm512_maskz_loadu_ps(in, x + cb);
   }
-  const __mmask16 m = mask[k];
-  const __m512i lanes = _mm512_cvtepu8_epi32(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + 16 * k)));
+  const uint32_t bits = mask[k];  // one load for the mask and its count
+  const __mmask16 m = _cvtu32_mask16(bits);
   // Only the set lanes' values are read (no cache-line-split 64-byte
   // loads at a 4-byte stride).
   const __m512 v = _mm512_maskz_expandloadu_ps(m, val);
-  val += __builtin_popcount(m);
+  val += __builtin_popcount(bits);
   return _mm512_mask3_fmadd_ps(v, _mm512_permutex2var_ps(lo, lanes, hi), acc,
                                m);
 }
-#endif
 
 // Not inlined, with the arrays in locals: inlined into SparseSlices, GCC
 // ran out of registers and kept `val` in a vector register, which put two
 // cross-domain moves on the loop's dependency chain.
-__attribute__((noinline)) void WindowDot(const SparseTerm& sp, int64_t s,
-                                         const float* x, int64_t n,
-                                         float* acc) {
+template <bool FULL>
+__attribute__((noinline)) void WindowDotAvx512(const SparseTerm& sp,
+                                               int64_t s, const float* x,
+                                               int64_t n, float* acc) {
   const float* val = sp.vec_val + sp.slice_val0[s];
   const int32_t* col = sp.vec_col;
   const uint16_t* mask = sp.vec_mask;
-  const uint8_t* idx = sp.vec_idx;
+  const uint8_t* idx = sp.vec_idx + 64 * sp.slice_idx0[s];
   int64_t k = sp.slice_ptr[s];
   const int64_t k1 = sp.slice_ptr[s + 1];
-#if KA_VBYTES == 64
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  for (; k + 4 <= k1; k += 4) {
-    a0 = WindowTerm(col, mask, idx, k, x, n, val, a0);
-    a1 = WindowTerm(col, mask, idx, k + 1, x, n, val, a1);
-    a2 = WindowTerm(col, mask, idx, k + 2, x, n, val, a2);
-    a3 = WindowTerm(col, mask, idx, k + 3, x, n, val, a3);
+  for (; k + 4 <= k1; k += 4, idx += 64) {
+    const __m512i g = _mm512_loadu_si512(idx);
+    a0 = WindowTerm<FULL>(col, mask, g, k, x, n, val, a0);
+    a1 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 8), k + 1, x, n,
+                          val, a1);
+    a2 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 16), k + 2, x, n,
+                          val, a2);
+    a3 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 24), k + 3, x, n,
+                          val, a3);
   }
-  for (; k < k1; ++k) a0 = WindowTerm(col, mask, idx, k, x, n, val, a0);
+  if (k < k1) {  // 1 to 3 vectors left, in one group
+    const __m512i g = _mm512_loadu_si512(idx);
+    a0 = WindowTerm<FULL>(col, mask, g, k, x, n, val, a0);
+    if (k + 1 < k1)
+      a1 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 8), k + 1, x, n,
+                            val, a1);
+    if (k + 2 < k1)
+      a2 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 16), k + 2, x,
+                            n, val, a2);
+  }
   _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_add_ps(a0, a1),
                                       _mm512_add_ps(a2, a3)));
+}
+#endif
+
+inline void WindowDot(const SparseTerm& sp, int64_t s, const float* x,
+                      int64_t n, float* acc) {
+#if KA_VBYTES == 64
+  if (n >= kBlockColumns)
+    WindowDotAvx512<true>(sp, s, x, n, acc);
+  else
+    WindowDotAvx512<false>(sp, s, x, n, acc);
 #else
-  (void)n;
+  const float* val = sp.vec_val + sp.slice_val0[s];
+  const uint8_t* idx = sp.vec_idx + 64 * sp.slice_idx0[s];
+  const int64_t k0 = sp.slice_ptr[s], k1 = sp.slice_ptr[s + 1];
   for (int l = 0; l < 16; ++l) acc[l] = 0.0f;
-  for (; k < k1; ++k)
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t t = k - k0;
     for (int l = 0; l < 16; ++l)
-      if ((mask[k] >> l) & 1) {
-        const int i = idx[16 * k + l];
-        acc[l] += *val++ * x[col[2 * k + i / 16] + i % 16];
+      if ((sp.vec_mask[k] >> l) & 1) {
+        const int i = idx[64 * (t / 4) + 4 * l + t % 4];
+        const int64_t c = sp.vec_col[2 * k + i / 16] + i % 16;  // < n
+        acc[l] += *val++ * x[c];
       }
+  }
 #endif
 }
 
