@@ -240,21 +240,22 @@ inline void Kern(const float* __restrict x, int64_t ldx,
     for (int j = 0; j < NV; ++j) StoreU(y + i * ldy + j * V, acc[i][j]);
 }
 
-// The last nc < V columns.
+// The last nc < V columns, as one masked vector (a Kronecker factor B
+// [40, 40] has 8 of them in each of its many row tiles).
 template <int MR>
 inline void KernTail(const float* __restrict x, int64_t ldx,
                      const float* __restrict w, int64_t ldw, int64_t k_len,
                      float* __restrict y, int64_t ldy, int64_t nc) {
-  float acc[MR][V] = {};
+  vf acc[MR];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) acc[i] = Splat(0.0f);
   for (int64_t k = 0; k < k_len; ++k) {
-    const float* wk = w + k * ldw;
-    for (int i = 0; i < MR; ++i) {
-      const float xv = x[i * ldx + k];
-      for (int64_t c = 0; c < nc; ++c) acc[i][c] += xv * wk[c];
-    }
+    const vf wv = LoadN(w + k * ldw, nc);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) acc[i] += Splat(x[i * ldx + k]) * wv;
   }
-  for (int i = 0; i < MR; ++i)
-    for (int64_t c = 0; c < nc; ++c) y[i * ldy + c] = acc[i][c];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) StoreN(y + i * ldy, acc[i], nc);
 }
 
 // Register tiles: MR rows x NV vectors of accumulators, plus NV weight
@@ -484,8 +485,11 @@ void ShuffleColumns(const Stage& s, const float* u, int64_t ldu, int64_t rows,
   for (int64_t r = 0; r < rows; ++r) {
     const float* ur = u + r * ldu - c0;
     float* yr = y + r * ldy;
-    for (int64_t c = c0; c < c1; ++c)
-      yr[(c % s.b) * s.g + c / s.b] = ur[c];
+    // Group by group: no division per column.
+    for (int64_t i = c0 / s.b, c = c0; c < c1; ++i) {
+      const int64_t end = Min(c1, (i + 1) * s.b);
+      for (int64_t j = c - i * s.b; c < end; ++c, ++j) yr[j * s.g + i] = ur[c];
+    }
   }
 }
 
