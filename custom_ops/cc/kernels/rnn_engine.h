@@ -39,10 +39,11 @@ struct Stage {
 // nnz = 0 (or no term: row_ptr null) adds nothing.
 //
 // A recurrent product also gets the term in sliced form, made by the
-// kernel (sparse_pack.h): the outputs sorted by their number of entries
-// and taken 16 at a time, one per vector lane, so that a step runs 16
-// outputs per vector with no horizontal sum; lane l of slice s is output
-// slice_out[16 s + l] (-1: none). A step writes x @ S into `result`
+// kernel (sparse_pack.h): the outputs taken 16 at a time, one per vector
+// lane, so that a step runs 16 outputs per vector with no horizontal sum;
+// lane l of slice s is output slice_out[16 s + l] (-1: none), the outputs
+// sorted by their number of entries in the gathered form and in order
+// (16 s + l) in the windowed one. A step writes x @ S into `result`
 // [batch, m] first (threads split the slices by slice_ptr, a count of
 // vectors), and each task adds its outputs from there. Two forms:
 // - gathered ("SELL-16", the generic and AVX2 engines): slice s holds

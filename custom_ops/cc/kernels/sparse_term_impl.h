@@ -254,21 +254,25 @@ void SparseSlices(const SparseTerm& sp, const float* x, int64_t ldx,
     const int32_t* out = sp.slice_out + s * kSliceLanes;
     for (int64_t b = 0; b < batch; ++b) {
       alignas(64) float acc[kSliceLanes];
-      const int64_t k0 = sp.slice_ptr[s];
-      if (sp.windowed)
-        WindowDot(sp, s, x + b * ldx, ldx, acc);
-      else
-        SliceDot(sp.slice_col + k0 * kSliceLanes,
-                 sp.slice_val + k0 * kSliceLanes, sp.slice_ptr[s + 1] - k0,
-                 x + b * ldx, acc);
       float* y = sp.result + b * m;
+      if (sp.windowed) {  // outputs in order: 16 s ..., stored as a vector
+        const int64_t left = m - s * kSliceLanes;
+        float* ys = y + s * kSliceLanes;
+        WindowDot(sp, s, x + b * ldx, ldx, left >= kSliceLanes ? ys : acc);
+        for (int64_t l = 0; l < left && left < kSliceLanes; ++l) ys[l] = acc[l];
+        continue;
+      }
+      const int64_t k0 = sp.slice_ptr[s];
+      SliceDot(sp.slice_col + k0 * kSliceLanes,
+               sp.slice_val + k0 * kSliceLanes, sp.slice_ptr[s + 1] - k0,
+               x + b * ldx, acc);
       for (int64_t l = 0; l < kSliceLanes; ++l)
         if (out[l] >= 0) y[out[l]] = acc[l];
     }
   }
   // Slice s runs on the thread whose entry range holds its first entry.
-  // Empty slices (outputs without entries, sorted last) never run: their
-  // results stay 0 from the setup.
+  // Empty slices at the end (in the gathered form, outputs without entries
+  // are sorted last) never run: their results stay 0 from the setup.
 }
 
 // Whether a recurrent step must compute the sliced term.
