@@ -26,6 +26,14 @@ inline void SparseColumnRows(const SparseTerm& sp, int64_t j, const float* xt,
   for (int v = 0; v < NB; ++v) acc[v] = Splat(0.0f);
   const int64_t k1 = sp.row_ptr[j + 1];
   for (int64_t k = sp.row_ptr[j]; k < k1; ++k) {
+    // x^T (n rows of up to kRowChunk floats) is in L2: fetch the rows of
+    // the entry 8 ahead (in the next output's once near the end; the
+    // last outputs' prefetches stay inside col_idx).
+    if (k + 8 < sp.nnz) {
+      const float* pr = xt + sp.col_idx[k + 8] * ldt;
+#pragma GCC unroll 4
+      for (int v = 0; v < NB; ++v) __builtin_prefetch(pr + v * V);
+    }
     const vf w = Splat(sp.values[k]);
     const float* xr = xt + sp.col_idx[k] * ldt;
 #pragma GCC unroll 4
