@@ -54,7 +54,8 @@ struct Stage {
 //   permute instead of a gather (the packing chooses the blocks so that
 //   many lanes have an entry there). Slice s is vectors [slice_ptr[s],
 //   slice_ptr[s + 1]); vector k's blocks start at columns vec_col[2 k]
-//   and vec_col[2 k + 1] (both <= n - 16 when n >= 16); it has the lanes
+//   and vec_col[2 k + 1] (16-bit, both <= n - 16 when n >= 16; n above
+//   65536 takes the gathered form); it has the lanes
 //   vec_mask[k] (bit l: lane l has an entry), their values next in
 //   vec_val (lane order, set lanes only; slice s's start at
 //   slice_val0[s]), and their columns in vec_idx as bytes (< 16 in the
@@ -81,7 +82,7 @@ struct SparseTerm {
   // Windowed form.
   const int64_t* slice_val0;  // [num_slices]
   const int64_t* slice_idx0;  // [num_slices]
-  const int32_t* vec_col;     // [2 * vectors]
+  const uint16_t* vec_col;    // [2 * vectors]
   const uint16_t* vec_mask;   // [vectors]
   const uint8_t* vec_idx;     // [64 * 4-vector groups]
   const float* vec_val;       // [nnz + kSliceLanes] (zero padded)

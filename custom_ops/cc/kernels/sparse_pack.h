@@ -50,7 +50,7 @@ struct PackedSparse {
   std::vector<int32_t> slice_col;  // gathered form
   std::vector<float> slice_val;
   std::vector<int64_t> slice_val0, slice_idx0;  // windowed form
-  std::vector<int32_t> vec_col;
+  std::vector<uint16_t> vec_col;
   std::vector<uint16_t> vec_mask;
   std::vector<uint8_t> vec_idx;
   std::vector<float> vec_val;
@@ -231,8 +231,8 @@ inline void PackWindowed(PackedSparse* p) {
             u == a ? x.col - sa : kBlockColumns + x.col - sb);
         p->vec_val.push_back(x.val);
       }
-      p->vec_col.push_back(sa);
-      p->vec_col.push_back(sb);
+      p->vec_col.push_back(static_cast<uint16_t>(sa));
+      p->vec_col.push_back(static_cast<uint16_t>(sb));
       p->vec_mask.push_back(mask);
       ++t;
     }
@@ -285,9 +285,10 @@ inline std::shared_ptr<const PackedSparse> PackSparse(
     // and saves the scatter (a tenth of the step).
     std::iota(p->slice_out.begin(), p->slice_out.begin() + m, 0);
     PackWindowed(p.get());
-    p->windowed = kind == 1 + kFormWindowed ||
-                  10 * p->slice_ptr[p->num_slices] <=
-                      kGatherCostInWindowedVectors10 * gathers;
+    // Block starts are 16-bit: n - 16 < 2^16, else the gathered form.
+    p->windowed = n <= 65536 && (kind == 1 + kFormWindowed ||
+                                 10 * p->slice_ptr[p->num_slices] <=
+                                     kGatherCostInWindowedVectors10 * gathers);
     if (p->windowed) return p;
     SliceOutputs(p.get());
     p->slice_ptr.clear();

@@ -161,10 +161,12 @@ inline void SliceDot(const int32_t* col, const float* val, int64_t len,
 // moves past the vector's values. FULL: both blocks are whole 16-float
 // loads (n >= 16: the packing keeps them inside x).
 template <bool FULL>
-inline __m512 WindowTerm(const int32_t* col, const uint16_t* mask,
+inline __m512 WindowTerm(const uint16_t* col, const uint16_t* mask,
                          __m512i lanes, int64_t k, const float* x,
                          int64_t n, const float*& val, __m512 acc) {
-  const int64_t ca = col[2 * k], cb = col[2 * k + 1];
+  uint32_t starts;  // both 16-bit block starts in one load
+  __builtin_memcpy(&starts, col + 2 * k, 4);
+  const int64_t ca = starts & 0xFFFFu, cb = starts >> 16;
   __m512 lo, hi;
   if (FULL) {
     lo = _mm512_loadu_ps(x + ca);
@@ -192,7 +194,7 @@ __attribute__((noinline)) void WindowDotAvx512(const SparseTerm& sp,
                                                int64_t s, const float* x,
                                                int64_t n, float* acc) {
   const float* val = sp.vec_val + sp.slice_val0[s];
-  const int32_t* col = sp.vec_col;
+  const uint16_t* col = sp.vec_col;
   const uint16_t* mask = sp.vec_mask;
   const uint8_t* idx = sp.vec_idx + 64 * sp.slice_idx0[s];
   int64_t k = sp.slice_ptr[s];
