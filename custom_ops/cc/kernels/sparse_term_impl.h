@@ -301,6 +301,28 @@ struct PlusSparse {
   int gates;
   Gates next;
   void operator()(const Task& tk, float* rec, int64_t ldv) const {
+    Add(tk, rec, ldv);
+    next(tk, rec, ldv);
+  }
+
+  // Gates::GroupRows (LstmGates, one call for a shared last stage's
+  // groups [g0, g1)) after the adds, group by group; false where it does
+  // not apply (then nothing is done).
+  bool GroupRows(int64_t g0, int64_t g1, int64_t g, int64_t len,
+                 float* prod) const {
+    if constexpr (Gates::kGroupRows) {
+      if (!next.GroupRowsApply(len)) return false;
+      const int64_t ldv = (g1 - g0) * gates * len;
+      for (int64_t i = g0; i < g1; ++i)
+        Add(Task{i, g, len, i * len}, prod + (i - g0) * gates * len, ldv);
+      next.GroupRows(g0, g1, g, len, prod);
+      return true;
+    }
+    return false;
+  }
+
+  // The task's outputs of x @ S into its product.
+  void Add(const Task& tk, float* rec, int64_t ldv) const {
     if (sp.num_slices > 0) {
       const int64_t m = gates * units;
       for (int64_t b = 0; b < batch; ++b)
@@ -310,6 +332,5 @@ struct PlusSparse {
           for (int64_t l = 0; l < tk.len; ++l) r[l] += y[l * tk.unit_stride];
         }
     }
-    next(tk, rec, ldv);
   }
 };
