@@ -408,10 +408,13 @@ def _awkward_term(n, m, rng):
     """CSR of S^T for S [n, m] with what the sliced forms must get right:
     an empty output, one with every column, duplicate columns (they add),
     the last column, many entries of one output in one 32-column window,
-    columns out of order within an output, m not a multiple of 16."""
+    columns out of order within an output, m not a multiple of 16, and
+    16 empty outputs in a row (a whole empty slice of the windowed form,
+    which takes the outputs in order) before the end."""
     rows = [list(rng.permutation(np.flatnonzero(rng.random(n) < 0.1)))
             for _ in range(m)]
     rows[0] = []
+    rows[16:32] = [[] for _ in range(16)] if m >= 48 else rows[16:32]
     rows[1] = list(rng.permutation(n))
     rows[2] = [n - 1, n - 1, 0, n - 1]
     rows[3] = list(range(32, min(n, 32 + 29)))[::-1]

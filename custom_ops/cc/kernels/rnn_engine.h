@@ -53,10 +53,11 @@ enum PackLayout { kNoPack = 0, kInputPanels = 1, kRecurrentChunks = 2 };
 // nnz = 0 (or no term: row_ptr null) adds nothing.
 //
 // A recurrent product also gets the term in sliced form, made by the
-// kernel (sparse_pack.h): the outputs sorted by their number of entries
-// and taken 16 at a time, one per vector lane, so that a step runs 16
-// outputs per vector with no horizontal sum; lane l of slice s is output
-// slice_out[16 s + l] (-1: none). A step writes x @ S into `result`
+// kernel (sparse_pack.h): the outputs taken 16 at a time, one per vector
+// lane, so that a step runs 16 outputs per vector with no horizontal sum;
+// lane l of slice s is output slice_out[16 s + l] (-1: none), the outputs
+// sorted by their number of entries in the gathered form and in order
+// (16 s + l) in the windowed one. A step writes x @ S into `result`
 // [batch, m] first (threads split the slices by slice_ptr, a count of
 // vectors), and each task adds its outputs from there. Two forms:
 // - gathered ("SELL-16", the generic and AVX2 engines): slice s holds
@@ -67,11 +68,15 @@ enum PackLayout { kNoPack = 0, kInputPanels = 1, kRecurrentChunks = 2 };
 //   permute instead of a gather (the packing chooses the blocks so that
 //   many lanes have an entry there). Slice s is vectors [slice_ptr[s],
 //   slice_ptr[s + 1]); vector k's blocks start at columns vec_col[2 k]
-//   and vec_col[2 k + 1]; it has the lanes vec_mask[k] (bit l: lane l
-//   has an entry), their columns given by vec_idx[16 k + l] (a byte: < 16
-//   in the first block, 16 + c in the second) and their values next in
+//   and vec_col[2 k + 1] (16-bit, both <= n - 16 when n >= 16; n above
+//   65536 takes the gathered form); it has the lanes
+//   vec_mask[k] (bit l: lane l has an entry), their values next in
 //   vec_val (lane order, set lanes only; slice s's start at
-//   slice_val0[s]).
+//   slice_val0[s]), and their columns in vec_idx as bytes (< 16 in the
+//   first block, 16 + c in the second), four vectors interleaved: the
+//   t-th vector of slice s has lane l's byte at 64 (slice_idx0[s] + t / 4)
+//   + 4 l + t % 4, so that one 64-byte load holds the lanes of four
+//   vectors as 32-bit permute indices (shifted by 8 (t % 4)).
 constexpr int64_t kSliceLanes = 16;
 constexpr int64_t kBlockColumns = 16;
 
@@ -90,9 +95,10 @@ struct SparseTerm {
   const float* slice_val;    // same
   // Windowed form.
   const int64_t* slice_val0;  // [num_slices]
-  const int32_t* vec_col;     // [2 * vectors]
+  const int64_t* slice_idx0;  // [num_slices]
+  const uint16_t* vec_col;    // [2 * vectors]
   const uint16_t* vec_mask;   // [vectors]
-  const uint8_t* vec_idx;     // [vectors * kSliceLanes]
+  const uint8_t* vec_idx;     // [64 * 4-vector groups]
   const float* vec_val;       // [nnz + kSliceLanes] (zero padded)
   float* result;              // [batch, m]
 };

@@ -241,8 +241,9 @@ inline void Kern(const float* __restrict x, int64_t ldx,
 }
 
 // The last nc < V columns, one partial vector (masked moves): a block
-// whose width is no multiple of V (GRU g = 10 at d = 400: 120 columns)
-// ran its last 8 columns scalar, in the step loop too.
+// whose width is no multiple of V (GRU g = 10 at d = 400: 120 columns; a
+// Kronecker factor B [40, 40] in each of its many row tiles) ran its last
+// columns scalar, in the step loop too.
 template <int MR>
 inline void KernTail(const float* __restrict x, int64_t ldx,
                      const float* __restrict w, int64_t ldw, int64_t k_len,
@@ -524,8 +525,11 @@ void ShuffleColumns(const Stage& s, const float* u, int64_t ldu, int64_t rows,
   for (int64_t r = 0; r < rows; ++r) {
     const float* ur = u + r * ldu - c0;
     float* yr = y + r * ldy;
-    for (int64_t c = c0; c < c1; ++c)
-      yr[(c % s.b) * s.g + c / s.b] = ur[c];
+    // Group by group: no division per column.
+    for (int64_t i = c0 / s.b, c = c0; c < c1; ++i) {
+      const int64_t end = Min(c1, (i + 1) * s.b);
+      for (int64_t j = c - i * s.b; c < end; ++c, ++j) yr[j * s.g + i] = ur[c];
+    }
   }
 }
 
@@ -724,6 +728,7 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
       for (int64_t r = 0; r < batch; ++r)
         Gemm(in + r * ldx + g0 * s.a, s.a, g1 - g0, s.w, s.b, s.a, s.b,
              task_product + r * ldv, s.b);
+      if (gate.GroupRows(g0, g1, s.g, len, task_product)) return;
       for (int64_t i = g0; i < g1; ++i)
         gate(Task{i, s.g, len, i * len}, task_product + (i - g0) * s.b, ldv);
       return;
@@ -796,6 +801,7 @@ struct TaskVectors {
   float* h_prev;    // GRU: h_prev gathered into task order
   float* z;         // GRU without reset_after: the update gate
   float* r_h_prev;  // GRU without reset_after: r * h_prev
+  float* rows;      // LSTM, whole groups (LstmGates::GroupRows): z [4, slots]
 };
 
 // One step as the gate functors see it.
@@ -815,12 +821,15 @@ inline const float* XProjRow(const StepView& st, int64_t b, const Task& tk) {
          tk.first_slot * p.x_task_mult;
 }
 
-// Writes the task's new h (in v.h) to the state and the output sequence.
-inline void EmitH(const StepView& st, const Task& tk, int64_t b) {
+// Writes the task's new h (in v.h, or `h`) to the state and the output
+// sequence.
+inline void EmitH(const StepView& st, const Task& tk, int64_t b,
+                  const float* h = nullptr) {
   const RnnPlan& p = *st.p;
-  ScatterUnits(st.v.h, tk, st.h_next + b * p.units);
+  if (h == nullptr) h = st.v.h;
+  ScatterUnits(h, tk, st.h_next + b * p.units);
   if (p.out != nullptr)
-    ScatterUnits(st.v.h, tk, p.out + (b * p.steps + st.s) * p.units);
+    ScatterUnits(h, tk, p.out + (b * p.steps + st.s) * p.units);
 }
 
 // Gate functors: called by LastStage with the recurrent product of a
@@ -830,7 +839,49 @@ inline void EmitH(const StepView& st, const Task& tk, int64_t b) {
 
 // LSTM (i, f, c, o): c' = f * c + i * tanh(g), h' = o * tanh(c').
 struct LstmGates {
+  static constexpr bool kGroupRows = true;
   const StepView& st;
+
+  // A shared last stage's groups [g0, g1) (of g, len units each) at once,
+  // at batch 1 with task-major x_proj: `prod` holds group i's product for
+  // gate q, unit l at (i - g0) * 4 * len + q * len + l, the layout of
+  // x_proj's row. z is copied gate-major over the groups' slots into
+  // v.rows, so that the gate math runs whole vectors: with len not a
+  // multiple of V it took ceil(len / V) passes per group (20 units: two,
+  // one of them 4 lanes). Only where GroupRowsApply.
+  bool GroupRowsApply(int64_t len) const {
+    return st.p->batch == 1 && st.p->x_task_mult == 4 && len % V != 0;
+  }
+  void GroupRows(int64_t g0, int64_t g1, int64_t g, int64_t len,
+                 float* prod) const {
+    const RnnPlan& p = *st.p;
+    const int64_t slots = (g1 - g0) * len;
+    const float* x_row = XProjRow(st, 0, Task{g0, g, len, g0 * len});
+    float* z = st.v.rows;
+    for (int64_t i = 0; i < g1 - g0; ++i)
+      for (int64_t q = 0; q < 4; ++q) {
+        const int64_t from = (4 * i + q) * len;
+        float* to = z + q * slots + i * len;
+        for (int64_t l = 0; l < len; l += V) {
+          const int64_t n = Min(V, len - l);
+          StoreN(to + l, LoadN(prod + from + l, n) + LoadN(x_row + from + l, n),
+                 n);
+        }
+      }
+    float* c = p.c + g0 * len;
+    for (int64_t k = 0; k < slots; k += V) {
+      const int64_t n = Min(V, slots - k);
+      const CellOut out =
+          LstmCell(LoadN(z + k, n), LoadN(z + slots + k, n),
+                   LoadN(z + 2 * slots + k, n), LoadN(z + 3 * slots + k, n),
+                   LoadN(c + k, n));
+      StoreN(c + k, out.c, n);
+      StoreN(st.v.h + k, out.h, n);
+    }
+    for (int64_t i = g0; i < g1; ++i)
+      EmitH(st, Task{i, g, len, i * len}, 0, st.v.h + (i - g0) * len);
+  }
+
   void operator()(const Task& tk, const float* rec, int64_t ldv) const {
     const RnnPlan& p = *st.p;
     const int64_t units = p.units, len = tk.len, xs = p.x_gate_stride;
@@ -981,6 +1032,7 @@ void LstmGroupStep(const StepView& st, int tid, int nt, bool rev,
 // GRU with reset_after (z, r, h): the reset gate multiplies the recurrent
 // term including its bias, h~ = tanh(x_h + r * (rec_h + b_rec_h)).
 struct GruResetAfterGates {
+  static constexpr bool kGroupRows = false;
   const StepView& st;
   void operator()(const Task& tk, const float* rec, int64_t ldv) const {
     const RnnPlan& p = *st.p;
@@ -1014,6 +1066,7 @@ struct GruResetAfterGates {
 // GRU without reset_after, product A (z, r): stores z and r * h_prev for
 // every unit; the candidate product needs all of r * h_prev first.
 struct GruGatesA {
+  static constexpr bool kGroupRows = false;
   const StepView& st;
   void operator()(const Task& tk, const float* rec, int64_t ldv) const {
     const RnnPlan& p = *st.p;
@@ -1043,6 +1096,7 @@ struct GruGatesA {
 // h' = z * h_prev + (1 - z) * h~.
 struct GruCandidate {
   static constexpr bool kPresent = true;
+  static constexpr bool kGroupRows = false;
   const StepView& st;
   void operator()(const Task& tk, const float* rec, int64_t ldv) const {
     const RnnPlan& p = *st.p;
@@ -1070,6 +1124,7 @@ struct GruCandidate {
 // For cells whose recurrent product produces every gate.
 struct NoCandidate {
   static constexpr bool kPresent = false;
+  static constexpr bool kGroupRows = false;
 };
 
 // The step loop of every cell: the recurrent product's intermediate
@@ -1090,6 +1145,8 @@ void RecurrentPhase(const RnnPlan& p, int tid, int nt, Sync& sync,
   v.h_prev = v.h + max_units;
   v.z = v.h_prev + max_units;
   v.r_h_prev = v.z + max_units;
+  // Free outside LstmGroupStep; [4 * max_units] at batch 1.
+  v.rows = thread_scratch + p.off_task_product_alt;
 
   float* z_buffers[2] = {task_product,
                          thread_scratch + p.off_task_product_alt};

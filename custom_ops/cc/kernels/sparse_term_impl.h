@@ -26,6 +26,14 @@ inline void SparseColumnRows(const SparseTerm& sp, int64_t j, const float* xt,
   for (int v = 0; v < NB; ++v) acc[v] = Splat(0.0f);
   const int64_t k1 = sp.row_ptr[j + 1];
   for (int64_t k = sp.row_ptr[j]; k < k1; ++k) {
+    // x^T (n rows of up to kRowChunk floats) is in L2: fetch the rows of
+    // the entry 8 ahead (in the next output's once near the end; the
+    // last outputs' prefetches stay inside col_idx).
+    if (k + 8 < sp.nnz) {
+      const float* pr = xt + sp.col_idx[k + 8] * ldt;
+#pragma GCC unroll 4
+      for (int v = 0; v < NB; ++v) __builtin_prefetch(pr + v * V);
+    }
     const vf w = Splat(sp.values[k]);
     const float* xr = xt + sp.col_idx[k] * ldt;
 #pragma GCC unroll 4
@@ -140,72 +148,105 @@ inline void SliceDot(const int32_t* col, const float* val, int64_t len,
 }
 
 // The windowed form's SliceDot: the 16 lanes of slice s over x (n
-// floats). Per vector: x's two 16-float blocks (loads from L1, masked past
-// n), vpermt2ps picks each lane's column from them, the lanes' values are
+// floats). Per vector: x's two 16-float blocks (two loads from L1),
+// vpermt2ps picks each lane's column from them, the lanes' values are
 // expanded from the packed stream and multiply-added under the vector's
-// lane mask. One loop over the slice's vectors, four chains.
+// lane mask. The permute indices of four vectors come in one 64-byte load
+// (a byte per lane each; vpermt2ps reads the low 5 bits of a 32-bit lane,
+// so vector t % 4 = r takes them shifted right by 8 r). One loop over the
+// slice's vectors, four chains.
 #if KA_VBYTES == 64
-// acc + vector k's lanes times x (lanes off the mask unchanged); `val`
-// moves past the vector's values.
-inline __m512 WindowTerm(const int32_t* col, const uint16_t* mask,
-                         const uint8_t* idx, int64_t k, const float* x,
+// acc + vector k's lanes times x (lanes off the mask unchanged), with
+// `lanes` its permute indices in the low byte of each 32-bit lane; `val`
+// moves past the vector's values. FULL: both blocks are whole 16-float
+// loads (n >= 16: the packing keeps them inside x).
+template <bool FULL>
+inline __m512 WindowTerm(const uint16_t* col, const uint16_t* mask,
+                         __m512i lanes, int64_t k, const float* x,
                          int64_t n, const float*& val, __m512 acc) {
-  const int64_t ca = col[2 * k], cb = col[2 * k + 1];
+  uint32_t starts;  // both 16-bit block starts in one load
+  __builtin_memcpy(&starts, col + 2 * k, 4);
+  const int64_t ca = starts & 0xFFFFu, cb = starts >> 16;
   __m512 lo, hi;
-  if (__builtin_expect(Max(ca, cb) + kBlockColumns <= n, 1)) {
+  if (FULL) {
     lo = _mm512_loadu_ps(x + ca);
     hi = _mm512_loadu_ps(x + cb);
-  } else {  // the last block is partial
-    const int64_t ra = Min(n - ca, kBlockColumns);
-    const int64_t rb = Min(n - cb, kBlockColumns);
-    lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ra) - 1), x + ca);
-    hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << rb) - 1), x + cb);
+  } else {  // n < 16: one partial block
+    const __mmask16 in = static_cast<__mmask16>((1u << n) - 1);
+    lo = _mm512_maskz_loadu_ps(in, x + ca);
+    hi = _mm512_maskz_loadu_ps(in, x + cb);
   }
-  const __mmask16 m = mask[k];
-  const __m512i lanes = _mm512_cvtepu8_epi32(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + 16 * k)));
+  const uint32_t bits = mask[k];  // one load for the mask and its count
+  const __mmask16 m = _cvtu32_mask16(bits);
   // Only the set lanes' values are read (no cache-line-split 64-byte
   // loads at a 4-byte stride).
   const __m512 v = _mm512_maskz_expandloadu_ps(m, val);
-  val += __builtin_popcount(m);
+  val += __builtin_popcount(bits);
   return _mm512_mask3_fmadd_ps(v, _mm512_permutex2var_ps(lo, lanes, hi), acc,
                                m);
 }
-#endif
 
 // Not inlined, with the arrays in locals: inlined into SparseSlices, GCC
 // ran out of registers and kept `val` in a vector register, which put two
 // cross-domain moves on the loop's dependency chain.
-__attribute__((noinline)) void WindowDot(const SparseTerm& sp, int64_t s,
-                                         const float* x, int64_t n,
-                                         float* acc) {
+template <bool FULL>
+__attribute__((noinline)) void WindowDotAvx512(const SparseTerm& sp,
+                                               int64_t s, const float* x,
+                                               int64_t n, float* acc) {
   const float* val = sp.vec_val + sp.slice_val0[s];
-  const int32_t* col = sp.vec_col;
+  const uint16_t* col = sp.vec_col;
   const uint16_t* mask = sp.vec_mask;
-  const uint8_t* idx = sp.vec_idx;
+  const uint8_t* idx = sp.vec_idx + 64 * sp.slice_idx0[s];
   int64_t k = sp.slice_ptr[s];
   const int64_t k1 = sp.slice_ptr[s + 1];
-#if KA_VBYTES == 64
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  for (; k + 4 <= k1; k += 4) {
-    a0 = WindowTerm(col, mask, idx, k, x, n, val, a0);
-    a1 = WindowTerm(col, mask, idx, k + 1, x, n, val, a1);
-    a2 = WindowTerm(col, mask, idx, k + 2, x, n, val, a2);
-    a3 = WindowTerm(col, mask, idx, k + 3, x, n, val, a3);
+  for (; k + 4 <= k1; k += 4, idx += 64) {
+    const __m512i g = _mm512_loadu_si512(idx);
+    a0 = WindowTerm<FULL>(col, mask, g, k, x, n, val, a0);
+    a1 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 8), k + 1, x, n,
+                          val, a1);
+    a2 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 16), k + 2, x, n,
+                          val, a2);
+    a3 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 24), k + 3, x, n,
+                          val, a3);
   }
-  for (; k < k1; ++k) a0 = WindowTerm(col, mask, idx, k, x, n, val, a0);
+  if (k < k1) {  // 1 to 3 vectors left, in one group
+    const __m512i g = _mm512_loadu_si512(idx);
+    a0 = WindowTerm<FULL>(col, mask, g, k, x, n, val, a0);
+    if (k + 1 < k1)
+      a1 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 8), k + 1, x, n,
+                            val, a1);
+    if (k + 2 < k1)
+      a2 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 16), k + 2, x,
+                            n, val, a2);
+  }
   _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_add_ps(a0, a1),
                                       _mm512_add_ps(a2, a3)));
+}
+#endif
+
+inline void WindowDot(const SparseTerm& sp, int64_t s, const float* x,
+                      int64_t n, float* acc) {
+#if KA_VBYTES == 64
+  if (n >= kBlockColumns)
+    WindowDotAvx512<true>(sp, s, x, n, acc);
+  else
+    WindowDotAvx512<false>(sp, s, x, n, acc);
 #else
-  (void)n;
+  const float* val = sp.vec_val + sp.slice_val0[s];
+  const uint8_t* idx = sp.vec_idx + 64 * sp.slice_idx0[s];
+  const int64_t k0 = sp.slice_ptr[s], k1 = sp.slice_ptr[s + 1];
   for (int l = 0; l < 16; ++l) acc[l] = 0.0f;
-  for (; k < k1; ++k)
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t t = k - k0;
     for (int l = 0; l < 16; ++l)
-      if ((mask[k] >> l) & 1) {
-        const int i = idx[16 * k + l];
-        acc[l] += *val++ * x[col[2 * k + i / 16] + i % 16];
+      if ((sp.vec_mask[k] >> l) & 1) {
+        const int i = idx[64 * (t / 4) + 4 * l + t % 4];
+        const int64_t c = sp.vec_col[2 * k + i / 16] + i % 16;  // < n
+        acc[l] += *val++ * x[c];
       }
+  }
 #endif
 }
 
@@ -223,21 +264,25 @@ void SparseSlices(const SparseTerm& sp, const float* x, int64_t ldx,
     const int32_t* out = sp.slice_out + s * kSliceLanes;
     for (int64_t b = 0; b < batch; ++b) {
       alignas(64) float acc[kSliceLanes];
-      const int64_t k0 = sp.slice_ptr[s];
-      if (sp.windowed)
-        WindowDot(sp, s, x + b * ldx, ldx, acc);
-      else
-        SliceDot(sp.slice_col + k0 * kSliceLanes,
-                 sp.slice_val + k0 * kSliceLanes, sp.slice_ptr[s + 1] - k0,
-                 x + b * ldx, acc);
       float* y = sp.result + b * m;
+      if (sp.windowed) {  // outputs in order: 16 s ..., stored as a vector
+        const int64_t left = m - s * kSliceLanes;
+        float* ys = y + s * kSliceLanes;
+        WindowDot(sp, s, x + b * ldx, ldx, left >= kSliceLanes ? ys : acc);
+        for (int64_t l = 0; l < left && left < kSliceLanes; ++l) ys[l] = acc[l];
+        continue;
+      }
+      const int64_t k0 = sp.slice_ptr[s];
+      SliceDot(sp.slice_col + k0 * kSliceLanes,
+               sp.slice_val + k0 * kSliceLanes, sp.slice_ptr[s + 1] - k0,
+               x + b * ldx, acc);
       for (int64_t l = 0; l < kSliceLanes; ++l)
         if (out[l] >= 0) y[out[l]] = acc[l];
     }
   }
   // Slice s runs on the thread whose entry range holds its first entry.
-  // Empty slices (outputs without entries, sorted last) never run: their
-  // results stay 0 from the setup.
+  // Empty slices at the end (in the gathered form, outputs without entries
+  // are sorted last) never run: their results stay 0 from the setup.
 }
 
 // Whether a recurrent step must compute the sliced term.
@@ -256,6 +301,28 @@ struct PlusSparse {
   int gates;
   Gates next;
   void operator()(const Task& tk, float* rec, int64_t ldv) const {
+    Add(tk, rec, ldv);
+    next(tk, rec, ldv);
+  }
+
+  // Gates::GroupRows (LstmGates, one call for a shared last stage's
+  // groups [g0, g1)) after the adds, group by group; false where it does
+  // not apply (then nothing is done).
+  bool GroupRows(int64_t g0, int64_t g1, int64_t g, int64_t len,
+                 float* prod) const {
+    if constexpr (Gates::kGroupRows) {
+      if (!next.GroupRowsApply(len)) return false;
+      const int64_t ldv = (g1 - g0) * gates * len;
+      for (int64_t i = g0; i < g1; ++i)
+        Add(Task{i, g, len, i * len}, prod + (i - g0) * gates * len, ldv);
+      next.GroupRows(g0, g1, g, len, prod);
+      return true;
+    }
+    return false;
+  }
+
+  // The task's outputs of x @ S into its product.
+  void Add(const Task& tk, float* rec, int64_t ldv) const {
     if (sp.num_slices > 0) {
       const int64_t m = gates * units;
       for (int64_t b = 0; b < batch; ++b)
@@ -265,6 +332,5 @@ struct PlusSparse {
           for (int64_t l = 0; l < tk.len; ++l) r[l] += y[l * tk.unit_stride];
         }
     }
-    next(tk, rec, ldv);
   }
 };
