@@ -381,6 +381,17 @@ def cmd_demo(args):
     return demo.run(args)
 
 
+def _add_text_data_args(parser):
+    """How text calibration data becomes windows of token ids (``compress``
+    and ``export --quantize int8`` read it alike)."""
+    parser.add_argument("--vocabulary", metavar="VOCAB.json",
+                        help="vocabulary of text calibration data")
+    parser.add_argument("--level", choices=("word", "char"), default="word",
+                        help="tokens of text calibration data")
+    parser.add_argument("--num-steps", type=int, default=35,
+                        help="calibration window length")
+
+
 def build_parser():
     from keras_antman import demo
 
@@ -430,14 +441,9 @@ def build_parser():
                         "error before and after")
     c.add_argument("--calibration-steps", type=int, default=20,
                    help="batches of calibration data to run")
-    c.add_argument("--vocabulary", metavar="VOCAB.json",
-                   help="vocabulary of text calibration data")
-    c.add_argument("--level", choices=("word", "char"), default="word",
-                   help="tokens of text calibration data")
+    _add_text_data_args(c)
     c.add_argument("--batch-size", type=int, default=20,
                    help="calibration batch size")
-    c.add_argument("--num-steps", type=int, default=35,
-                   help="calibration window length")
 
     r = command("report", cmd_report,
                 "parameters and multiply-adds per layer, before and after")
@@ -509,12 +515,7 @@ def build_parser():
                         "or text with --vocabulary)")
     e.add_argument("--calibration-steps", type=int, default=10,
                    help="batches of 20 calibration windows to use")
-    e.add_argument("--vocabulary", metavar="VOCAB.json",
-                   help="vocabulary of text calibration data")
-    e.add_argument("--level", choices=("word", "char"), default="word",
-                   help="tokens of text calibration data")
-    e.add_argument("--num-steps", type=int, default=35,
-                   help="calibration window length")
+    _add_text_data_args(e)
 
     b = command("bench", cmd_bench,
                 "time a model on this machine through each path it runs: "
