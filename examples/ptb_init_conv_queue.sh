@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 21 part 2 on the converged teacher: naive (from_dense) against
+# data-aware (compress calibration_data) initialisation of the 10x students,
+# 1000 distillation steps each, test perplexity at steps 0, 300 and 1000.
+#
+# Reuses the carried-state plateau teacher and calibrated coefficients of
+# runs/ptb_conv (examples/ptb_converge_queue.sh must have finished its
+# teacher,calibrate step), so the rows compare with the convergence table.
+# Idempotent and resumable like that queue; holds the same $LOCK.
+#
+#   nohup examples/ptb_init_conv_queue.sh >> runs/ptb_init_conv.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/.."  # the repository root
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PY:-python}
+LOCK=${LOCK:-/work/notes/train.lock}
+COMMON=(--data "${DATA:-../shared/data/ptb}" --run-dir "${RUN:-runs/ptb_init_conv}"
+        --reuse "${SOURCE:-runs/ptb_conv}"
+        --carry-state --optimizer sgd --lr 35 --clipnorm 0.143
+        --teacher-schedule plateau --teacher-epochs 20 --calib-steps 80
+        --student-lr 10 --student-schedule cosine --svd-rank 16
+        --student-steps 1000 --eval-at 0,300 --calibration-batches 20
+        --report-name ptb_init_conv)
+
+step() {
+    echo "== $(date -u +%FT%TZ) $*"
+    flock "$LOCK" "$PY" examples/ptb_word_lm.py "${COMMON[@]}" "$@"
+    "$PY" examples/ptb_word_lm.py "${COMMON[@]}" --stages report
+}
+
+for kind in lgp svd lowrank_lgp; do
+    step --stages students --students "$kind" --student-init calibrated
+    step --stages students --students "$kind"
+done
+echo "== $(date -u +%FT%TZ) queue done"
