@@ -461,6 +461,39 @@ def test_awkward_recurrent_terms_equal_numpy(units, threads, isa, rng):
         rtol=1e-4, atol=1e-5)
 
 
+def _term_of_rows(rows, rng):
+    row_ptr = np.cumsum([0] + [len(r) for r in rows]).astype("int32")
+    col = np.array([c for r in rows for c in r], "int32")
+    return ops.SparseTerm(row_ptr, col,
+                          rng.normal(size=col.size).astype("float32"))
+
+
+@pytest.mark.parametrize("pattern", ["dense", "one_each", "one_output"])
+def test_windowed_lane_patterns_equal_numpy(pattern, threads, isa, rng):
+    # The windowed form's values are stored lane-padded (zeros where a
+    # vector's lane has no entry): every lane of every vector set (S
+    # dense), one lane per vector (one entry per output, in scattered
+    # blocks), one output with every column (one lane, 40 vectors).
+    n, m = 40, 160
+    rows = {
+        "dense": [list(range(n)) for _ in range(m)],
+        "one_each": [[(7 * j) % n] for j in range(m)],
+        "one_output": [list(range(n)) if j == 37 else [] for j in range(m)],
+    }[pattern]
+    term = _term_of_rows(rows, rng)
+    w_in = rng.normal(scale=0.2, size=(5, m)).astype("float32")
+    w_rec = rng.normal(scale=0.05, size=(n, m)).astype("float32")
+    bias = rng.normal(scale=0.3, size=m).astype("float32")
+    x = rng.normal(size=(2, 5, 5)).astype("float32")
+    expected = reference.lstm(x.astype("float64"), w_in,
+                              w_rec + 0.1 * _dense_of_term(term, n, m),
+                              bias)[0]
+    term = term._replace(values=term.values * np.float32(0.1))
+    np.testing.assert_allclose(
+        _lstm_with_recurrent_term(x, w_in, w_rec, bias, term), expected,
+        rtol=1e-4, atol=1e-5)
+
+
 def test_sliced_term_is_packed_once_per_csr_contents(isa, rng):
     # In one graph the kernel is the same: unchanged arrays reuse the
     # packing; new values written into the same variable, or another

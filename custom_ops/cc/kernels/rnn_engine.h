@@ -70,9 +70,9 @@ enum PackLayout { kNoPack = 0, kInputPanels = 1, kRecurrentChunks = 2 };
 //   slice_ptr[s + 1]); vector k's blocks start at columns vec_col[2 k]
 //   and vec_col[2 k + 1] (16-bit, both <= n - 16 when n >= 16; n above
 //   65536 takes the gathered form); it has the lanes
-//   vec_mask[k] (bit l: lane l has an entry), their values next in
-//   vec_val (lane order, set lanes only; slice s's start at
-//   slice_val0[s]), and their columns in vec_idx as bytes (< 16 in the
+//   vec_mask[k] (bit l: lane l has an entry), their values at
+//   vec_val[16 k + l] (0 in the other lanes: one aligned load per vector,
+//   no expansion), and their columns in vec_idx as bytes (< 16 in the
 //   first block, 16 + c in the second), four vectors interleaved: the
 //   t-th vector of slice s has lane l's byte at 64 (slice_idx0[s] + t / 4)
 //   + 4 l + t % 4, so that one 64-byte load holds the lanes of four
@@ -94,12 +94,11 @@ struct SparseTerm {
   const int32_t* slice_col;  // [slice_ptr[num_slices] * kSliceLanes]
   const float* slice_val;    // same
   // Windowed form.
-  const int64_t* slice_val0;  // [num_slices]
   const int64_t* slice_idx0;  // [num_slices]
   const uint16_t* vec_col;    // [2 * vectors]
   const uint16_t* vec_mask;   // [vectors]
   const uint8_t* vec_idx;     // [64 * 4-vector groups]
-  const float* vec_val;       // [nnz + kSliceLanes] (zero padded)
+  const float* vec_val;       // [16 * vectors], 64-byte aligned
   float* result;              // [batch, m]
 };
 

@@ -49,11 +49,12 @@ struct PackedSparse {
   std::vector<int32_t> slice_out;
   std::vector<int32_t> slice_col;  // gathered form
   std::vector<float> slice_val;
-  std::vector<int64_t> slice_val0, slice_idx0;  // windowed form
+  std::vector<int64_t> slice_idx0;  // windowed form
   std::vector<uint16_t> vec_col;
   std::vector<uint16_t> vec_mask;
   std::vector<uint8_t> vec_idx;
-  std::vector<float> vec_val;
+  std::vector<float> vec_val;  // from vec_val_skip: 64-byte aligned
+  int64_t vec_val_skip = 0;
 
   // Whether this was packed, in this form, from exactly these arrays.
   bool Matches(int for_kind, int64_t rows_in, int64_t outputs,
@@ -74,12 +75,11 @@ struct PackedSparse {
     sp->slice_out = slice_out.data();
     sp->slice_col = slice_col.data();
     sp->slice_val = slice_val.data();
-    sp->slice_val0 = slice_val0.data();
     sp->slice_idx0 = slice_idx0.data();
     sp->vec_col = vec_col.data();
     sp->vec_mask = vec_mask.data();
     sp->vec_idx = vec_idx.data();
-    sp->vec_val = vec_val.data();
+    sp->vec_val = vec_val.data() + vec_val_skip;
   }
 };
 
@@ -158,8 +158,8 @@ inline void PackWindowed(PackedSparse* p) {
                               : 0);
   };
   p->slice_ptr.assign(1, 0);
-  p->slice_val0.clear();
   p->slice_idx0.clear();
+  std::vector<float> val;  // vec_val, before it is aligned
   int64_t groups = 0;  // 4-vector groups of vec_idx so far
   for (int64_t s = 0; s < p->num_slices; ++s) {
     // Each lane's entries, grouped by block: lane l's entries in block
@@ -205,7 +205,6 @@ inline void PackWindowed(PackedSparse* p) {
       return std::make_pair(arg, cnt[arg]);
     };
     int64_t left = lane_start[L];
-    p->slice_val0.push_back(static_cast<int64_t>(p->vec_val.size()));
     p->slice_idx0.push_back(groups);
     int64_t t = 0;  // vectors of this slice so far
     while (left > 0) {
@@ -217,6 +216,7 @@ inline void PackWindowed(PackedSparse* p) {
       uint8_t* idx = p->vec_idx.data() + (groups + t / 4) * 4 * L + t % 4;
       const int32_t sa = block_start(used[a]);
       const int32_t sb = block_start(has_b ? used[b] : used[a]);
+      float* v = &*val.insert(val.end(), L, 0.0f);
       for (int64_t l = 0; l < L; ++l) {
         int64_t u = a;
         if (count[l * nu + a] == 0) {
@@ -229,7 +229,7 @@ inline void PackWindowed(PackedSparse* p) {
         mask |= static_cast<uint16_t>(1u << l);
         idx[4 * l] = static_cast<uint8_t>(
             u == a ? x.col - sa : kBlockColumns + x.col - sb);
-        p->vec_val.push_back(x.val);
+        v[l] = x.val;
       }
       p->vec_col.push_back(static_cast<uint16_t>(sa));
       p->vec_col.push_back(static_cast<uint16_t>(sb));
@@ -240,8 +240,12 @@ inline void PackWindowed(PackedSparse* p) {
     for (int32_t b : used) local[b] = -1;
     p->slice_ptr.push_back(static_cast<int64_t>(p->vec_mask.size()));
   }
-  // A whole vector may be read past the last value.
-  p->vec_val.resize(p->vec_val.size() + kSliceLanes, 0.0f);
+  // The values 64-byte aligned: each vector's are one aligned load.
+  p->vec_val.assign(val.size() + kSliceLanes, 0.0f);
+  p->vec_val_skip = static_cast<int64_t>(
+      (64 - reinterpret_cast<uintptr_t>(p->vec_val.data()) % 64) % 64 /
+      sizeof(float));
+  std::copy(val.begin(), val.end(), p->vec_val.begin() + p->vec_val_skip);
 }
 
 // Packings made in this process (keras_antman_sparse_packs, for tests of
@@ -251,16 +255,18 @@ inline std::atomic<int64_t>& SparsePackCount() {
   return count;
 }
 
-// A windowed vector costs about 1/3.1 of a 16-lane gather (Zen 4,
-// AVX-512: 1.9 ns against 6.5 ns per step-vector, measured at d = 800 on
-// 1.0% to 4.9% dense S, where the crossover fell at 3.1 windowed vectors
-// per gathered one). The windowed form wins on denser S, whose windows
-// have more lanes set.
-constexpr int64_t kGatherCostInWindowedVectors10 = 31;  // x 10
+// A windowed vector costs about 1/5 of a 16-lane gather (Zen 4, AVX-512,
+// d = 800, x aligned as in the op, bench/sparse_step.cc: 1.27-1.35 ns
+// against 6.5-7.9 ns per step-vector on 0.5% to 1.9% dense S; at 1% the
+// windowed form takes 3.6 vectors per gather and ran an op call 1.14x
+// faster than the gathered one). With the values packed (vexpandps,
+// before lane-padded values) the ratio was 3.1. The windowed form wins on
+// denser S, whose windows have more lanes set.
+constexpr int64_t kGatherCostInWindowedVectors10 = 50;  // x 10
 
 // The sliced form of S [n, m] (CSR of S^T, checked, nnz > 0) for `kind`
 // (PackKind): for the AVX-512 engine by default windowed unless that takes
-// more than 3.1 vectors per gathered one.
+// more than 5 vectors per gathered one.
 inline std::shared_ptr<const PackedSparse> PackSparse(
     int kind, int64_t n, int64_t m, const int32_t* row_ptr,
     const int32_t* col_idx, const float* values, int64_t nnz) {
@@ -292,7 +298,6 @@ inline std::shared_ptr<const PackedSparse> PackSparse(
     if (p->windowed) return p;
     SliceOutputs(p.get());
     p->slice_ptr.clear();
-    p->slice_val0 = {};
     p->slice_idx0 = {};
     p->vec_col = {};
     p->vec_mask = {};
