@@ -28,7 +28,19 @@ step() {
     "$PY" examples/ptb_word_lm.py "${COMMON[@]}" --stages report
 }
 
-for kind in lgp svd lowrank_lgp; do
+step --stages students --students lgp --student-init calibrated
+step --stages students --students lgp
+# The convergence queue's LowRank-LGP from a random init did not train at
+# its lr 35 (stuck near unigram perplexity until the cosine decay brought
+# the lr under ~5): rerun at lr 5 in its own run dir, reusing the teacher.
+flock "$LOCK" "$PY" examples/ptb_word_lm.py --data "${DATA:-../shared/data/ptb}" \
+    --run-dir runs/ptb_conv_lrlgp --reuse runs/ptb_conv --carry-state \
+    --optimizer sgd --lr 35 --scratch-lr 5 --clipnorm 0.143 \
+    --teacher-schedule plateau --teacher-epochs 20 --calib-steps 80 \
+    --student-lr 10 --student-schedule cosine --curve-every 500 \
+    --report-name ptb_converge_lrlgp --stages students,report \
+    --students lowrank_lgp --student-init random --student-steps 6000
+for kind in svd lowrank_lgp; do
     step --stages students --students "$kind" --student-init calibrated
     step --stages students --students "$kind"
 done

@@ -701,7 +701,8 @@ class _Curve(keras.callbacks.Callback):
         step = _step(self.model)
         log = self.run.results.setdefault("curves", {}).setdefault(
             self.name, [])
-        log[:] = [e for e in log if e["step"] <= step]
+        # A run restarted at step 0 records step 0 afresh, so drop it too.
+        log[:] = [e for e in log if e["step"] <= step] if step else []
         if not step:
             self._record(0)
 
