@@ -568,7 +568,7 @@ class StructuredRnnOp : public OpKernel {
     }
     SlotLayout layout;
     PlanLayout(in, &layout, &plan);
-    std::shared_ptr<const float> packs[kMaxStages + 1];  // held: the run
+    std::shared_ptr<const float> packs[2 * kMaxStages];  // held: the run
     AttachPacks(in, isa, &plan, packs);
     const int64_t work = StepMacs(in, plan);
     const int asked =
@@ -786,9 +786,9 @@ class StructuredRnnOp : public OpKernel {
                                   : nullptr;
   }
 
-  // The packed copies the engine reads (PackLayoutFor) for the input
-  // product's stages and the recurrent product's single stage, from the
-  // cache; `held` has room for kMaxStages + 1.
+  // The packed copies the engine reads (PackLayoutFor) for the input and
+  // recurrent products' stages, from the cache; `held` has room for
+  // 2 * kMaxStages.
   void AttachPacks(const RnnInputs& in, int isa, RnnPlan* p,
                    std::shared_ptr<const float>* held) {
     auto attach = [&](int product, int s, Stage* stage, const Tensor& src) {
@@ -799,8 +799,8 @@ class StructuredRnnOp : public OpKernel {
     };
     for (int s = 0; s < p->input.num_stages; ++s)
       attach(0, s, &p->input.stages[s], in.input_stages[s]);
-    if (p->recurrent.chain.num_stages == 1)
-      attach(1, 0, &p->recurrent.chain.stages[0], in.recurrent_stages[0]);
+    for (int s = 0; s < p->recurrent.chain.num_stages; ++s)
+      attach(1, s, &p->recurrent.chain.stages[s], in.recurrent_stages[s]);
   }
 
   // Multiply-adds of the recurrent products of one step, the whole batch.

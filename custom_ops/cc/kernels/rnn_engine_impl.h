@@ -517,6 +517,42 @@ void PanelStage(const Stage& s, const float* x, int64_t ldx, int64_t rows,
   }
 }
 
+// Columns [c0, c1) of x @ blockdiag(s) for one row (unshuffled), from the
+// stage's kRecurrentChunks copy, into y[0, c1 - c0): each panel is one
+// contiguous stream of a rows x its width, read with the row's whole
+// range of it in accumulators (a range that starts or ends inside a
+// panel reads that panel with its width as the row stride). The batch-1
+// recurrent stages of a chain (LowRank-LGP's dense mix and its last
+// blocks) take this instead of strided column chunks of the blocks.
+void PackedColumns(const Stage& s, const float* x, int64_t c0, int64_t c1,
+                   float* y) {
+  const int64_t nvec = s.b / V, panels = Panels(nvec, kGroupNv);
+  while (c0 < c1) {
+    const int64_t gi = c0 / s.b, j0 = c0 - gi * s.b;
+    const int64_t jend = Min(s.b, c1 - gi * s.b);  // group-local end
+    const float* block = s.packed + gi * s.a * s.b;
+    // The panel holding column j0, then every panel up to jend.
+    int64_t c = 0;
+    while (c + 1 < panels && PanelStart(nvec, kGroupNv, c + 1) * V <= j0) ++c;
+    for (int64_t j = j0; j < jend; ++c) {
+      const int64_t p0 = PanelStart(nvec, kGroupNv, c) * V;
+      const int64_t width = PanelVectors(nvec, kGroupNv, c) * V;
+      const int64_t e = Min(jend, p0 + width);
+      const float* w = block + p0 * s.a + (j - p0);
+      float* yj = y + (j - j0);
+      const int64_t nv = (e - j) / V;
+      if (nv > 0) PickKern<1, kGroupNv>(nv)(x + gi * s.a, 0, w, width, s.a,
+                                            yj, 0);
+      if (j + nv * V < e)
+        KernTail<1>(x + gi * s.a, 0, w + nv * V, width, s.a, yj + nv * V, 0,
+                    e - j - nv * V);
+      j = e;
+    }
+    y += jend - j0;
+    c0 = gi * s.b + jend;
+  }
+}
+
 // The shuffle of a stage's unshuffled columns [c0, c1): column c = i * b + j
 // (output j of group i) goes to j * g + i. `u` holds them from column 0,
 // `y` is the whole shuffled output.
@@ -692,7 +728,12 @@ const float* Intermediate(const Product& pr, const float* in, int64_t batch,
     float* out = pr.stage_out[s & 1];
     int64_t c0, c1;
     Split(ms, tid, nt, 2 * V, &c0, &c1);
-    if (c0 < c1 && stage.shuffle) {
+    if (c0 < c1 && stage.packed != nullptr) {  // batch 1 (PackLayoutFor)
+      float* y = stage.shuffle ? unshuffled : out + c0;
+      PackedColumns(stage, in, c0, c1, y);
+      if (stage.shuffle)
+        ShuffleColumns(stage, unshuffled, c1 - c0, batch, c0, c1, out, ms);
+    } else if (c0 < c1 && stage.shuffle) {
       StageColumns(stage, in, ldx, batch, c0, c1, unshuffled, c1 - c0);
       ShuffleColumns(stage, unshuffled, c1 - c0, batch, c0, c1, out, ms);
     } else if (c0 < c1) {
@@ -756,6 +797,15 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
   // kUnitColumns: this thread's units [unit_begin, unit_end).
   int64_t unit_begin, unit_end;
   Split(units, tid, nt, V, &unit_begin, &unit_end);
+  if (s.packed != nullptr) {  // batch 1, the kRecurrentChunks copy
+    const int64_t len = unit_end - unit_begin, ldv = gates * len;
+    if (len <= 0) return;
+    for (int64_t q = 0; q < gates; ++q)
+      PackedColumns(s, in, q * units + unit_begin, q * units + unit_end,
+                    task_product + q * len);
+    gate(Task{unit_begin, 1, len, unit_begin}, task_product, ldv);
+    return;
+  }
   if (batch <= kStreamRows && s.g == 1 &&
       s.a * gates * (unit_end - unit_begin) >= (int64_t{1} << 18)) {
     const int64_t len = unit_end - unit_begin, ldv = gates * len;
@@ -1259,16 +1309,31 @@ bool GroupGemvFits(const RnnPlan& p) {
   return !s.shared && s.b % V == 0;
 }
 
+// Whether stage `stage` of the recurrent product of a batch-1 chain of 2+
+// stages (not a group-owned last stage) is read from a kRecurrentChunks
+// copy (PackedColumns): unshared blocks of whole vectors, a dense stage
+// only up to kMaxDensePack floats.
+bool ChainGemvFits(const RnnPlan& p, int stage) {
+  const Product& pr = p.recurrent;
+  const Stage& s = pr.chain.stages[stage];
+  const bool last = stage == pr.chain.num_stages - 1;
+  return p.batch == 1 && pr.chain.num_stages > 1 &&
+         !(last && pr.mode == kGroupOwned) && !s.shared && s.b % V == 0 &&
+         (s.g > 1 || s.a * s.b <= kMaxDensePack);
+}
+
 int PackLayoutFor(const RnnPlan& plan, int product, int stage) {
   // A recurrent block of one panel is its own packed copy (rows of
   // b = panel width floats, one after the other): a copy would only cost
   // (a caller passing NumPy arrays gets a new tensor, and a packing, per
   // call).
-  if (product == 1)
-    return stage == 0 && (GroupStepFits(plan) || GroupGemvFits(plan)) &&
-                   Panels(plan.recurrent.chain.stages[0].b / V, kGroupNv) > 1
-               ? kRecurrentChunks
-               : kNoPack;
+  if (product == 1) {
+    const Stage& s = plan.recurrent.chain.stages[stage];
+    if (Panels(s.b / V, kGroupNv) <= 1) return kNoPack;
+    if (stage == 0 && (GroupStepFits(plan) || GroupGemvFits(plan)))
+      return kRecurrentChunks;
+    return ChainGemvFits(plan, stage) ? kRecurrentChunks : kNoPack;
+  }
   // Input stages of whole vectors whose output is written unshuffled (the
   // last stage's shuffle is folded into the gather).
   const Chain& ch = plan.input;
