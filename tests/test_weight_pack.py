@@ -279,3 +279,32 @@ def test_packed_input_product_over_many_rows(batch, steps):
                                   return_sequences=True,
                                   num_threads=threads)[0]
         np.testing.assert_allclose(seq, want, **TOL)
+
+
+@pytest.mark.parametrize("batch,steps", [(1, 100), (1, 300), (4, 80)])
+@pytest.mark.usefixtures("every_call_on_the_threads_asked")
+def test_input_chain_over_many_rows(batch, steps):
+    """A 3-stage input chain (blocks, a dense matrix, blocks) over more
+    rows than one pass of its stages takes (64, kRowChunk) and than 256: 1
+    and 2 threads, every instruction set, the whole sequence against the
+    reference."""
+    rng = np.random.default_rng(30 + steps)
+    chain = [blocks(rng, FEATURES // G, 16), weights_dense(rng, 64, 80),
+             blocks_of(rng, 4, 20, 4 * UNITS // G)]
+    dense_in = (reference.block_diag(chain[0]) @ chain[1][0]
+                @ reference.block_diag(chain[2]))
+    k_rec = blocks(rng, UNITS // G, 4 * UNITS // G)
+    x = rng.standard_normal((batch, steps, FEATURES)).astype("f")
+    bias = (0.3 * rng.standard_normal(4 * UNITS)).astype("f")
+    want = reference.lstm(
+        x.astype(np.float64), dense_in,
+        reference.shuffled(reference.block_diag(k_rec), G), bias)[0]
+    zeros = np.zeros((batch, UNITS), "f")
+    for isa in ops.supported_instruction_sets():
+        ops.set_instruction_set(isa)
+        for threads in (1, 2):
+            seq = ops.structured_lstm(
+                x, zeros, zeros, bias, [Stage(owned(k), False) for k in chain],
+                [Stage(owned(k_rec), True)], return_sequences=True,
+                num_threads=threads)[0]
+            np.testing.assert_allclose(seq, want, **TOL)
