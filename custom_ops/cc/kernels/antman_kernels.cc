@@ -756,25 +756,41 @@ class StructuredRnnOp : public OpKernel {
             : units;
     p->x_task_mult = task_major ? traits_.gates : 1;
     p->x_gate_stride = len;
+    // The unshuffled column of the input product's last stage for each
+    // natural column (a shuffle puts output j of group i at j * g + i),
+    // then each gate's slots; loops over (group, unit) instead of a
+    // division or two per slot (13 us of each call at d = 400).
+    std::vector<int64_t> source(width);
+    if (in_last.shuffle) {
+      for (int64_t i = 0; i < in_last.g; ++i)
+        for (int64_t j = 0; j < in_last.b; ++j)
+          source[j * in_last.g + i] = i * in_last.b + j;
+    } else {
+      for (int64_t c = 0; c < width; ++c) source[c] = c;
+    }
     for (int q = 0; q < traits_.gates; ++q) {
       // Gates past the recurrent product's come from the candidate product.
       const Product& pr =
           q < traits_.recurrent_gates ? p->recurrent : p->candidate;
-      for (int64_t k = 0; k < units; ++k) {
-        // Unit slot k = i * len + l: task i's l-th unit.
-        const int64_t slot =
-            (k / len) * len * p->x_task_mult + q * len + k % len;
-        const int64_t column = q * units + UnitOfSlot(pr, units, k);
-        // With a shuffle, natural column j * g + i is the unshuffled
-        // output i * b + j.
-        layout->gather[slot] =
-            in_last.shuffle
-                ? (column % in_last.g) * in_last.b + column / in_last.g
-                : column;
-        layout->bias_slots[slot] = bias[column];
-        if (traits_.recurrent_bias)
-          layout->recurrent_bias_slots[slot] = bias[width + column];
-      }
+      // Slot k = i * ulen + l holds unit l * g + i where the product's g
+      // groups own their units (UnitOfSlot), unit k otherwise; task-major,
+      // task i's gate q starts at i * len * x_task_mult + q * len.
+      const int64_t g = pr.mode == kGroupOwned
+                            ? pr.chain.stages[pr.chain.num_stages - 1].g
+                            : 1;
+      const int64_t ulen = units / g;
+      for (int64_t i = 0; i < g; ++i)
+        for (int64_t l = 0; l < ulen; ++l) {
+          const int64_t k = i * ulen + l;
+          const int64_t slot = task_major
+                                   ? i * len * p->x_task_mult + q * len + l
+                                   : q * units + k;
+          const int64_t column = q * units + (g > 1 ? l * g + i : k);
+          layout->gather[slot] = source[column];
+          layout->bias_slots[slot] = bias[column];
+          if (traits_.recurrent_bias)
+            layout->recurrent_bias_slots[slot] = bias[width + column];
+        }
     }
     layout->runs = GatherRuns(layout->gather);
     p->gather = layout->gather.data();
