@@ -173,12 +173,16 @@ def test_gru_every_isa(isa, batch, kind, reset_after):
 
 
 # Widths that are no multiple of any vector width (4, 8, 16 floats): GRU
-# blocks of 39 columns (3 gates x 13 units, g = 10) and a low-rank chain
-# whose mix is 50 wide. At batch 1 a row's partial last vector runs in the
-# pass of its other columns (KernRowMasked).
+# blocks of 39 columns (3 gates x 13 units, g = 10), LSTM blocks of 52
+# (4 x 13; a multiple of 4, so the generic engine runs its group step)
+# and a low-rank chain whose mix is 50 wide. At batch 1 a row's partial
+# last vector runs in the pass of its other columns (KernRowMasked), and
+# the gate math of groups of 13 units runs over all of a thread's groups
+# at once in whole vectors (GroupRows).
 @pytest.mark.parametrize("isa", isas())
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("cell", ["gru", "gru_reset_before", "lstm_low_rank"])
+@pytest.mark.parametrize(
+    "cell", ["gru", "gru_reset_before", "lstm_shuffle", "lstm_low_rank"])
 def test_partial_vector_widths(isa, batch, cell):
     ops.set_instruction_set(isa)
     rng = np.random.default_rng(batch + 7)
@@ -186,17 +190,22 @@ def test_partial_vector_widths(isa, batch, cell):
     x = rng.standard_normal((batch, STEPS, features)).astype("f")
     zeros = np.zeros((batch, units), "f")
     tol = dict(rtol=1e-4, atol=2e-5)
-    if cell == "lstm_low_rank":
+    if cell.startswith("lstm"):
         in_stages, k_in = chain("shuffle", features, 4 * units, rng)
-        u, v = weights(rng, 1, units, 50), weights(rng, 1, 50, 4 * units)
-        k_rec = u[0].astype(np.float64) @ v[0]
+        if cell == "lstm_low_rank":
+            u, v = weights(rng, 1, units, 50), weights(rng, 1, 50, 4 * units)
+            rec_stages = [Stage(u, False), Stage(v, False)]
+            k_rec = u[0].astype(np.float64) @ v[0]
+        else:
+            blocks = weights(rng, g, units // g, 4 * units // g)
+            rec_stages = [Stage(blocks, True)]
+            k_rec = reference.shuffled(reference.block_diag(blocks), g)
         bias = (0.3 * rng.standard_normal(4 * units)).astype("f")
         seq_ref = reference.lstm(x.astype(np.float64), k_in, k_rec, bias)[0]
         for seq, _, _ in run_both_thread_counts(
             lambda t: ops.structured_lstm(
-                x, zeros, zeros, bias, in_stages,
-                [Stage(u, False), Stage(v, False)], return_sequences=True,
-                num_threads=t)
+                x, zeros, zeros, bias, in_stages, rec_stages,
+                return_sequences=True, num_threads=t)
         ):
             np.testing.assert_allclose(seq, seq_ref, **tol)
         return

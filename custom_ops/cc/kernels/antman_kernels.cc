@@ -267,10 +267,12 @@ void PlanProduct(Product* pr, int gates, int64_t units, int64_t batch) {
   pr->mode = last.shuffle ? kGroupOwned : kUnitColumns;
   // kUnitColumns: a task is kUnitChunk units, or at small batch a thread's
   // whole unit range when a large single block is streamed (LastStage).
-  // Shared blocks: a thread runs all its groups as one GEMM first, so its
-  // task product holds every unit.
+  // Shared blocks, and at batch 1 unshared ones (where a group's units end
+  // mid-vector, LastStage runs all of a thread's groups first): the task
+  // product holds every unit.
   pr->max_task_units =
-      pr->mode == kGroupOwned ? (last.shared ? units : units / last.g)
+      pr->mode == kGroupOwned
+          ? (last.shared || batch == 1 ? units : units / last.g)
       : batch <= kStreamRows  ? units
                               : std::min<int64_t>(units, kUnitChunk);
 }

@@ -827,11 +827,10 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
       return;
     }
     const int64_t nvec = s.b / V, panels = Panels(nvec, kGroupNv);
-    for (int64_t j = 0; j < g1 - g0; ++j) {
-      const int64_t i = rev ? g1 - 1 - j : g0 + j;
+    auto product = [&](int64_t i, float* y) {
       if (s.packed == nullptr) {
-        Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b,
-             task_product, s.b);
+        Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b, y,
+             s.b);
       } else {  // batch 1, the kRecurrentChunks copy: one stream per panel
         for (int64_t cj = 0; cj < panels; ++cj) {
           const int64_t c = rev ? panels - 1 - cj : cj;
@@ -839,9 +838,26 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
           const int64_t c0 = PanelStart(nvec, kGroupNv, c) * V;
           PickKern<1, kGroupNv>(nv)(in + i * s.a, ldx,
                                     s.packed + i * s.a * s.b + c0 * s.a,
-                                    nv * V, s.a, task_product + c0, s.b);
+                                    nv * V, s.a, y + c0, s.b);
         }
       }
+    };
+    if (batch == 1 && len % V != 0 && pr.max_task_units == units) {
+      // Units of a group end mid-vector (GRU g = 10 at d = 400: 40 units,
+      // 16 + 16 + 8 lanes): every group's product first, then the gate
+      // math over all of them in whole vectors (GroupRows), whose passes
+      // are independent; group by group, each pass waited on the last
+      // one's exp and divides (the GRU's gate math was 43% of its step).
+      for (int64_t i = g0; i < g1; ++i)
+        product(i, task_product + (i - g0) * s.b);
+      if (gate.GroupRows(g0, g1, s.g, len, task_product)) return;
+      for (int64_t i = g0; i < g1; ++i)
+        gate(Task{i, s.g, len, i * len}, task_product + (i - g0) * s.b, s.b);
+      return;
+    }
+    for (int64_t j = 0; j < g1 - g0; ++j) {
+      const int64_t i = rev ? g1 - 1 - j : g0 + j;
+      product(i, task_product);
       gate(Task{i, s.g, len, i * len}, task_product, s.b);
     }
     return;
@@ -1134,8 +1150,57 @@ void LstmGroupStep(const StepView& st, int tid, int nt, bool rev,
 // GRU with reset_after (z, r, h): the reset gate multiplies the recurrent
 // term including its bias, h~ = tanh(x_h + r * (rec_h + b_rec_h)).
 struct GruResetAfterGates {
-  static constexpr bool kGroupRows = false;
+  static constexpr bool kGroupRows = true;
   const StepView& st;
+
+  // The groups [g0, g1) (of g, len units each) at once, at batch 1 with
+  // task-major x_proj: `prod` holds group i's product for gate q, unit l
+  // at (i - g0) * 3 * len + q * len + l, the layout of x_proj's row and
+  // of the recurrent bias. The pre-activations are summed gate-major over
+  // the groups' slots (z and r in v.rows, the h gate's recurrent part
+  // after them, its input part in v.z) and h_prev gathered into slot
+  // order (v.h_prev), so that the gate math runs whole vectors.
+  bool GroupRowsApply(int64_t len) const {
+    return st.p->batch == 1 && st.p->x_task_mult == 3 && len % V != 0;
+  }
+  void GroupRows(int64_t g0, int64_t g1, int64_t g, int64_t len,
+                 float* prod) const {
+    const RnnPlan& p = *st.p;
+    const int64_t slots = (g1 - g0) * len;
+    const float* x_row = XProjRow(st, 0, Task{g0, g, len, g0 * len});
+    const float* bias = p.recurrent_bias_slots + g0 * len * 3;
+    float* zs = st.v.rows;
+    float* rs = zs + slots;
+    float* hr = rs + slots;
+    float* hx = st.v.z;
+    float* hp = st.v.h_prev;
+    for (int64_t i = 0; i < g1 - g0; ++i) {
+      const int64_t from = 3 * i * len, to = i * len;
+      for (int64_t l = 0; l < len; l += V) {
+        const int64_t n = Min(V, len - l), z = from + l, r = z + len,
+                      h = r + len;
+        StoreN(zs + to + l,
+               LoadN(x_row + z, n) + LoadN(prod + z, n) + LoadN(bias + z, n),
+               n);
+        StoreN(rs + to + l,
+               LoadN(x_row + r, n) + LoadN(prod + r, n) + LoadN(bias + r, n),
+               n);
+        StoreN(hr + to + l, LoadN(prod + h, n) + LoadN(bias + h, n), n);
+        StoreN(hx + to + l, LoadN(x_row + h, n), n);
+      }
+      GatherUnits(st.h_prev, Task{g0 + i, g, len, 0}, hp + to);
+    }
+    for (int64_t k = 0; k < slots; k += V) {
+      const int64_t n = Min(V, slots - k);
+      const vf z = Sigmoid(LoadN(zs + k, n));
+      const vf r = Sigmoid(LoadN(rs + k, n));
+      const vf hh = Tanh(LoadN(hx + k, n) + r * LoadN(hr + k, n));
+      StoreN(st.v.h + k, z * LoadN(hp + k, n) + (1.0f - z) * hh, n);
+    }
+    for (int64_t i = g0; i < g1; ++i)
+      EmitH(st, Task{i, g, len, i * len}, 0, st.v.h + (i - g0) * len);
+  }
+
   void operator()(const Task& tk, const float* rec, int64_t ldv) const {
     const RnnPlan& p = *st.p;
     const int64_t units = p.units, len = tk.len, xs = p.x_gate_stride;
