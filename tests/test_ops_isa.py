@@ -172,6 +172,70 @@ def test_gru_every_isa(isa, batch, kind, reset_after):
         np.testing.assert_allclose(h, h_ref, **tol)
 
 
+# Widths that are no multiple of any vector width (4, 8, 16 floats): GRU
+# blocks of 39 columns (3 gates x 13 units, g = 10), LSTM blocks of 52
+# (4 x 13; a multiple of 4, so the generic engine runs its group step)
+# and a low-rank chain whose mix is 50 wide. At batch 1 a row's partial
+# last vector runs in the pass of its other columns (KernRowMasked), and
+# the gate math of groups of 13 units runs over all of a thread's groups
+# at once in whole vectors (GroupRows).
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize(
+    "cell", ["gru", "gru_reset_before", "lstm_shuffle", "lstm_low_rank"])
+def test_partial_vector_widths(isa, batch, cell):
+    ops.set_instruction_set(isa)
+    rng = np.random.default_rng(batch + 7)
+    units, g, features = 130, 10, 40
+    x = rng.standard_normal((batch, STEPS, features)).astype("f")
+    zeros = np.zeros((batch, units), "f")
+    tol = dict(rtol=1e-4, atol=2e-5)
+    if cell.startswith("lstm"):
+        in_stages, k_in = chain("shuffle", features, 4 * units, rng)
+        if cell == "lstm_low_rank":
+            u, v = weights(rng, 1, units, 50), weights(rng, 1, 50, 4 * units)
+            rec_stages = [Stage(u, False), Stage(v, False)]
+            k_rec = u[0].astype(np.float64) @ v[0]
+        else:
+            blocks = weights(rng, g, units // g, 4 * units // g)
+            rec_stages = [Stage(blocks, True)]
+            k_rec = reference.shuffled(reference.block_diag(blocks), g)
+        bias = (0.3 * rng.standard_normal(4 * units)).astype("f")
+        seq_ref = reference.lstm(x.astype(np.float64), k_in, k_rec, bias)[0]
+        for seq, _, _ in run_both_thread_counts(
+            lambda t: ops.structured_lstm(
+                x, zeros, zeros, bias, in_stages, rec_stages,
+                return_sequences=True, num_threads=t)
+        ):
+            np.testing.assert_allclose(seq, seq_ref, **tol)
+        return
+    reset_after = cell == "gru"
+    in_blocks = weights(rng, g, features // g, 3 * units // g)
+    k_in = reference.shuffled(reference.block_diag(in_blocks), g)
+    rec_gates = 3 if reset_after else 2
+    rec_blocks = weights(rng, g, units // g, rec_gates * units // g)
+    k_rec = reference.shuffled(reference.block_diag(rec_blocks), g)
+    cand_stages = None
+    if reset_after:
+        bias = (0.3 * rng.standard_normal((2, 3 * units))).astype("f")
+    else:
+        cand_blocks = weights(rng, g, units // g, units // g)
+        cand_stages = [Stage(cand_blocks, True)]
+        k_rec = np.concatenate(
+            [k_rec, reference.shuffled(reference.block_diag(cand_blocks), g)],
+            axis=1)
+        bias = (0.3 * rng.standard_normal(3 * units)).astype("f")
+    seq_ref = reference.gru(x.astype(np.float64), k_in, k_rec, bias,
+                            reset_after=reset_after)[0]
+    for seq, _ in run_both_thread_counts(
+        lambda t: ops.structured_gru(
+            x, zeros, bias, [Stage(in_blocks, True)],
+            [Stage(rec_blocks, True)], cand_stages, reset_after=reset_after,
+            return_sequences=True, num_threads=t)
+    ):
+        np.testing.assert_allclose(seq, seq_ref, **tol)
+
+
 def isa_in_subprocess(value):
     env = dict(os.environ, KERAS_ANTMAN_ISA=value, TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

@@ -129,8 +129,10 @@ def test_packed_input_chain_of_three_stages(batch):
     """A LowRank-LGP-like input chain (blocks, a dense matrix, blocks) has
     every stage packed; each instruction set and thread count against the
     reference. The first call packs the 3 stages (each thread count is an
-    op attribute, so a kernel and cache of its own), the second packs
-    nothing."""
+    op attribute, so a kernel and cache of its own), and at batch 1 the
+    recurrent stage v where its 256 columns span several batch-1 panels
+    (generic and AVX2: 64 and 32 vectors, 12 a panel; AVX-512: 16 of 24,
+    one panel, read in place); the second call packs nothing."""
     rng = np.random.default_rng(7 + batch)
     chain = [blocks(rng, FEATURES // G, 16), weights_dense(rng, 64, 64),
              blocks(rng, 16, 4 * UNITS // G)]
@@ -146,6 +148,7 @@ def test_packed_input_chain_of_three_stages(batch):
     zeros = np.zeros((batch, UNITS), "f")
     for isa in ops.supported_instruction_sets():
         ops.set_instruction_set(isa)
+        rec_packs = int(batch == 1 and isa != "avx512")
         for threads in (1, 2):
             made = []
             for _ in range(2):
@@ -154,7 +157,60 @@ def test_packed_input_chain_of_three_stages(batch):
                                         rec_stages, num_threads=threads)[1]
                 made.append(packs() - before)
                 np.testing.assert_allclose(h, want, **TOL)
-            assert made == [3, 0]
+            assert made == [3 + rec_packs, 0]
+
+
+@pytest.fixture
+def every_call_on_the_threads_asked():
+    """Calls run on the threads asked, not on a measured choice (the
+    2-thread team at these small sizes)."""
+    ops.load()
+    saved = ops._state["cdll"].keras_antman_min_parallel_macs_per_step()
+    ops._set_min_parallel_work(per_step=0)
+    yield
+    ops._set_min_parallel_work(per_step=saved)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 32])
+@pytest.mark.usefixtures("every_call_on_the_threads_asked")
+def test_packed_recurrent_chain(batch):
+    """A LowRank-LGP-like recurrent chain (blocks, a dense matrix, blocks,
+    no shuffle): at batch 1 its dense mix and its last blocks, 400 columns
+    each (several batch-1 panels on every instruction set), are read from
+    packed copies, the last stage by gates of 200 units whose columns
+    start and end inside panels and mid-vector. Every instruction set, 1
+    and 2 threads, the whole sequence against the NumPy reference; the
+    pack counter shows the two recurrent stages packed at batch 1 only."""
+    rng = np.random.default_rng(20 + batch)
+    units = 200
+    rec = [blocks_of(rng, 4, units // 4, 32), weights_dense(rng, 128, 400),
+           blocks_of(rng, 2, 200, 2 * units)]
+    dense_rec = (reference.block_diag(rec[0]) @ rec[1][0]
+                 @ reference.block_diag(rec[2]))
+    k_in = weights_dense(rng, FEATURES, 4 * units)
+    x = rng.standard_normal((batch, STEPS, FEATURES)).astype("f")
+    bias = (0.3 * rng.standard_normal(4 * units)).astype("f")
+    want = reference.lstm(x.astype(np.float64), k_in[0].astype(np.float64),
+                          dense_rec, bias)[0]
+    in_stages = [Stage(owned(k_in), False)]
+    rec_stages = [Stage(owned(k), False) for k in rec]
+    zeros = np.zeros((batch, units), "f")
+    for isa in ops.supported_instruction_sets():
+        ops.set_instruction_set(isa)
+        for threads in (1, 2):
+            made = []
+            for _ in range(2):
+                before = packs()
+                seq = ops.structured_lstm(x, zeros, zeros, bias, in_stages,
+                                          rec_stages, return_sequences=True,
+                                          num_threads=threads)[0]
+                made.append(packs() - before)
+                np.testing.assert_allclose(seq, want, **TOL)
+            assert made == [1 + 2 * (batch == 1), 0]
+
+
+def blocks_of(rng, g, a, b):
+    return (rng.standard_normal((g, a, b)) / np.sqrt(a)).astype("f")
 
 
 def weights_dense(rng, n, m):
@@ -223,3 +279,32 @@ def test_packed_input_product_over_many_rows(batch, steps):
                                   return_sequences=True,
                                   num_threads=threads)[0]
         np.testing.assert_allclose(seq, want, **TOL)
+
+
+@pytest.mark.parametrize("batch,steps", [(1, 100), (1, 300), (4, 80)])
+@pytest.mark.usefixtures("every_call_on_the_threads_asked")
+def test_input_chain_over_many_rows(batch, steps):
+    """A 3-stage input chain (blocks, a dense matrix, blocks) over more
+    rows than one pass of its stages takes (64, kRowChunk) and than 256: 1
+    and 2 threads, every instruction set, the whole sequence against the
+    reference."""
+    rng = np.random.default_rng(30 + steps)
+    chain = [blocks(rng, FEATURES // G, 16), weights_dense(rng, 64, 80),
+             blocks_of(rng, 4, 20, 4 * UNITS // G)]
+    dense_in = (reference.block_diag(chain[0]) @ chain[1][0]
+                @ reference.block_diag(chain[2]))
+    k_rec = blocks(rng, UNITS // G, 4 * UNITS // G)
+    x = rng.standard_normal((batch, steps, FEATURES)).astype("f")
+    bias = (0.3 * rng.standard_normal(4 * UNITS)).astype("f")
+    want = reference.lstm(
+        x.astype(np.float64), dense_in,
+        reference.shuffled(reference.block_diag(k_rec), G), bias)[0]
+    zeros = np.zeros((batch, UNITS), "f")
+    for isa in ops.supported_instruction_sets():
+        ops.set_instruction_set(isa)
+        for threads in (1, 2):
+            seq = ops.structured_lstm(
+                x, zeros, zeros, bias, [Stage(owned(k), False) for k in chain],
+                [Stage(owned(k_rec), True)], return_sequences=True,
+                num_threads=threads)[0]
+            np.testing.assert_allclose(seq, want, **TOL)

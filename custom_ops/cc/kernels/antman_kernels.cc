@@ -267,10 +267,12 @@ void PlanProduct(Product* pr, int gates, int64_t units, int64_t batch) {
   pr->mode = last.shuffle ? kGroupOwned : kUnitColumns;
   // kUnitColumns: a task is kUnitChunk units, or at small batch a thread's
   // whole unit range when a large single block is streamed (LastStage).
-  // Shared blocks: a thread runs all its groups as one GEMM first, so its
-  // task product holds every unit.
+  // Shared blocks, and at batch 1 unshared ones (where a group's units end
+  // mid-vector, LastStage runs all of a thread's groups first): the task
+  // product holds every unit.
   pr->max_task_units =
-      pr->mode == kGroupOwned ? (last.shared ? units : units / last.g)
+      pr->mode == kGroupOwned
+          ? (last.shared || batch == 1 ? units : units / last.g)
       : batch <= kStreamRows  ? units
                               : std::min<int64_t>(units, kUnitChunk);
 }
@@ -568,7 +570,7 @@ class StructuredRnnOp : public OpKernel {
     }
     SlotLayout layout;
     PlanLayout(in, &layout, &plan);
-    std::shared_ptr<const float> packs[kMaxStages + 1];  // held: the run
+    std::shared_ptr<const float> packs[2 * kMaxStages];  // held: the run
     AttachPacks(in, isa, &plan, packs);
     const int64_t work = StepMacs(in, plan);
     const int asked =
@@ -756,25 +758,41 @@ class StructuredRnnOp : public OpKernel {
             : units;
     p->x_task_mult = task_major ? traits_.gates : 1;
     p->x_gate_stride = len;
+    // The unshuffled column of the input product's last stage for each
+    // natural column (a shuffle puts output j of group i at j * g + i),
+    // then each gate's slots; loops over (group, unit) instead of a
+    // division or two per slot (13 us of each call at d = 400).
+    std::vector<int64_t> source(width);
+    if (in_last.shuffle) {
+      for (int64_t i = 0; i < in_last.g; ++i)
+        for (int64_t j = 0; j < in_last.b; ++j)
+          source[j * in_last.g + i] = i * in_last.b + j;
+    } else {
+      for (int64_t c = 0; c < width; ++c) source[c] = c;
+    }
     for (int q = 0; q < traits_.gates; ++q) {
       // Gates past the recurrent product's come from the candidate product.
       const Product& pr =
           q < traits_.recurrent_gates ? p->recurrent : p->candidate;
-      for (int64_t k = 0; k < units; ++k) {
-        // Unit slot k = i * len + l: task i's l-th unit.
-        const int64_t slot =
-            (k / len) * len * p->x_task_mult + q * len + k % len;
-        const int64_t column = q * units + UnitOfSlot(pr, units, k);
-        // With a shuffle, natural column j * g + i is the unshuffled
-        // output i * b + j.
-        layout->gather[slot] =
-            in_last.shuffle
-                ? (column % in_last.g) * in_last.b + column / in_last.g
-                : column;
-        layout->bias_slots[slot] = bias[column];
-        if (traits_.recurrent_bias)
-          layout->recurrent_bias_slots[slot] = bias[width + column];
-      }
+      // Slot k = i * ulen + l holds unit l * g + i where the product's g
+      // groups own their units (UnitOfSlot), unit k otherwise; task-major,
+      // task i's gate q starts at i * len * x_task_mult + q * len.
+      const int64_t g = pr.mode == kGroupOwned
+                            ? pr.chain.stages[pr.chain.num_stages - 1].g
+                            : 1;
+      const int64_t ulen = units / g;
+      for (int64_t i = 0; i < g; ++i)
+        for (int64_t l = 0; l < ulen; ++l) {
+          const int64_t k = i * ulen + l;
+          const int64_t slot = task_major
+                                   ? i * len * p->x_task_mult + q * len + l
+                                   : q * units + k;
+          const int64_t column = q * units + (g > 1 ? l * g + i : k);
+          layout->gather[slot] = source[column];
+          layout->bias_slots[slot] = bias[column];
+          if (traits_.recurrent_bias)
+            layout->recurrent_bias_slots[slot] = bias[width + column];
+        }
     }
     layout->runs = GatherRuns(layout->gather);
     p->gather = layout->gather.data();
@@ -786,9 +804,9 @@ class StructuredRnnOp : public OpKernel {
                                   : nullptr;
   }
 
-  // The packed copies the engine reads (PackLayoutFor) for the input
-  // product's stages and the recurrent product's single stage, from the
-  // cache; `held` has room for kMaxStages + 1.
+  // The packed copies the engine reads (PackLayoutFor) for the input and
+  // recurrent products' stages, from the cache; `held` has room for
+  // 2 * kMaxStages.
   void AttachPacks(const RnnInputs& in, int isa, RnnPlan* p,
                    std::shared_ptr<const float>* held) {
     auto attach = [&](int product, int s, Stage* stage, const Tensor& src) {
@@ -799,8 +817,8 @@ class StructuredRnnOp : public OpKernel {
     };
     for (int s = 0; s < p->input.num_stages; ++s)
       attach(0, s, &p->input.stages[s], in.input_stages[s]);
-    if (p->recurrent.chain.num_stages == 1)
-      attach(1, 0, &p->recurrent.chain.stages[0], in.recurrent_stages[0]);
+    for (int s = 0; s < p->recurrent.chain.num_stages; ++s)
+      attach(1, s, &p->recurrent.chain.stages[s], in.recurrent_stages[s]);
   }
 
   // Multiply-adds of the recurrent products of one step, the whole batch.

@@ -260,6 +260,43 @@ inline void KernTail(const float* __restrict x, int64_t ldx,
   for (int i = 0; i < MR; ++i) StoreN(y + i * ldy, acc[i], nc);
 }
 
+// One row against NV vectors, the last of them nc < V columns (masked
+// moves): a row's tail in the same pass as its other columns. KernTail<1>
+// runs one accumulator chain, waiting on the FMA latency at every row of
+// W: the 8 tail columns of a GRU block at d = 400 (40 rows) and of
+// LowRank-LGP's 200 x 200 mix took a third of the time of the other 7
+// and 12 vectors.
+template <int NV>
+void KernRowMasked(const float* __restrict x, const float* __restrict w,
+                   int64_t ldw, int64_t k_len, float* __restrict y,
+                   int64_t nc) {
+  vf acc[NV];
+#pragma GCC unroll 32
+  for (int j = 0; j < NV; ++j) acc[j] = Splat(0.0f);
+  for (int64_t k = 0; k < k_len; ++k) {
+    const float* wk = w + k * ldw;
+    const vf xb = Splat(x[k]);
+#pragma GCC unroll 32
+    for (int j = 0; j + 1 < NV; ++j) acc[j] += xb * LoadU(wk + j * V);
+    acc[NV - 1] += xb * LoadN(wk + (NV - 1) * V, nc);
+  }
+#pragma GCC unroll 32
+  for (int j = 0; j + 1 < NV; ++j) StoreU(y + j * V, acc[j]);
+  StoreN(y + (NV - 1) * V, acc[NV - 1], nc);
+}
+
+typedef void (*KernRowMaskedFn)(const float*, const float*, int64_t, int64_t,
+                                float*, int64_t);
+
+template <int NV>
+KernRowMaskedFn PickKernRowMasked(int64_t nv) {
+  if constexpr (NV == 0) {
+    return nullptr;
+  } else {
+    return nv == NV ? &KernRowMasked<NV> : PickKernRowMasked<NV - 1>(nv);
+  }
+}
+
 // Register tiles: MR rows x NV vectors of accumulators, plus NV weight
 // vectors and one broadcast, within the vector registers (32 with AVX-512,
 // 16 otherwise). One row (batch 1) takes a whole 24- or 12-vector row
@@ -293,6 +330,21 @@ void RowTiles(const float* x, int64_t ldx, int64_t tiles, const float* w,
               int64_t ldw, int64_t k_len, int64_t n, float* y, int64_t ldy) {
   constexpr int kNv = MaxNv(MR);
   const int64_t nvec = n / V;
+  if constexpr (MR == 1) {
+    if (n % V != 0) {  // one tile (TileGemm); the partial vector in the last chunk
+      const int64_t total = nvec + 1, chunks = (total + kNv - 1) / kNv;
+      int64_t c = 0;
+      for (int64_t j = 0; j < chunks; ++j) {
+        const int64_t nv = total / chunks + (j < total % chunks ? 1 : 0);
+        if (j + 1 < chunks)
+          PickKern<1, kNv>(nv)(x, ldx, w + c, ldw, k_len, y + c, ldy);
+        else
+          PickKernRowMasked<kNv>(nv)(x, w + c, ldw, k_len, y + c, n % V);
+        c += nv * V;
+      }
+      return;
+    }
+  }
   const int64_t chunks = (nvec + kNv - 1) / kNv;
   int64_t c = 0;
   for (int64_t j = 0; j < chunks; ++j) {
@@ -517,6 +569,42 @@ void PanelStage(const Stage& s, const float* x, int64_t ldx, int64_t rows,
   }
 }
 
+// Columns [c0, c1) of x @ blockdiag(s) for one row (unshuffled), from the
+// stage's kRecurrentChunks copy, into y[0, c1 - c0): each panel is one
+// contiguous stream of a rows x its width, read with the row's whole
+// range of it in accumulators (a range that starts or ends inside a
+// panel reads that panel with its width as the row stride). The batch-1
+// recurrent stages of a chain (LowRank-LGP's dense mix and its last
+// blocks) take this instead of strided column chunks of the blocks.
+void PackedColumns(const Stage& s, const float* x, int64_t c0, int64_t c1,
+                   float* y) {
+  const int64_t nvec = s.b / V, panels = Panels(nvec, kGroupNv);
+  while (c0 < c1) {
+    const int64_t gi = c0 / s.b, j0 = c0 - gi * s.b;
+    const int64_t jend = Min(s.b, c1 - gi * s.b);  // group-local end
+    const float* block = s.packed + gi * s.a * s.b;
+    // The panel holding column j0, then every panel up to jend.
+    int64_t c = 0;
+    while (c + 1 < panels && PanelStart(nvec, kGroupNv, c + 1) * V <= j0) ++c;
+    for (int64_t j = j0; j < jend; ++c) {
+      const int64_t p0 = PanelStart(nvec, kGroupNv, c) * V;
+      const int64_t width = PanelVectors(nvec, kGroupNv, c) * V;
+      const int64_t e = Min(jend, p0 + width);
+      const float* w = block + p0 * s.a + (j - p0);
+      float* yj = y + (j - j0);
+      const int64_t nv = (e - j) / V, tail = (e - j) % V;
+      if (tail == 0)
+        PickKern<1, kGroupNv>(nv)(x + gi * s.a, 0, w, width, s.a, yj, 0);
+      else  // nv + 1 <= width / V vectors
+        PickKernRowMasked<kGroupNv>(nv + 1)(x + gi * s.a, w, width, s.a, yj,
+                                            tail);
+      j = e;
+    }
+    y += jend - j0;
+    c0 = gi * s.b + jend;
+  }
+}
+
 // The shuffle of a stage's unshuffled columns [c0, c1): column c = i * b + j
 // (output j of group i) goes to j * g + i. `u` holds them from column 0,
 // `y` is the whole shuffled output.
@@ -692,7 +780,12 @@ const float* Intermediate(const Product& pr, const float* in, int64_t batch,
     float* out = pr.stage_out[s & 1];
     int64_t c0, c1;
     Split(ms, tid, nt, 2 * V, &c0, &c1);
-    if (c0 < c1 && stage.shuffle) {
+    if (c0 < c1 && stage.packed != nullptr) {  // batch 1 (PackLayoutFor)
+      float* y = stage.shuffle ? unshuffled : out + c0;
+      PackedColumns(stage, in, c0, c1, y);
+      if (stage.shuffle)
+        ShuffleColumns(stage, unshuffled, c1 - c0, batch, c0, c1, out, ms);
+    } else if (c0 < c1 && stage.shuffle) {
       StageColumns(stage, in, ldx, batch, c0, c1, unshuffled, c1 - c0);
       ShuffleColumns(stage, unshuffled, c1 - c0, batch, c0, c1, out, ms);
     } else if (c0 < c1) {
@@ -734,11 +827,10 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
       return;
     }
     const int64_t nvec = s.b / V, panels = Panels(nvec, kGroupNv);
-    for (int64_t j = 0; j < g1 - g0; ++j) {
-      const int64_t i = rev ? g1 - 1 - j : g0 + j;
+    auto product = [&](int64_t i, float* y) {
       if (s.packed == nullptr) {
-        Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b,
-             task_product, s.b);
+        Gemm(in + i * s.a, ldx, batch, s.w + i * s.a * s.b, s.b, s.a, s.b, y,
+             s.b);
       } else {  // batch 1, the kRecurrentChunks copy: one stream per panel
         for (int64_t cj = 0; cj < panels; ++cj) {
           const int64_t c = rev ? panels - 1 - cj : cj;
@@ -746,9 +838,26 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
           const int64_t c0 = PanelStart(nvec, kGroupNv, c) * V;
           PickKern<1, kGroupNv>(nv)(in + i * s.a, ldx,
                                     s.packed + i * s.a * s.b + c0 * s.a,
-                                    nv * V, s.a, task_product + c0, s.b);
+                                    nv * V, s.a, y + c0, s.b);
         }
       }
+    };
+    if (batch == 1 && len % V != 0 && pr.max_task_units == units) {
+      // Units of a group end mid-vector (GRU g = 10 at d = 400: 40 units,
+      // 16 + 16 + 8 lanes): every group's product first, then the gate
+      // math over all of them in whole vectors (GroupRows), whose passes
+      // are independent; group by group, each pass waited on the last
+      // one's exp and divides (the GRU's gate math was 43% of its step).
+      for (int64_t i = g0; i < g1; ++i)
+        product(i, task_product + (i - g0) * s.b);
+      if (gate.GroupRows(g0, g1, s.g, len, task_product)) return;
+      for (int64_t i = g0; i < g1; ++i)
+        gate(Task{i, s.g, len, i * len}, task_product + (i - g0) * s.b, s.b);
+      return;
+    }
+    for (int64_t j = 0; j < g1 - g0; ++j) {
+      const int64_t i = rev ? g1 - 1 - j : g0 + j;
+      product(i, task_product);
       gate(Task{i, s.g, len, i * len}, task_product, s.b);
     }
     return;
@@ -756,6 +865,15 @@ void LastStage(const Product& pr, const float* in, int64_t ldx, int64_t batch,
   // kUnitColumns: this thread's units [unit_begin, unit_end).
   int64_t unit_begin, unit_end;
   Split(units, tid, nt, V, &unit_begin, &unit_end);
+  if (s.packed != nullptr) {  // batch 1, the kRecurrentChunks copy
+    const int64_t len = unit_end - unit_begin, ldv = gates * len;
+    if (len <= 0) return;
+    for (int64_t q = 0; q < gates; ++q)
+      PackedColumns(s, in, q * units + unit_begin, q * units + unit_end,
+                    task_product + q * len);
+    gate(Task{unit_begin, 1, len, unit_begin}, task_product, ldv);
+    return;
+  }
   if (batch <= kStreamRows && s.g == 1 &&
       s.a * gates * (unit_end - unit_begin) >= (int64_t{1} << 18)) {
     const int64_t len = unit_end - unit_begin, ldv = gates * len;
@@ -1032,8 +1150,57 @@ void LstmGroupStep(const StepView& st, int tid, int nt, bool rev,
 // GRU with reset_after (z, r, h): the reset gate multiplies the recurrent
 // term including its bias, h~ = tanh(x_h + r * (rec_h + b_rec_h)).
 struct GruResetAfterGates {
-  static constexpr bool kGroupRows = false;
+  static constexpr bool kGroupRows = true;
   const StepView& st;
+
+  // The groups [g0, g1) (of g, len units each) at once, at batch 1 with
+  // task-major x_proj: `prod` holds group i's product for gate q, unit l
+  // at (i - g0) * 3 * len + q * len + l, the layout of x_proj's row and
+  // of the recurrent bias. The pre-activations are summed gate-major over
+  // the groups' slots (z and r in v.rows, the h gate's recurrent part
+  // after them, its input part in v.z) and h_prev gathered into slot
+  // order (v.h_prev), so that the gate math runs whole vectors.
+  bool GroupRowsApply(int64_t len) const {
+    return st.p->batch == 1 && st.p->x_task_mult == 3 && len % V != 0;
+  }
+  void GroupRows(int64_t g0, int64_t g1, int64_t g, int64_t len,
+                 float* prod) const {
+    const RnnPlan& p = *st.p;
+    const int64_t slots = (g1 - g0) * len;
+    const float* x_row = XProjRow(st, 0, Task{g0, g, len, g0 * len});
+    const float* bias = p.recurrent_bias_slots + g0 * len * 3;
+    float* zs = st.v.rows;
+    float* rs = zs + slots;
+    float* hr = rs + slots;
+    float* hx = st.v.z;
+    float* hp = st.v.h_prev;
+    for (int64_t i = 0; i < g1 - g0; ++i) {
+      const int64_t from = 3 * i * len, to = i * len;
+      for (int64_t l = 0; l < len; l += V) {
+        const int64_t n = Min(V, len - l), z = from + l, r = z + len,
+                      h = r + len;
+        StoreN(zs + to + l,
+               LoadN(x_row + z, n) + LoadN(prod + z, n) + LoadN(bias + z, n),
+               n);
+        StoreN(rs + to + l,
+               LoadN(x_row + r, n) + LoadN(prod + r, n) + LoadN(bias + r, n),
+               n);
+        StoreN(hr + to + l, LoadN(prod + h, n) + LoadN(bias + h, n), n);
+        StoreN(hx + to + l, LoadN(x_row + h, n), n);
+      }
+      GatherUnits(st.h_prev, Task{g0 + i, g, len, 0}, hp + to);
+    }
+    for (int64_t k = 0; k < slots; k += V) {
+      const int64_t n = Min(V, slots - k);
+      const vf z = Sigmoid(LoadN(zs + k, n));
+      const vf r = Sigmoid(LoadN(rs + k, n));
+      const vf hh = Tanh(LoadN(hx + k, n) + r * LoadN(hr + k, n));
+      StoreN(st.v.h + k, z * LoadN(hp + k, n) + (1.0f - z) * hh, n);
+    }
+    for (int64_t i = g0; i < g1; ++i)
+      EmitH(st, Task{i, g, len, i * len}, 0, st.v.h + (i - g0) * len);
+  }
+
   void operator()(const Task& tk, const float* rec, int64_t ldv) const {
     const RnnPlan& p = *st.p;
     const int64_t units = p.units, len = tk.len, xs = p.x_gate_stride;
@@ -1259,16 +1426,31 @@ bool GroupGemvFits(const RnnPlan& p) {
   return !s.shared && s.b % V == 0;
 }
 
+// Whether stage `stage` of the recurrent product of a batch-1 chain of 2+
+// stages (not a group-owned last stage) is read from a kRecurrentChunks
+// copy (PackedColumns): unshared blocks of whole vectors, a dense stage
+// only up to kMaxDensePack floats.
+bool ChainGemvFits(const RnnPlan& p, int stage) {
+  const Product& pr = p.recurrent;
+  const Stage& s = pr.chain.stages[stage];
+  const bool last = stage == pr.chain.num_stages - 1;
+  return p.batch == 1 && pr.chain.num_stages > 1 &&
+         !(last && pr.mode == kGroupOwned) && !s.shared && s.b % V == 0 &&
+         (s.g > 1 || s.a * s.b <= kMaxDensePack);
+}
+
 int PackLayoutFor(const RnnPlan& plan, int product, int stage) {
   // A recurrent block of one panel is its own packed copy (rows of
   // b = panel width floats, one after the other): a copy would only cost
   // (a caller passing NumPy arrays gets a new tensor, and a packing, per
   // call).
-  if (product == 1)
-    return stage == 0 && (GroupStepFits(plan) || GroupGemvFits(plan)) &&
-                   Panels(plan.recurrent.chain.stages[0].b / V, kGroupNv) > 1
-               ? kRecurrentChunks
-               : kNoPack;
+  if (product == 1) {
+    const Stage& s = plan.recurrent.chain.stages[stage];
+    if (Panels(s.b / V, kGroupNv) <= 1) return kNoPack;
+    if (stage == 0 && (GroupStepFits(plan) || GroupGemvFits(plan)))
+      return kRecurrentChunks;
+    return ChainGemvFits(plan, stage) ? kRecurrentChunks : kNoPack;
+  }
   // Input stages of whole vectors whose output is written unshuffled (the
   // last stage's shuffle is folded into the gather).
   const Chain& ch = plan.input;
