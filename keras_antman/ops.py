@@ -382,6 +382,7 @@ def load():
             ctypes.c_longlong)
         cdll.keras_antman_sparse_packs.restype = ctypes.c_longlong
         cdll.keras_antman_weight_packs.restype = ctypes.c_longlong
+        cdll.keras_antman_layout_builds.restype = ctypes.c_longlong
         if _pending_threads is not None:
             cdll.keras_antman_set_num_threads(_pending_threads)
         _state["module"], _state["cdll"] = module, cdll

@@ -277,13 +277,6 @@ void PlanProduct(Product* pr, int gates, int64_t units, int64_t batch) {
                               : std::min<int64_t>(units, kUnitChunk);
 }
 
-int64_t UnitOfSlot(const Product& pr, int64_t units, int64_t k) {
-  if (pr.mode != kGroupOwned) return k;
-  const int64_t g = pr.chain.stages[pr.chain.num_stages - 1].g;
-  const int64_t len = units / g;  // slot k = i * len + l holds u = i + g * l
-  return (k % len) * g + k / len;
-}
-
 // `gather` as runs (source, slot, length) of consecutive source columns,
 // or nothing when a run is shorter than 8 (then the engine gathers column
 // by column). The identity is one run; one shuffled stage with the same g
@@ -478,6 +471,14 @@ CellTraits GruTraits(bool reset_after) {
           reset_after};
 }
 
+// The ops' sparse-term inputs: [product][row_ptr, col_idx, values].
+const char* const kSparseInputs[3][3] = {
+    {"input_sparse_row_ptr", "input_sparse_col_idx", "input_sparse_values"},
+    {"recurrent_sparse_row_ptr", "recurrent_sparse_col_idx",
+     "recurrent_sparse_values"},
+    {"candidate_sparse_row_ptr", "candidate_sparse_col_idx",
+     "candidate_sparse_values"}};
+
 struct RnnInputs {
   const Tensor* x = nullptr;
   const Tensor* initial_h = nullptr;
@@ -495,9 +496,62 @@ struct RnnOutputs {
   Tensor* final_c = nullptr;  // LSTM only
 };
 
-// The slot layout's maps (RnnPlan points into them during the run).
+// The slot layout's maps that depend on shapes and the kernel's attrs
+// only (never on data): which input-product column each slot gathers, as
+// runs too, and which natural column (bias entry) it holds. Kept across
+// calls, keyed by those shapes (LayoutKey).
+struct LayoutMaps {
+  std::vector<int64_t> key;
+  std::vector<int64_t> gather, runs, column;
+  // The unit each slot of a state (h and c) holds: slot k = i * len + l
+  // holds unit l * g + i where the recurrent product's g groups own their
+  // units, unit k otherwise.
+  std::vector<int64_t> unit_of_slot;
+  int64_t x_task_mult = 1, x_gate_stride = 0;
+};
+
+// A few layouts (a kernel serves every layer with its attrs), the least
+// recently used dropped first; a lookup is a short vector compare.
+class LayoutCache {
+ public:
+  std::shared_ptr<const LayoutMaps> Find(const std::vector<int64_t>& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Entry& e : entries_)
+      if (e.maps->key == key) {
+        e.used = ++clock_;
+        return e.maps;
+      }
+    return nullptr;
+  }
+  void Put(std::shared_ptr<const LayoutMaps> maps) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (entries_.size() >= kMaxEntries)
+      entries_.erase(std::min_element(
+          entries_.begin(), entries_.end(),
+          [](const Entry& a, const Entry& b) { return a.used < b.used; }));
+    entries_.push_back(Entry{std::move(maps), ++clock_});
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 8;
+  struct Entry {
+    std::shared_ptr<const LayoutMaps> maps;
+    uint64_t used;
+  };
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+  uint64_t clock_ = 0;
+};
+
+std::atomic<int64_t>& LayoutBuildCount() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+// The slot layout of one call (RnnPlan points into it during the run): the
+// cached maps and this call's bias in slot order.
 struct SlotLayout {
-  std::vector<int64_t> gather, runs;
+  std::shared_ptr<const LayoutMaps> maps;
   std::vector<float> bias_slots, recurrent_bias_slots;
 };
 
@@ -584,7 +638,7 @@ class StructuredRnnOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(
                             tensorflow::DT_FLOAT,
                             TensorShape({SizeScratch(in, &plan)}), &scratch));
-    SetupBuffers(in, out, &scratch, &plan);
+    SetupBuffers(in, out, *layout.maps, &scratch, &plan);
     struct alignas(64) {
       int64_t arrivals = 0;
       char pad[56];
@@ -598,7 +652,7 @@ class StructuredRnnOp : public OpKernel {
                              .count();
       Choices().End(work, asked, call, ns / in.steps);
     }
-    WriteStates(in, plan, out);
+    WriteStates(in, plan, *layout.maps, out);
   }
 
  private:
@@ -615,13 +669,10 @@ class StructuredRnnOp : public OpKernel {
     if (traits_.has_candidate)
       TF_RETURN_IF_ERROR(
           ctx->input_list("candidate_stages", &in->candidate_stages));
-    const char* products[3] = {"input", "recurrent", "candidate"};
-    const char* parts[3] = {"_sparse_row_ptr", "_sparse_col_idx",
-                            "_sparse_values"};
     for (int i = 0; i < (traits_.cell == kGru ? 3 : 2); ++i)
       for (int j = 0; j < 3; ++j)
         TF_RETURN_IF_ERROR(ctx->input_list(
-            std::string(products[i]) + parts[j], &in->sparse[i][j]));
+            kSparseInputs[i][j], &in->sparse[i][j]));
 
     const Tensor& x = *in->x;
     if (x.dims() != 3)
@@ -737,14 +788,65 @@ class StructuredRnnOp : public OpKernel {
   }
 
   // The slot layout (see RnnPlan): where each input-product column and
-  // bias lands so that a task's units are contiguous.
-  void PlanLayout(const RnnInputs& in, SlotLayout* layout, RnnPlan* p) const {
+  // bias lands so that a task's units are contiguous. The maps come from
+  // the cache when a call with the same shapes built them; the bias (data)
+  // is put in slot order every call.
+  void PlanLayout(const RnnInputs& in, SlotLayout* layout, RnnPlan* p) {
+    const int64_t width = p->z_width;
+    const std::vector<int64_t> key = LayoutKeyOf(in, *p);
+    layout->maps = layout_cache_.Find(key);
+    if (layout->maps == nullptr) {
+      auto maps = std::make_shared<LayoutMaps>();
+      maps->key = key;
+      BuildLayoutMaps(in, *p, maps.get());
+      LayoutBuildCount().fetch_add(1);
+      layout_cache_.Put(maps);
+      layout->maps = std::move(maps);
+    }
+    const LayoutMaps& maps = *layout->maps;
+    const int64_t* column = maps.column.data();
+    const float* bias = in.bias->flat<float>().data();
+    layout->bias_slots.resize(width);
+    for (int64_t k = 0; k < width; ++k)
+      layout->bias_slots[k] = bias[column[k]];
+    if (traits_.recurrent_bias) {
+      layout->recurrent_bias_slots.resize(width);
+      for (int64_t k = 0; k < width; ++k)
+        layout->recurrent_bias_slots[k] = bias[width + column[k]];
+    }
+    p->x_task_mult = maps.x_task_mult;
+    p->x_gate_stride = maps.x_gate_stride;
+    p->gather = maps.gather.data();
+    p->runs = maps.runs.empty() ? nullptr : maps.runs.data();
+    p->num_runs = static_cast<int64_t>(maps.runs.size() / 3);
+    p->bias_slots = layout->bias_slots.data();
+    p->recurrent_bias_slots = traits_.recurrent_bias
+                                  ? layout->recurrent_bias_slots.data()
+                                  : nullptr;
+  }
+
+  // Everything BuildLayoutMaps reads: units, batch 1 or not, the input
+  // product's last stage, and how the products' groups own their units
+  // (the cell and the gate counts are the kernel's).
+  std::vector<int64_t> LayoutKeyOf(const RnnInputs& in,
+                                   const RnnPlan& p) const {
+    const Stage& in_last = p.input.stages[p.input.num_stages - 1];
+    std::vector<int64_t> key = {in.units, in.batch == 1, in_last.g,
+                                in_last.b, in_last.shuffle};
+    for (const Product* pr : {&p.recurrent, &p.candidate})
+      if (pr->chain.num_stages > 0)
+        key.insert(key.end(),
+                   {pr->mode, pr->chain.stages[pr->chain.num_stages - 1].g});
+    return key;
+  }
+
+  void BuildLayoutMaps(const RnnInputs& in, const RnnPlan& pl,
+                       LayoutMaps* maps) const {
+    const RnnPlan* p = &pl;
     const int64_t units = in.units, width = p->z_width;
     const Stage& in_last = p->input.stages[p->input.num_stages - 1];
-    const float* bias = in.bias->flat<float>().data();
-    layout->gather.resize(width);
-    layout->bias_slots.resize(width);
-    if (traits_.recurrent_bias) layout->recurrent_bias_slots.resize(width);
+    maps->gather.resize(width);
+    maps->column.resize(width);
     // Task-major where the recurrent product's groups make every gate, at
     // batch 1: with a batch, x_proj outgrows the caches (d = 800, batch 32:
     // 41 MB) and the gate math read it 1.4x slower task-major than
@@ -756,12 +858,12 @@ class StructuredRnnOp : public OpKernel {
             ? units / p->recurrent.chain.stages[p->recurrent.chain.num_stages -
                                                 1].g
             : units;
-    p->x_task_mult = task_major ? traits_.gates : 1;
-    p->x_gate_stride = len;
+    maps->x_task_mult = task_major ? traits_.gates : 1;
+    maps->x_gate_stride = len;
     // The unshuffled column of the input product's last stage for each
     // natural column (a shuffle puts output j of group i at j * g + i),
     // then each gate's slots; loops over (group, unit) instead of a
-    // division or two per slot (13 us of each call at d = 400).
+    // division or two per slot.
     std::vector<int64_t> source(width);
     if (in_last.shuffle) {
       for (int64_t i = 0; i < in_last.g; ++i)
@@ -785,23 +887,22 @@ class StructuredRnnOp : public OpKernel {
         for (int64_t l = 0; l < ulen; ++l) {
           const int64_t k = i * ulen + l;
           const int64_t slot = task_major
-                                   ? i * len * p->x_task_mult + q * len + l
+                                   ? i * len * maps->x_task_mult + q * len + l
                                    : q * units + k;
           const int64_t column = q * units + (g > 1 ? l * g + i : k);
-          layout->gather[slot] = source[column];
-          layout->bias_slots[slot] = bias[column];
-          if (traits_.recurrent_bias)
-            layout->recurrent_bias_slots[slot] = bias[width + column];
+          maps->gather[slot] = source[column];
+          maps->column[slot] = column;
         }
     }
-    layout->runs = GatherRuns(layout->gather);
-    p->gather = layout->gather.data();
-    p->runs = layout->runs.empty() ? nullptr : layout->runs.data();
-    p->num_runs = static_cast<int64_t>(layout->runs.size() / 3);
-    p->bias_slots = layout->bias_slots.data();
-    p->recurrent_bias_slots = traits_.recurrent_bias
-                                  ? layout->recurrent_bias_slots.data()
-                                  : nullptr;
+    maps->runs = GatherRuns(maps->gather);
+    maps->unit_of_slot.resize(units);
+    const Product& rec = p->recurrent;
+    const int64_t g = rec.mode == kGroupOwned
+                          ? rec.chain.stages[rec.chain.num_stages - 1].g
+                          : 1;
+    for (int64_t i = 0; i < g; ++i)
+      for (int64_t l = 0; l < units / g; ++l)
+        maps->unit_of_slot[i * (units / g) + l] = l * g + i;
   }
 
   // The packed copies the engine reads (PackLayoutFor) for the input and
@@ -880,7 +981,8 @@ class StructuredRnnOp : public OpKernel {
   // Points the plan at the inputs, outputs and scratch (in SizeScratch's
   // order) and loads the initial states.
   void SetupBuffers(const RnnInputs& in, const RnnOutputs& out,
-                    Tensor* scratch, RnnPlan* p) const {
+                    const LayoutMaps& maps, Tensor* scratch,
+                    RnnPlan* p) const {
     const int64_t batch = in.batch, units = in.units;
     const int64_t state = batch * units;
     float* cur = scratch->flat<float>().data();
@@ -917,12 +1019,12 @@ class StructuredRnnOp : public OpKernel {
       for (int64_t b = 0; b < batch; ++b)
         for (int64_t k = 0; k < units; ++k)
           p->c[b * units + k] =
-              c0[b * units + UnitOfSlot(p->recurrent, units, k)];
+              c0[b * units + maps.unit_of_slot[k]];
     }
   }
 
   void WriteStates(const RnnInputs& in, const RnnPlan& p,
-                   const RnnOutputs& out) const {
+                   const LayoutMaps& maps, const RnnOutputs& out) const {
     const int64_t batch = in.batch, units = in.units;
     const float* h_last = p.h[in.steps & 1];
     std::copy_n(h_last, batch * units, out.final_h->flat<float>().data());
@@ -932,7 +1034,7 @@ class StructuredRnnOp : public OpKernel {
       float* c = out.final_c->flat<float>().data();
       for (int64_t b = 0; b < batch; ++b)
         for (int64_t k = 0; k < units; ++k)
-          c[b * units + UnitOfSlot(p.recurrent, units, k)] =
+          c[b * units + maps.unit_of_slot[k]] =
               p.c[b * units + k];
     }
   }
@@ -944,6 +1046,7 @@ class StructuredRnnOp : public OpKernel {
   // The sliced sparse terms of the recurrent and candidate products.
   SparsePackCache pack_cache_[2];
   PackedWeights packed_;
+  LayoutCache layout_cache_;
 };
 
 class StructuredLstmOp : public StructuredRnnOp {
@@ -1136,6 +1239,12 @@ __attribute__((visibility("default"))) long long keras_antman_sparse_packs() {
 // cache skips calls whose weight tensors it has packed). For tests.
 __attribute__((visibility("default"))) long long keras_antman_weight_packs() {
   return keras_antman::WeightPackCount().load();
+}
+
+// Slot layouts built so far (LayoutCache: a call whose shapes match a
+// cached layout's skips building it). For tests.
+__attribute__((visibility("default"))) long long keras_antman_layout_builds() {
+  return keras_antman::LayoutBuildCount().load();
 }
 
 __attribute__((visibility("default"))) const char* keras_antman_best_isa() {
