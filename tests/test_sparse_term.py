@@ -494,6 +494,58 @@ def test_windowed_lane_patterns_equal_numpy(pattern, threads, isa, rng):
         rtol=1e-4, atol=1e-5)
 
 
+def _structural_lstm(x, w_in, blocks, term, bias, h0):
+    """NumPy LSTM whose recurrent product adds only stored entries (the
+    block-diagonal base's [n, 1, 4] blocks and S's CSR entries), so an inf
+    or NaN in h reaches exactly the outputs that read it, as in SciPy's
+    sparse product (a dense ``h @ W`` would spread 0 * inf to all)."""
+    row_ptr, col, val = (np.asarray(a) for a in term)
+    h, c = h0.astype("float64"), np.zeros(h0.shape)
+    outs = []
+    with np.errstate(invalid="ignore", over="ignore"):
+        for t in range(x.shape[1]):
+            rec = (h[:, :, None] * blocks[:, 0, :]).reshape(h.shape[0], -1)
+            for j in range(rec.shape[1]):
+                k = slice(row_ptr[j], row_ptr[j + 1])
+                rec[:, j] += (h[:, col[k]] * val[k]).sum(axis=1)
+            z = x[:, t] @ w_in + rec + bias
+            i, f, g, o = np.split(z, 4, axis=-1)
+            c = reference.sigmoid(f) * c + reference.sigmoid(i) * np.tanh(g)
+            h = reference.sigmoid(o) * np.tanh(c)
+            outs.append(h)
+    return np.stack(outs, 1)
+
+
+def test_non_finite_state_reaches_only_the_outputs_that_read_it(
+        threads, isa, rng):
+    # The windowed form multiply-adds its lane-padded values unmasked when
+    # h is finite; its padded lanes read a column of h (often a block's
+    # first, where the inf and NaN sit here), so a state holding inf or
+    # NaN must take the masked form: NaN and inf then land where the
+    # stored entries put them, step after step. Row 1 of the batch stays
+    # finite.
+    n, m = 40, 160
+    term = _term_of_rows(
+        [list(rng.permutation(np.flatnonzero(rng.random(n) < 0.06)))
+         for _ in range(m)], rng)
+    term = term._replace(values=term.values * np.float32(0.3))
+    blocks = rng.normal(scale=0.1, size=(n, 1, 4)).astype("float32")
+    w_in = rng.normal(scale=0.2, size=(5, m)).astype("float32")
+    bias = rng.normal(scale=0.3, size=m).astype("float32")
+    x = rng.normal(size=(2, 2, 5)).astype("float32")
+    h0 = rng.normal(size=(2, n)).astype("float32")
+    h0[0, [0, 16, 24]] = [np.nan, np.inf, -np.inf]
+    expected = _structural_lstm(x.astype("float64"), w_in, blocks, term,
+                                bias, h0)
+    got = ops.structured_lstm(
+        x, h0, np.zeros((2, n), "float32"), bias, [ops.Stage(w_in[None])],
+        [ops.Stage(blocks), term], return_sequences=True)[0].numpy()
+    bad = ~np.isfinite(expected[0, 0])
+    assert 0 < bad.sum() < n / 2, "step 1 should leave most units finite"
+    assert np.isfinite(expected[1]).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_sliced_term_is_packed_once_per_csr_contents(isa, rng):
     # In one graph the kernel is the same: unchanged arrays reuse the
     # packing; new values written into the same variable, or another
