@@ -494,6 +494,58 @@ def test_windowed_lane_patterns_equal_numpy(pattern, threads, isa, rng):
         rtol=1e-4, atol=1e-5)
 
 
+def _structural_lstm(x, w_in, blocks, term, bias, h0):
+    """NumPy LSTM whose recurrent product adds only stored entries (the
+    block-diagonal base's [n, 1, 4] blocks and S's CSR entries), so an inf
+    or NaN in h reaches exactly the outputs that read it, as in SciPy's
+    sparse product (a dense ``h @ W`` would spread 0 * inf to all)."""
+    row_ptr, col, val = (np.asarray(a) for a in term)
+    h, c = h0.astype("float64"), np.zeros(h0.shape)
+    outs = []
+    with np.errstate(invalid="ignore", over="ignore"):
+        for t in range(x.shape[1]):
+            rec = (h[:, :, None] * blocks[:, 0, :]).reshape(h.shape[0], -1)
+            for j in range(rec.shape[1]):
+                k = slice(row_ptr[j], row_ptr[j + 1])
+                rec[:, j] += (h[:, col[k]] * val[k]).sum(axis=1)
+            z = x[:, t] @ w_in + rec + bias
+            i, f, g, o = np.split(z, 4, axis=-1)
+            c = reference.sigmoid(f) * c + reference.sigmoid(i) * np.tanh(g)
+            h = reference.sigmoid(o) * np.tanh(c)
+            outs.append(h)
+    return np.stack(outs, 1)
+
+
+def test_non_finite_state_reaches_only_the_outputs_that_read_it(
+        threads, isa, rng):
+    # The windowed form multiply-adds its lane-padded values unmasked when
+    # h is finite; its padded lanes read a column of h (often a block's
+    # first, where the inf and NaN sit here), so a state holding inf or
+    # NaN must take the masked form: NaN and inf then land where the
+    # stored entries put them, step after step. Row 1 of the batch stays
+    # finite.
+    n, m = 40, 160
+    term = _term_of_rows(
+        [list(rng.permutation(np.flatnonzero(rng.random(n) < 0.06)))
+         for _ in range(m)], rng)
+    term = term._replace(values=term.values * np.float32(0.3))
+    blocks = rng.normal(scale=0.1, size=(n, 1, 4)).astype("float32")
+    w_in = rng.normal(scale=0.2, size=(5, m)).astype("float32")
+    bias = rng.normal(scale=0.3, size=m).astype("float32")
+    x = rng.normal(size=(2, 2, 5)).astype("float32")
+    h0 = rng.normal(size=(2, n)).astype("float32")
+    h0[0, [0, 16, 24]] = [np.nan, np.inf, -np.inf]
+    expected = _structural_lstm(x.astype("float64"), w_in, blocks, term,
+                                bias, h0)
+    got = ops.structured_lstm(
+        x, h0, np.zeros((2, n), "float32"), bias, [ops.Stage(w_in[None])],
+        [ops.Stage(blocks), term], return_sequences=True)[0].numpy()
+    bad = ~np.isfinite(expected[0, 0])
+    assert 0 < bad.sum() < n / 2, "step 1 should leave most units finite"
+    assert np.isfinite(expected[1]).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_sliced_term_is_packed_once_per_csr_contents(isa, rng):
     # In one graph the kernel is the same: unchanged arrays reuse the
     # packing; new values written into the same variable, or another
@@ -554,6 +606,106 @@ def test_changed_csr_is_checked_again_after_a_cached_call():
                        match=r"recurrent_sparse_col_idx\[1\] = 8 is not an "
                              r"input index in \[0, 8\)"):
         run()
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_csr_variables_written_in_place_between_calls(traced, isa, rng):
+    # The same variables, assigned new contents between calls (assign, a
+    # sliced assign, assign_add, a scatter), give the new term's results
+    # and invalid contents the clear error, never the cached packing (a
+    # cache keyed on the data pointers alone failed this when traced).
+    n, m = 40, 160
+    lengths = rng.integers(0, 5, size=m)
+    a = _term_of_rows([list(rng.integers(0, n, size=k)) for k in lengths],
+                      rng)
+    b = _term_of_rows([list(rng.integers(0, n, size=k))
+                       for k in np.roll(lengths, 7)], rng)
+    row_ptr, col, values = (tf.Variable(t) for t in a)
+    w_in = rng.normal(scale=0.2, size=(5, m)).astype("float32")
+    w_rec = rng.normal(scale=0.05, size=(n, m)).astype("float32")
+    bias = rng.normal(scale=0.3, size=m).astype("float32")
+    x = rng.normal(size=(2, 4, 5)).astype("float32")
+
+    def call():
+        return _lstm_with_recurrent_term(
+            x, w_in, w_rec, bias, ops.SparseTerm(row_ptr, col, values))
+
+    fn = tf.function(call) if traced else call
+
+    def check():
+        term = ops.SparseTerm(row_ptr.numpy(), col.numpy(), values.numpy())
+        expected = reference.lstm(x.astype("float64"), w_in,
+                                  w_rec + _dense_of_term(term, n, m),
+                                  bias)[0]
+        for _ in range(2):  # packed, then the cached packing
+            np.testing.assert_allclose(fn(), expected, rtol=1e-4,
+                                       atol=1e-5)
+
+    check()
+    row_ptr.assign(b.row_ptr)
+    col.assign(b.col_idx)
+    values.assign(b.values)
+    check()
+    col[5].assign((col[5] + 1) % n)
+    check()
+    values.assign_add(np.full(values.shape, 0.25, "float32"))
+    check()
+    col.scatter_nd_update([[3]], [n])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=rf"recurrent_sparse_col_idx\[3\] = {n} is not "
+                             rf"an input index in \[0, {n}\)"):
+        fn()
+    col.scatter_nd_update([[3]], [0])
+    check()
+    row_ptr.scatter_nd_update([[m]], [row_ptr[m] + 1])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"recurrent_sparse_row_ptr\[m\] = "
+                             rf"recurrent_sparse_row_ptr\[{m}\] must equal "
+                             rf"nnz = {col.shape[0]}"):
+        fn()
+
+
+def test_csr_ref_variables_written_in_place_between_runs():
+    # TF1 reference variables (graph mode, use_resource=False): Assign
+    # copies into the variable's buffer in place even while another tensor
+    # holds it, so a cache keyed on the buffer would keep the old term.
+    # The cache compares contents: new values change the result, an
+    # invalid index is rejected.
+    rng = np.random.default_rng(0)
+    k = rng.normal(scale=0.3, size=(1, 8, 32)).astype("float32")
+    x = rng.normal(size=(1, 5, 8)).astype("float32")
+    bias = rng.normal(size=32).astype("float32")
+    term = _term()
+    with tf.Graph().as_default():
+        col = tf.compat.v1.Variable(term.col_idx, use_resource=False)
+        values = tf.compat.v1.Variable(term.values, use_resource=False)
+        assert col.dtype != col.dtype.base_dtype  # a reference type
+        z = tf.zeros((1, 8))
+        out = ops.structured_lstm(
+            x, z, z, bias, [ops.Stage(k)],
+            [ops.Stage(k), term._replace(col_idx=col, values=values)])[1]
+        new_values = tf.compat.v1.assign(values, [10.0, -20.0, 30.0])
+        bad_col = tf.compat.v1.assign(col, [1, 8, 0])
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+
+            def expected():
+                t = term._replace(values=sess.run(values))
+                return reference.lstm(x.astype("float64"), k[0],
+                                      k[0] + _dense_of_term(t, 8, 32),
+                                      bias)[1]
+
+            for _ in range(2):
+                np.testing.assert_allclose(sess.run(out), expected(),
+                                           rtol=1e-4, atol=1e-5)
+            sess.run(new_values)
+            np.testing.assert_allclose(sess.run(out), expected(), rtol=1e-4,
+                                       atol=1e-5)
+            sess.run(bad_col)
+            with pytest.raises(tf.errors.InvalidArgumentError,
+                               match=r"recurrent_sparse_col_idx\[1\] = 8 "
+                                     r"is not an input index in \[0, 8\)"):
+                sess.run(out)
 
 
 @pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])

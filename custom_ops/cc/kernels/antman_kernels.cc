@@ -365,7 +365,11 @@ void PackStageOnIsa(const Stage& stage, int layout, int isa, float* dst) {
 // An entry holds a reference to the tensor it was packed from, so that the
 // buffer can be neither freed and reused for other weights nor written in
 // place by TensorFlow (ops write in place only into a buffer that a single
-// tensor holds; resource variables copy on write). A hit, the same buffer
+// tensor holds; resource variables copy on write). The exception is a TF1
+// reference variable, which `Assign` writes in place whoever holds its
+// buffer: nothing here can tell, so such weights are not supported (the
+// README says so; tests/test_sparse_term.py shows the sparse term's cache,
+// which compares contents, is not affected). A hit, the same buffer
 // (TensorBuffer, data pointer, shape) packed for the same layout and
 // instruction set, is then the same weights. A buffer TensorFlow does not
 // own (a NumPy array's memory wrapped without a copy) can change behind its

@@ -17,7 +17,11 @@
 //   registers holding two 16-float blocks of x per vector: WindowDot),
 //   the others the gathered one (a vector gather per entry: SliceDot).
 
-// Up to NB vectors of rows (NB * V rows of x^T) of output column j.
+// Up to NB vectors of rows (NB * V rows of x^T) of output column j. No
+// software prefetch of the rows of later entries: x^T is in L2, and
+// fetching each entry's rows 8 ahead (NB more loads per entry) made the
+// input product 1.5-3% slower per op call (Zen 4, AVX-512, doped KP at
+// 25x to 1% dense S, d = 800).
 template <int NB>
 inline void SparseColumnRows(const SparseTerm& sp, int64_t j, const float* xt,
                              int64_t ldt, float* acc_out) {
@@ -26,14 +30,6 @@ inline void SparseColumnRows(const SparseTerm& sp, int64_t j, const float* xt,
   for (int v = 0; v < NB; ++v) acc[v] = Splat(0.0f);
   const int64_t k1 = sp.row_ptr[j + 1];
   for (int64_t k = sp.row_ptr[j]; k < k1; ++k) {
-    // x^T (n rows of up to kRowChunk floats) is in L2: fetch the rows of
-    // the entry 8 ahead (in the next output's once near the end; the
-    // last outputs' prefetches stay inside col_idx).
-    if (k + 8 < sp.nnz) {
-      const float* pr = xt + sp.col_idx[k + 8] * ldt;
-#pragma GCC unroll 4
-      for (int v = 0; v < NB; ++v) __builtin_prefetch(pr + v * V);
-    }
     const vf w = Splat(sp.values[k]);
     const float* xr = xt + sp.col_idx[k] * ldt;
 #pragma GCC unroll 4
@@ -147,26 +143,59 @@ inline void SliceDot(const int32_t* col, const float* val, int64_t len,
 #endif
 }
 
+// Whether x[0, n) holds no inf or NaN: no float with its exponent field
+// all ones (an integer max, which the compiler vectorizes).
+inline bool AllFinite(const float* x, int64_t n) {
+  uint32_t top = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, x + i, 4);
+    bits &= 0x7F800000u;
+    top = bits > top ? bits : top;
+  }
+  return top != 0x7F800000u;
+}
+
+// Slice s's outputs of x @ S from the CSR arrays, one sparse dot product
+// each, into y [m]: the sliced forms' padded lanes hold value 0 but read
+// some column of x, so on an x holding inf or NaN (0 * inf is NaN) they
+// would put NaN where S has no entry.
+inline void CsrSlice(const SparseTerm& sp, int64_t s, int64_t m,
+                     const float* x, float* y) {
+  for (int64_t l = 0; l < kSliceLanes; ++l) {
+    const int64_t j = sp.windowed ? s * kSliceLanes + l
+                                  : sp.slice_out[s * kSliceLanes + l];
+    if (j < 0 || j >= m) continue;
+    float sum = 0.0f;
+    for (int64_t k = sp.row_ptr[j]; k < sp.row_ptr[j + 1]; ++k)
+      sum += sp.values[k] * x[sp.col_idx[k]];
+    y[j] = sum;
+  }
+}
+
 // The windowed form's SliceDot: the 16 lanes of slice s over x (n
 // floats). Per vector: x's two 16-float blocks (two loads from L1),
 // vpermt2ps picks each lane's column from them, and the lanes' values
-// (one aligned 64-byte load, zero off the mask) are multiply-added under
-// the vector's lane mask. The values stored lane-padded, not packed,
-// make the stream larger (1.25 MB per step at 10x instead of 0.82 MB,
-// beyond the 1 MB L2) but drop the vexpandps, which shares the shuffle
-// unit with the permute: 1.09-1.13x per op call at 25x-10x (Zen 4). The permute indices of four vectors come in one 64-byte load
-// (a byte per lane each; vpermt2ps reads the low 5 bits of a 32-bit lane,
-// so vector t % 4 = r takes them shifted right by 8 r). One loop over the
-// slice's vectors, four chains.
+// (one aligned 64-byte load, zero off the mask) are multiply-added
+// without a mask: the padded lanes add 0 * x, 0 as x is finite here
+// (SparseSlices; 1.03-1.08x per op call at 10x-25x against the masked
+// multiply-add, Zen 4). The values stored lane-padded, not packed, make
+// the stream larger (1.25 MB per step at 10x instead of 0.82 MB, beyond
+// the 1 MB L2) but drop the vexpandps, which shares the shuffle unit
+// with the permute: 1.09-1.13x per op call at 25x-10x (Zen 4). The
+// permute indices of four vectors come in one 64-byte load (a byte per
+// lane each; vpermt2ps reads the low 5 bits of a 32-bit lane, so vector
+// t % 4 = r takes them shifted right by 8 r). One loop over the slice's
+// vectors, four chains.
 #if KA_VBYTES == 64
-// acc + vector k's lanes times x (lanes off the mask unchanged), with
+// acc + vector k's lanes times x (lanes off the mask add 0), with
 // `lanes` its permute indices in the low byte of each 32-bit lane. FULL:
 // both blocks are whole 16-float loads (n >= 16: the packing keeps them
 // inside x).
 template <bool FULL>
-inline __m512 WindowTerm(const uint16_t* col, const uint16_t* mask,
-                         __m512i lanes, int64_t k, const float* x,
-                         int64_t n, const float* val, __m512 acc) {
+inline __m512 WindowTerm(const uint16_t* col, __m512i lanes, int64_t k,
+                         const float* x, int64_t n, const float* val,
+                         __m512 acc) {
   uint32_t starts;  // both 16-bit block starts in one load
   __builtin_memcpy(&starts, col + 2 * k, 4);
   const int64_t ca = starts & 0xFFFFu, cb = starts >> 16;
@@ -179,10 +208,8 @@ inline __m512 WindowTerm(const uint16_t* col, const uint16_t* mask,
     lo = _mm512_maskz_loadu_ps(in, x + ca);
     hi = _mm512_maskz_loadu_ps(in, x + cb);
   }
-  const __mmask16 m = _cvtu32_mask16(mask[k]);
-  return _mm512_mask3_fmadd_ps(_mm512_load_ps(val + kSliceLanes * k),
-                               _mm512_permutex2var_ps(lo, lanes, hi), acc,
-                               m);
+  return _mm512_fmadd_ps(_mm512_load_ps(val + kSliceLanes * k),
+                         _mm512_permutex2var_ps(lo, lanes, hi), acc);
 }
 
 // Not inlined, with the arrays in locals: inlined into SparseSlices, GCC
@@ -194,7 +221,6 @@ __attribute__((noinline)) void WindowDotAvx512(const SparseTerm& sp,
                                                int64_t n, float* acc) {
   const float* val = sp.vec_val;
   const uint16_t* col = sp.vec_col;
-  const uint16_t* mask = sp.vec_mask;
   const uint8_t* idx = sp.vec_idx + 64 * sp.slice_idx0[s];
   int64_t k = sp.slice_ptr[s];
   const int64_t k1 = sp.slice_ptr[s + 1];
@@ -202,23 +228,22 @@ __attribute__((noinline)) void WindowDotAvx512(const SparseTerm& sp,
   __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
   for (; k + 4 <= k1; k += 4, idx += 64) {
     const __m512i g = _mm512_loadu_si512(idx);
-    a0 = WindowTerm<FULL>(col, mask, g, k, x, n, val, a0);
-    a1 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 8), k + 1, x, n,
-                          val, a1);
-    a2 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 16), k + 2, x, n,
-                          val, a2);
-    a3 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 24), k + 3, x, n,
-                          val, a3);
+    a0 = WindowTerm<FULL>(col, g, k, x, n, val, a0);
+    a1 = WindowTerm<FULL>(col, _mm512_srli_epi32(g, 8), k + 1, x, n, val, a1);
+    a2 = WindowTerm<FULL>(col, _mm512_srli_epi32(g, 16), k + 2, x, n, val,
+                          a2);
+    a3 = WindowTerm<FULL>(col, _mm512_srli_epi32(g, 24), k + 3, x, n, val,
+                          a3);
   }
   if (k < k1) {  // 1 to 3 vectors left, in one group
     const __m512i g = _mm512_loadu_si512(idx);
-    a0 = WindowTerm<FULL>(col, mask, g, k, x, n, val, a0);
+    a0 = WindowTerm<FULL>(col, g, k, x, n, val, a0);
     if (k + 1 < k1)
-      a1 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 8), k + 1, x, n,
-                            val, a1);
+      a1 = WindowTerm<FULL>(col, _mm512_srli_epi32(g, 8), k + 1, x, n, val,
+                            a1);
     if (k + 2 < k1)
-      a2 = WindowTerm<FULL>(col, mask, _mm512_srli_epi32(g, 16), k + 2, x,
-                            n, val, a2);
+      a2 = WindowTerm<FULL>(col, _mm512_srli_epi32(g, 16), k + 2, x, n, val,
+                            a2);
   }
   _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_add_ps(a0, a1),
                                       _mm512_add_ps(a2, a3)));
@@ -258,16 +283,23 @@ void SparseSlices(const SparseTerm& sp, const float* x, int64_t ldx,
   const int64_t e0 = total * tid / nt, e1 = total * (tid + 1) / nt;
   int64_t s = 0;
   while (s < sp.num_slices && sp.slice_ptr[s] < e0) ++s;
+  // A state holding inf or NaN takes the CSR arrays (CsrSlice).
+  const bool finite = AllFinite(x, batch * ldx);
   for (; s < sp.num_slices && sp.slice_ptr[s] < e1; ++s) {
     const int32_t* out = sp.slice_out + s * kSliceLanes;
     for (int64_t b = 0; b < batch; ++b) {
       alignas(64) float acc[kSliceLanes];
       float* y = sp.result + b * m;
+      if (!finite) {
+        CsrSlice(sp, s, m, x + b * ldx, y);
+        continue;
+      }
       if (sp.windowed) {  // outputs in order: 16 s ..., stored as a vector
         const int64_t left = m - s * kSliceLanes;
         float* ys = y + s * kSliceLanes;
         WindowDot(sp, s, x + b * ldx, ldx, left >= kSliceLanes ? ys : acc);
-        for (int64_t l = 0; l < left && left < kSliceLanes; ++l) ys[l] = acc[l];
+        for (int64_t l = 0; l < left && left < kSliceLanes; ++l)
+          ys[l] = acc[l];
         continue;
       }
       const int64_t k0 = sp.slice_ptr[s];
