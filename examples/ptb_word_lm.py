@@ -732,6 +732,9 @@ def stage_students(run, teacher):
         keras.utils.set_random_seed(run.args.seed)
         student = make_student(run, teacher, kind, arg)
         coeffs = coefficients(run)
+        if run.args.student_coefficients:  # instead of the calibrated ones
+            coeffs = dict(zip(("c_target", "c_mse", "c_kl"),
+                              run.args.student_coefficients))
         # A student trained from scratch gets the teacher's learning rate
         # unless --scratch-lr says otherwise; one initialised from the
         # teacher (compress) fine-tunes at --student-lr.
@@ -1884,6 +1887,15 @@ def _floats(text):
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def _coefficients(text):
+    values = _floats(text)
+    if len(values) != 3 or min(values) < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected three numbers >= 0, C_TARGET,C_MSE,C_KL (e.g. 1,0,0); "
+            f"got {text!r}")
+    return values
+
+
 def _trainers(text):
     out = [x for x in text.split(",") if x.strip()]
     if set(out) - {"teacher", "label"}:
@@ -1961,6 +1973,11 @@ def build_parser():
                         "named '... (data-aware init)'")
     p.add_argument("--calibration-batches", type=int, default=20,
                    help="training batches recorded for the data-aware init")
+    p.add_argument("--student-coefficients", type=_coefficients,
+                   default=None, metavar="C_TARGET,C_MSE,C_KL",
+                   help="the students' distillation coefficients instead of "
+                        "the calibrated ones, e.g. 1,0,0 for the label loss "
+                        "alone (recorded with each row)")
     p.add_argument("--eval-at", type=_ints, default=[],
                    help="also the test perplexity at these student steps, "
                         "e.g. 0,300 (0: before training)")

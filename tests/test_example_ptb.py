@@ -367,7 +367,9 @@ def test_data_aware_init_rows_and_intermediate_perplexities(example,
     `compress(..., calibration_data=...)`, record each product's output
     errors, and --eval-at logs the test perplexity during training; the
     step-0 value equals `model.evaluate` of the freshly calibrated student
-    (the script's own evaluation path, an independent reference)."""
+    (the script's own evaluation path, an independent reference);
+    --student-coefficients replaces the calibrated coefficients in every
+    row."""
     import math
 
     import keras_antman as am
@@ -384,8 +386,8 @@ def test_data_aware_init_rows_and_intermediate_perplexities(example,
             "2", "--verbose", "0", "--eager", "--students", "lgp,svd",
             "--groups", "10", "--svd-rank", "2", "--student-init",
             "calibrated", "--calibration-batches", "3", "--eval-at", "0,2",
-            "--report-name", "init", "--stages",
-            "teacher,calibrate,students,report"]
+            "--report-name", "init", "--student-coefficients", "1,0.5,0",
+            "--stages", "teacher,calibrate,students,report"]
     results = example.main(argv)
     text = (tmp_path / "out" / "init_results.md").read_text()
     assert "| test ppl @ 0 | test ppl @ 2 | test ppl @ 4 |" in text
@@ -397,6 +399,8 @@ def test_data_aware_init_rows_and_intermediate_perplexities(example,
         assert r["init"].startswith("teacher (data-aware")
         assert set(r["test_ppl_at"]) == {"0", "2", "4"}
         assert r["test_ppl_at"]["4"] == r["test_ppl"]
+        assert r["coefficients"] == {"c_target": 1.0, "c_mse": 0.5,
+                                     "c_kl": 0.0}
         errors = r["calibration_errors"]
         assert len(errors) == 4  # two layers x (input, recurrent)
         for e in errors.values():
@@ -410,6 +414,17 @@ def test_data_aware_init_rows_and_intermediate_perplexities(example,
     assert rows["LGP-Shuffle g=10 (data-aware init)"]["test_ppl_at"][
         "0"] == pytest.approx(test, rel=1e-4)
     assert math.isfinite(test)
+
+
+def test_student_coefficients_must_be_three_numbers(example, capsys):
+    parser = example.build_parser()
+    base = ["--data", "unused"]
+    args = parser.parse_args(base + ["--student-coefficients", "1,0,3"])
+    assert args.student_coefficients == [1.0, 0.0, 3.0]
+    for bad in ("1,0", "1,-1,0", "a,b,c"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + ["--student-coefficients", bad])
+        assert "--student-coefficients" in capsys.readouterr().err
 
 
 def _tfmot_argv(data, run_dir, out):
