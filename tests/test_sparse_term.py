@@ -447,15 +447,22 @@ def test_awkward_recurrent_terms_equal_numpy(units, threads, isa, rng):
     # 33: a window of one column; 8: less than a window. 4 * units outputs
     # end in a partial slice.
     n, m = units, 4 * units
-    term = _awkward_term(n, m, rng)
+    _assert_recurrent_term_equals_numpy(_awkward_term(n, m, rng), n, m,
+                                        0.3, (3, 6, 5), rng)
+
+
+def _assert_recurrent_term_equals_numpy(term, n, m, scale, x_shape, rng):
+    """An LSTM (input 5, n units) whose recurrent product is a random
+    dense matrix plus ``scale`` x ``term`` on the op, against NumPy's
+    LSTM with the term written out densely."""
     w_in = rng.normal(scale=0.2, size=(5, m)).astype("float32")
     w_rec = rng.normal(scale=0.05, size=(n, m)).astype("float32")
     bias = rng.normal(scale=0.3, size=m).astype("float32")
-    x = rng.normal(size=(3, 6, 5)).astype("float32")
+    x = rng.normal(size=x_shape).astype("float32")
     expected = reference.lstm(x.astype("float64"), w_in,
-                              w_rec + 0.3 * _dense_of_term(term, n, m),
+                              w_rec + scale * _dense_of_term(term, n, m),
                               bias)[0]
-    term = term._replace(values=term.values * np.float32(0.3))
+    term = term._replace(values=term.values * np.float32(scale))
     np.testing.assert_allclose(
         _lstm_with_recurrent_term(x, w_in, w_rec, bias, term), expected,
         rtol=1e-4, atol=1e-5)
@@ -480,18 +487,8 @@ def test_windowed_lane_patterns_equal_numpy(pattern, threads, isa, rng):
         "one_each": [[(7 * j) % n] for j in range(m)],
         "one_output": [list(range(n)) if j == 37 else [] for j in range(m)],
     }[pattern]
-    term = _term_of_rows(rows, rng)
-    w_in = rng.normal(scale=0.2, size=(5, m)).astype("float32")
-    w_rec = rng.normal(scale=0.05, size=(n, m)).astype("float32")
-    bias = rng.normal(scale=0.3, size=m).astype("float32")
-    x = rng.normal(size=(2, 5, 5)).astype("float32")
-    expected = reference.lstm(x.astype("float64"), w_in,
-                              w_rec + 0.1 * _dense_of_term(term, n, m),
-                              bias)[0]
-    term = term._replace(values=term.values * np.float32(0.1))
-    np.testing.assert_allclose(
-        _lstm_with_recurrent_term(x, w_in, w_rec, bias, term), expected,
-        rtol=1e-4, atol=1e-5)
+    _assert_recurrent_term_equals_numpy(_term_of_rows(rows, rng), n, m,
+                                        0.1, (2, 5, 5), rng)
 
 
 def _structural_lstm(x, w_in, blocks, term, bias, h0):
