@@ -379,6 +379,45 @@ std::atomic<int64_t>& WeightPackCount() {
   return count;
 }
 
+// A few immutable, shared values (a kernel serves every layer whose op has
+// the same attributes), the least recently used dropped first; a lookup is
+// a scan of at most kMaxEntries. PackedWeights and LayoutCache hold theirs
+// here.
+template <typename V>
+class SmallLru {
+ public:
+  // The first value `match` accepts, marked used; else null.
+  template <typename Match>
+  std::shared_ptr<const V> Find(Match match) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Entry& e : entries_)
+      if (match(*e.value)) {
+        e.used = ++clock_;
+        return e.value;
+      }
+    return nullptr;
+  }
+
+  void Put(std::shared_ptr<const V> value) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (entries_.size() >= kMaxEntries)
+      entries_.erase(std::min_element(
+          entries_.begin(), entries_.end(),
+          [](const Entry& a, const Entry& b) { return a.used < b.used; }));
+    entries_.push_back(Entry{std::move(value), ++clock_});
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 8;
+  struct Entry {
+    std::shared_ptr<const V> value;
+    uint64_t used;
+  };
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+  uint64_t clock_ = 0;
+};
+
 class PackedWeights {
  public:
   // The packed copy of `stage` (whose weights are `src`) in `layout`, or
@@ -391,16 +430,11 @@ class PackedWeights {
         !buf->root_buffer()->OwnsMemory())
       return nullptr;
     const float* data = src.flat<float>().data();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      ++clock_;
-      for (Entry& e : entries_)
-        if (e.layout == layout && e.isa == isa && e.data == data &&
-            e.src.shape() == src.shape() && e.src.SharesBufferWith(src)) {
-          e.used = clock_;
-          return e.packed;
-        }
-    }
+    std::shared_ptr<const Packing> hit = cache_.Find([&](const Packing& e) {
+      return e.layout == layout && e.isa == isa && e.data == data &&
+             e.src.shape() == src.shape() && e.src.SharesBufferWith(src);
+    });
+    if (hit) return hit->packed;
     const int64_t floats = stage.g * stage.a * stage.b;
     const size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
     std::shared_ptr<float> packed(
@@ -408,29 +442,19 @@ class PackedWeights {
     if (packed == nullptr) return nullptr;
     PackStageOnIsa(stage, layout, isa, packed.get());
     WeightPackCount().fetch_add(1);
-    std::lock_guard<std::mutex> lock(mu_);
-    if (entries_.size() >= kMaxEntries)
-      entries_.erase(std::min_element(
-          entries_.begin(), entries_.end(),
-          [](const Entry& a, const Entry& b) { return a.used < b.used; }));
-    entries_.push_back(Entry{held, data, layout, isa, packed, ++clock_});
+    cache_.Put(std::make_shared<const Packing>(
+        Packing{held, data, layout, isa, packed}));
     return packed;
   }
 
  private:
-  // A kernel serves every layer whose op has the same attributes; a few
-  // layers' weights are kept, the least recently used dropped first.
-  static constexpr size_t kMaxEntries = 8;
-  struct Entry {
-    Tensor src;
+  struct Packing {
+    Tensor src;  // holds the buffer (see above)
     const float* data;
     int layout, isa;
     std::shared_ptr<const float> packed;
-    uint64_t used;
   };
-  std::mutex mu_;
-  std::vector<Entry> entries_;
-  uint64_t clock_ = 0;
+  SmallLru<Packing> cache_;
 };
 
 void RunBlockDiagOnBestIsa(const BlockDiagPlan& plan) {
@@ -514,38 +538,9 @@ struct LayoutMaps {
   int64_t x_task_mult = 1, x_gate_stride = 0;
 };
 
-// A few layouts (a kernel serves every layer with its attrs), the least
-// recently used dropped first; a lookup is a short vector compare.
-class LayoutCache {
- public:
-  std::shared_ptr<const LayoutMaps> Find(const std::vector<int64_t>& key) {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (Entry& e : entries_)
-      if (e.maps->key == key) {
-        e.used = ++clock_;
-        return e.maps;
-      }
-    return nullptr;
-  }
-  void Put(std::shared_ptr<const LayoutMaps> maps) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (entries_.size() >= kMaxEntries)
-      entries_.erase(std::min_element(
-          entries_.begin(), entries_.end(),
-          [](const Entry& a, const Entry& b) { return a.used < b.used; }));
-    entries_.push_back(Entry{std::move(maps), ++clock_});
-  }
-
- private:
-  static constexpr size_t kMaxEntries = 8;
-  struct Entry {
-    std::shared_ptr<const LayoutMaps> maps;
-    uint64_t used;
-  };
-  std::mutex mu_;
-  std::vector<Entry> entries_;
-  uint64_t clock_ = 0;
-};
+// A few layouts (a kernel serves every layer with its attrs), keyed by
+// LayoutMaps::key.
+using LayoutCache = SmallLru<LayoutMaps>;
 
 std::atomic<int64_t>& LayoutBuildCount() {
   static std::atomic<int64_t> count{0};
@@ -798,7 +793,8 @@ class StructuredRnnOp : public OpKernel {
   void PlanLayout(const RnnInputs& in, SlotLayout* layout, RnnPlan* p) {
     const int64_t width = p->z_width;
     const std::vector<int64_t> key = LayoutKeyOf(in, *p);
-    layout->maps = layout_cache_.Find(key);
+    layout->maps = layout_cache_.Find(
+        [&key](const LayoutMaps& m) { return m.key == key; });
     if (layout->maps == nullptr) {
       auto maps = std::make_shared<LayoutMaps>();
       maps->key = key;
