@@ -1,0 +1,97 @@
+"""One table from the run directories of examples/ptb_1000_step_sweep.sh.
+
+Each sweep row trains in its own run directory (``runs/ptb_sweep_NAME``)
+and writes its own report; this gathers the rows that the sweep added
+(one distilled student per directory, the reused rows left out) into
+``examples/results/ptb_1000_step_sweep.md``, with the command of each.
+
+Usage:
+    python examples/ptb_sweep_table.py [--runs runs] [--out FILE]
+"""
+
+import argparse
+import glob
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def rows(runs):
+    """(name, student, entry, command, teacher test ppl) per sweep row; a
+    coefficient-grid cell is a row whose student is "grid C_mse, C_kl"."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(runs, "ptb_sweep_*",
+                                              "results.json"))):
+        name = os.path.basename(os.path.dirname(path))[len("ptb_sweep_"):]
+        with open(path) as f:
+            res = json.load(f)
+        teacher = res["teacher"]["test_ppl"]
+        command = res["config"]["commands"][-1]
+        for student, entry in res["students"].items():
+            if "[" in student:  # a row reused from the source run
+                continue
+            out.append((name, student, entry, command, teacher))
+        for cell in res.get("grid", {}).values():
+            student = (f"LGP-Shuffle g=10, grid C_mse {cell['c_mse']:g}, "
+                       f"C_kl {cell['c_kl']:g}")
+            out.append((name, student, dict(
+                cell, lr=res["config"]["args"]["student_lr"],
+                coefficients={k: cell[k] for k in
+                              ("c_target", "c_mse", "c_kl")}),
+                command, teacher))
+    return out
+
+
+def _ppl(entry, step):
+    value = entry.get("test_ppl_at", {}).get(str(step))
+    return "-" if value is None else f"{value:.1f}"
+
+
+def table(found):
+    head = ("| sweep row | student | optimizer, lr (cosine) | C | val ppl | "
+            "test ppl at 0 / 300 / 1000 | test vs teacher |\n"
+            "| --- | --- | --- | --- | ---: | ---: | ---: |\n")
+    body = []
+    for name, student, e, command, teacher in found:
+        opt = "Adam" if "--optimizer adam" in command else "SGD"
+        c = e["coefficients"]
+        body.append(
+            f"| {name} | {student} | {opt} {e['lr']:g} | "
+            f"{c['c_target']:g}, {c['c_mse']:g}, {c['c_kl']:g} | "
+            f"{e['val_ppl']:.2f} | {_ppl(e, 0)} / {_ppl(e, 300)} / "
+            f"{e['test_ppl']:.2f} | {100 * (e['test_ppl'] / teacher - 1):+.1f}%"
+            " |")
+    return head + "\n".join(body) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs")
+    parser.add_argument("--out", default=os.path.join(
+        HERE, "results", "ptb_1000_step_sweep.md"))
+    args = parser.parse_args()
+    found = rows(args.runs)
+    if not found:
+        raise SystemExit(f"no finished sweep row under {args.runs}/ptb_sweep_*"
+                         " (run examples/ptb_1000_step_sweep.sh first)")
+    teacher = found[0][4]
+    text = (
+        "# PTB: 1000 distillation steps, the settings tried "
+        "(issue 21's target)\n\n"
+        f"Teacher: the carried-state plateau teacher of `runs/ptb_conv`, "
+        f"test perplexity {teacher:.2f}. Every row: 10x student (LSTM "
+        "multiply-adds), 1000 steps, cosine decay to 0, global gradient "
+        "norm clipped at 0.143, carried state, made by "
+        "`examples/ptb_1000_step_sweep.sh` (commands below). Choose on "
+        "validation perplexity; test is reported.\n\n"
+        + table(found) + "\nCommands:\n\n"
+        + "\n".join(f"    {c}" for c in dict.fromkeys(
+            c for _, _, _, c, _ in found)) + "\n")
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
