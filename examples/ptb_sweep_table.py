@@ -14,6 +14,8 @@ import glob
 import json
 import os
 
+from ptb_word_lm import _plot_init
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -70,6 +72,10 @@ def main():
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--out", default=os.path.join(
         HERE, "results", "ptb_1000_step_sweep.md"))
+    parser.add_argument("--plot-prefix", default="adam1e-2",
+                        help="plot test perplexity against the step for the "
+                             "rows named PREFIX or PREFIX_* (naive dashed, "
+                             "data-aware solid) next to --out")
     args = parser.parse_args()
     found = rows(args.runs)
     if not found:
@@ -91,6 +97,14 @@ def main():
     with open(args.out, "w") as f:
         f.write(text)
     print(text)
+    plotted = [(student, e) for name, student, e, _, _ in found
+               if "test_ppl_at" in e and (name == args.plot_prefix or
+                                          name.startswith(args.plot_prefix
+                                                          + "_"))]
+    if plotted:
+        path = os.path.splitext(args.out)[0] + "_init_steps.png"
+        _plot_init(plotted, path)
+        print("wrote", path)
 
 
 if __name__ == "__main__":
