@@ -391,6 +391,27 @@ def test_lstm_chain_no_scheme_produces(threads):
 
 
 @needs_op
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [2, 5])
+def test_input_windows_of_long_sequences(batch, threads):
+    """At batch > 1 the input product runs in windows of steps just before
+    them (rnn_engine_impl.h, WindowSteps: here 32 steps, 75 steps make
+    windows of 32, 32 and 11), with one and several input stages and a
+    shuffle, forwards and backwards, LSTM and GRU, against NumPy."""
+    for seed, in_kind in enumerate(
+        ("blocks_shuffle", "blocks_mix_blocks", "shuffle_between")
+    ):
+        case = lstm_case(in_kind, "blocks_shuffle", seed, batch=batch,
+                         steps=75)
+        check_lstm(case, seed % 2 == 0, True, num_threads=threads)
+        check_lstm(case, seed % 2 == 1, False, num_threads=threads)
+        for reset_after in (True, False):
+            case = gru_case(in_kind, "blocks_shuffle", seed, reset_after,
+                            batch=batch, steps=75)
+            check_gru(case, seed % 2 == 1, True, num_threads=threads)
+
+
+@needs_op
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("reset_after", [True, False])
 def test_gru_streamed_gate_columns(batch, reset_after):

@@ -202,7 +202,10 @@ struct RnnPlan {
   // candidate's recurrent term); chain.num_stages = 0 otherwise.
   Product candidate;
 
-  float* x_proj;  // [batch * steps, z_width]: x @ K_in + bias, slot layout
+  // [batch * steps, z_width]: x @ K_in + bias, slot layout; at batch > 1
+  // the engine may use it for windows of steps instead (rnn_engine_impl.h,
+  // InputWindow).
+  float* x_proj;
   float* h[2];    // [batch, units] double buffer, natural layout
   float* c;       // LSTM: cell state [batch, units], slot layout
   float* update_gate;   // GRU without reset_after: z, [batch, units]
