@@ -30,4 +30,19 @@ row adam3e-3 --optimizer adam --student-lr 3e-3
 row sgd50 --optimizer sgd --student-lr 50
 row sgd35_kl10 --optimizer sgd --student-lr 35 --student-coefficients 1,10,10
 row adam1e-2 --optimizer adam --student-lr 1e-2
+# SGD lr 50 beat lr 35 (val 123.96 against 126.75): higher rates.
+row sgd70 --optimizer sgd --student-lr 70
+# Adam at lr 1e-2 put the data-aware student past the teacher (val 117.92):
+# the same recipe from the naive init, and for SVD and LowRank-LGP, naive
+# against data-aware (issue 21's init table on this teacher).
+row adam1e-2_naive --optimizer adam --student-lr 1e-2 --student-init teacher
+for kind in svd lowrank_lgp; do
+    row "adam1e-2_${kind}" --optimizer adam --student-lr 1e-2 --students "$kind"
+    row "adam1e-2_${kind}_naive" --optimizer adam --student-lr 1e-2 \
+        --students "$kind" --student-init teacher
+done
+# The coefficient grid (C_mse, C_kl in {0, calibrated}; naive init, as the
+# SGD lr 10 grid of ptb_converge_queue.sh) at the Adam recipe.
+row adam1e-2_grid --optimizer adam --student-lr 1e-2 --stages grid,report \
+    --grid-steps 1000
 echo "== $(date -u +%FT%TZ) sweep done"
