@@ -67,6 +67,27 @@ def table(found):
     return head + "\n".join(body) + "\n"
 
 
+def errors_table(found):
+    """Each data-aware student's relative output error per product on the
+    calibration rows, ``from_dense`` against the fit (once per student:
+    the rows of one student share its init)."""
+    lines, seen = [], set()
+    for name, student, e, _, _ in found:
+        if student in seen:
+            continue
+        seen.add(student)
+        for product, err in sorted(e.get("calibration_errors", {}).items()):
+            lines.append(f"| {name} | {student} | {product} | "
+                         f"{err['from_dense']:.3f} | {err['fitted']:.3f} |")
+    if not lines:
+        return ""
+    return ("\nRelative output error ||X W - X W_hat|| / ||X W|| of each "
+            "product on the calibration rows, `from_dense` (the naive "
+            "init) against the fit (the data-aware init):\n\n"
+            "| sweep row | student | layer/product | from_dense | fitted |\n"
+            "| --- | --- | --- | ---: | ---: |\n" + "\n".join(lines) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs")
@@ -91,7 +112,7 @@ def main():
         "norm clipped at 0.143, carried state, made by "
         "`examples/ptb_1000_step_sweep.sh` (commands below). Choose on "
         "validation perplexity; test is reported.\n\n"
-        + table(found) + "\nCommands:\n\n"
+        + table(found) + errors_table(found) + "\nCommands:\n\n"
         + "\n".join(f"    {c}" for c in dict.fromkeys(
             c for _, _, _, c, _ in found)) + "\n")
     with open(args.out, "w") as f:
