@@ -155,8 +155,12 @@ def compress(model, input_scheme=None, recurrent_scheme=None, layers=None,
     if not model.trainable:
         # A frozen model (the Distiller freezes its teacher) gives a
         # trainable student: freezing the whole model set every layer's
-        # flag, so no flag of it was chosen layer by layer.
+        # flag, so no flag of it was chosen layer by layer. Each layer is
+        # set: Keras 3 passes a model's flag on to its layers only when
+        # the model's own flag changes, and a functional clone's is True.
         new_model.trainable = True
+        for layer in new_model.layers:
+            layer.trainable = True
     return new_model
 
 

@@ -155,6 +155,10 @@ class _StructuredCell(keras.layers.Layer, _keras.DropoutRNNCell):
             regularizer=getattr(self, f"{kind}_regularizer"),
             constraint=getattr(self, f"{kind}_constraint"),
             dtype=self.dtype_policy,
+            # A cell built frozen (a frozen model's layer, rebuilt from its
+            # config) makes frozen matrices: Keras freezes sublayers only
+            # when the flag is set, not ones made later.
+            trainable=self.trainable,
         )
 
     def _build_input(self, input_shape):

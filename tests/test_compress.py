@@ -202,18 +202,35 @@ def test_single_layer(rng):
     np.testing.assert_allclose(lstm(x), out(x), **TOL)
 
 
-def test_frozen_model_gives_trainable_student_and_layer_flags_stay():
-    model = keras.Sequential([
-        keras.Input((5, 4)), keras.layers.LSTM(8, name="lstm"),
-        keras.layers.Dense(2, name="head")])
+def _lstm_head(kind):
+    if kind == "sequential":
+        return keras.Sequential([
+            keras.Input((5, 4)), keras.layers.LSTM(8, name="lstm"),
+            keras.layers.Dense(2, name="head")])
+    inputs = keras.Input((5, 4))
+    hidden = keras.layers.LSTM(8, name="lstm")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional"])
+def test_frozen_model_gives_trainable_student_and_layer_flags_stay(kind):
+    model = _lstm_head(kind)
     model.get_layer("head").trainable = False  # a deliberate per-layer flag
     student = am.compress(model, **LGP)
     assert student.get_layer("lstm").trainable
     assert not student.get_layer("head").trainable
-    model.trainable = False  # as a Distiller leaves its teacher
+    model.get_layer("head").trainable = True
+    # The Distiller freezes its teacher; a later student of that teacher
+    # (the next row of a comparison run in the same process) must train
+    # every weight, as the first one did.
+    first = am.compress(model, **LGP)
+    am.Distiller(student=first, teacher=model)
+    assert not model.trainable
     student = am.compress(model, **LGP)
     assert student.trainable
+    assert all(layer.trainable for layer in student.layers)
     assert len(student.trainable_weights) == len(student.weights) > 0
+    assert len(student.trainable_weights) == len(first.trainable_weights)
 
 
 def test_recompress_a_compressed_model(rng):

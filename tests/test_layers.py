@@ -328,6 +328,32 @@ def test_run_layer_test(layer_cls, weights, tmp_path):
         expected_trainable_weights=weights, tmp_path=tmp_path)
 
 
+@pytest.mark.parametrize("layer", [
+    lambda **kw: am.StructuredLSTM(8, input_scheme=am.LGPShuffle(2),
+                                   recurrent_scheme=am.LowRankLGP(2, 4, 2),
+                                   **kw),
+    lambda **kw: am.StructuredGRU(6, input_scheme=am.LGPShuffle(2),
+                                  recurrent_scheme=am.LGPShuffle(3),
+                                  reset_after=False, **kw),
+], ids=["lstm", "gru_candidate"])
+def test_a_layer_built_frozen_has_no_trainable_weights(layer, rng):
+    """A frozen layer (a frozen model's layer rebuilt from its config)
+    builds its structured products frozen too, and unfreezing it makes
+    every weight trainable, as for a stock Keras layer."""
+    x = rng.normal(size=(2, 3, 4)).astype("float32")
+    frozen = layer(trainable=False)
+    frozen(x)
+    assert frozen.trainable_weights == []
+    assert len(frozen.non_trainable_weights) == len(frozen.weights)
+    model = keras.Sequential([keras.Input((3, 4)), frozen])
+    assert model.trainable_weights == []
+    frozen.trainable = True
+    live = layer()
+    live(x)
+    assert len(frozen.trainable_weights) == len(live.trainable_weights)
+    assert len(frozen.trainable_weights) == len(frozen.weights) > 3
+
+
 def test_config_round_trip():
     layer = am.StructuredLSTM(
         12, input_scheme=am.LowRankLGP(2, 3, 2),
