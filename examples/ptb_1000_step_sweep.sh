@@ -45,4 +45,11 @@ done
 # SGD lr 10 grid of ptb_converge_queue.sh) at the Adam recipe.
 row adam1e-2_grid --optimizer adam --student-lr 1e-2 --stages grid,report \
     --grid-steps 1000
+# The grid's cells after its first ran on a partly frozen student (a
+# Distiller had frozen the teacher, and compress copied the flags; fixed
+# since): the two-term cells again, each in a process of its own.
+row adam1e-2_kl --optimizer adam --student-lr 1e-2 --student-init teacher \
+    --student-coefficients 1,0,3
+row adam1e-2_mse --optimizer adam --student-lr 1e-2 --student-init teacher \
+    --student-coefficients 1,3,0
 echo "== $(date -u +%FT%TZ) sweep done"

@@ -24,7 +24,7 @@ COMMON=(--data "${DATA:-../shared/data/ptb}" --run-dir runs/ptb_dope_conv
         --dope-reductions 25 --report-name ptb_doping_conv
         --stages students,report)
 
-for kind in dope prune lmf hmd dope_nocmr kp; do
+for kind in ${KINDS:-dope prune lmf hmd dope_nocmr kp}; do
     echo "== $(date -u +%FT%TZ) $kind"
     flock "$LOCK" "$PY" examples/ptb_word_lm.py "${COMMON[@]}" --students "$kind"
 done
