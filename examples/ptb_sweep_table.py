@@ -111,7 +111,13 @@ def main():
         "multiply-adds), 1000 steps, cosine decay to 0, global gradient "
         "norm clipped at 0.143, carried state, made by "
         "`examples/ptb_1000_step_sweep.sh` (commands below). Choose on "
-        "validation perplexity; test is reported.\n\n"
+        "validation perplexity; test is reported. The grid row's cells "
+        "ran in one process, and every cell after its first (C_mse or C_kl "
+        "> 0) trained a partly frozen student (a bug fixed in session 9: "
+        "a Distiller had frozen the teacher, and compress copied its "
+        "flags), so only its label-only cell stands; rows adam1e-2_kl, "
+        "adam1e-2_mse and adam1e-2_naive rerun the other cells, each in a "
+        "process of its own.\n\n"
         + table(found) + errors_table(found) + "\nCommands:\n\n"
         + "\n".join(f"    {c}" for c in dict.fromkeys(
             c for _, _, _, c, _ in found)) + "\n")
