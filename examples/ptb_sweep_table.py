@@ -34,9 +34,11 @@ def rows(runs):
             if "[" in student:  # a row reused from the source run
                 continue
             out.append((name, student, entry, command, teacher))
-        for cell in res.get("grid", {}).values():
+        for i, cell in enumerate(res.get("grid", {}).values()):
             student = (f"LGP-Shuffle g=10, grid C_mse {cell['c_mse']:g}, "
                        f"C_kl {cell['c_kl']:g}")
+            if i:  # trained after another cell in the same process
+                student += " (withdrawn: partly frozen student)"
             out.append((name, student, dict(
                 cell, lr=res["config"]["args"]["student_lr"],
                 coefficients={k: cell[k] for k in
