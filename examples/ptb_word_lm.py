@@ -1354,6 +1354,10 @@ def _setup_text(res):
     teacher = res.get("teacher", {})
     plateau = teacher.get("schedule") == "plateau"
     carry = getattr(a, "carry_state", False)
+    # A reused teacher was trained by the source run's optimizer.
+    source = res.get("config", {}).get("reused_args") or {}
+    teacher_opt = source.get("optimizer", getattr(a, "optimizer", "adam"))
+    student_opt = getattr(a, "optimizer", "adam")
     return (
         f"**Scale.** Teacher 2 x LSTM({a.hidden}) "
         + (f"on a {embed}-wide embedding " if embed != a.hidden else "")
@@ -1399,7 +1403,7 @@ def _setup_text(res):
         + "embedding width "
         + ("= hidden, " if embed == a.hidden else f"{embed}, ") +
         f"dropout {a.dropout} after the embedding and after the LSTMs. "
-        f"{getattr(a, 'optimizer', 'adam').upper()}, teacher lr {a.lr}"
+        f"Teacher: {teacher_opt.upper()}, lr {source.get('lr', a.lr)}"
         + (f" on the plateau schedule (evaluated every "
            f"{a.eval_every or epoch_steps} steps, rounded to whole chunks; "
            f"the lr is multiplied by {a.plateau_decay:g} when the "
@@ -1411,7 +1415,8 @@ def _setup_text(res):
            f"{a.plateau_decays}; the weights of the best validation "
            f"evaluation, step {teacher.get('weights_step', '?')}, are kept)"
            if plateau else "") + ", "
-        f"students initialised from the teacher lr {a.student_lr}"
+        f"students ({student_opt.upper()}) initialised from the teacher "
+        f"lr {a.student_lr:g}"
         + (" (cosine decay to 0 over the student's steps)"
            if getattr(a, "student_schedule", "constant") == "cosine" else "")
         + ", the "
