@@ -535,6 +535,7 @@ struct LayoutMaps {
   // holds unit l * g + i where the recurrent product's g groups own their
   // units, unit k otherwise.
   std::vector<int64_t> unit_of_slot;
+  std::vector<int32_t> slot_of_unit;  // its inverse
   int64_t x_task_mult = 1, x_gate_stride = 0;
 };
 
@@ -817,6 +818,7 @@ class StructuredRnnOp : public OpKernel {
     p->x_task_mult = maps.x_task_mult;
     p->x_gate_stride = maps.x_gate_stride;
     p->gather = maps.gather.data();
+    p->slot_of_unit = maps.slot_of_unit.data();
     p->runs = maps.runs.empty() ? nullptr : maps.runs.data();
     p->num_runs = static_cast<int64_t>(maps.runs.size() / 3);
     p->bias_slots = layout->bias_slots.data();
@@ -900,9 +902,13 @@ class StructuredRnnOp : public OpKernel {
     const int64_t g = rec.mode == kGroupOwned
                           ? rec.chain.stages[rec.chain.num_stages - 1].g
                           : 1;
+    maps->slot_of_unit.resize(units);
     for (int64_t i = 0; i < g; ++i)
-      for (int64_t l = 0; l < units / g; ++l)
-        maps->unit_of_slot[i * (units / g) + l] = l * g + i;
+      for (int64_t l = 0; l < units / g; ++l) {
+        const int64_t slot = i * (units / g) + l;
+        maps->unit_of_slot[slot] = l * g + i;
+        maps->slot_of_unit[l * g + i] = static_cast<int32_t>(slot);
+      }
   }
 
   // The packed copies the engine reads (PackLayoutFor) for the input and

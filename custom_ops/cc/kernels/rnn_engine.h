@@ -206,11 +206,16 @@ struct RnnPlan {
   // the engine may use it for windows of steps instead (rnn_engine_impl.h,
   // InputWindow).
   float* x_proj;
-  float* h[2];    // [batch, units] double buffer, natural layout
+  // [batch, units] double buffer, natural layout; slot layout (that of c)
+  // between the steps of LstmGroupStep (rnn_engine_impl.h, RunRnn).
+  float* h[2];
   float* c;       // LSTM: cell state [batch, units], slot layout
   float* update_gate;   // GRU without reset_after: z, [batch, units]
   float* reset_h_prev;  // GRU without reset_after: r * h_prev, [batch, units]
   float* out;     // [batch, steps, units], or null without return_sequences
+  // [units]: the slot of each unit in the slot layout (the inverse of
+  // LayoutMaps::unit_of_slot).
+  const int32_t* slot_of_unit;
 
   // Per-thread scratch, scratch_stride floats each; the input phase and
   // the recurrent phase reuse the same block, at these offsets.
