@@ -1119,11 +1119,10 @@ struct LstmPending {
 
   int64_t Vectors() const { return z == nullptr ? 0 : (len + V - 1) / V; }
 
-  // Units [j * V, + V) of the group, h into the slot layout (each
-  // thread's groups write only their own slots: the natural layout had
-  // both threads writing every cache line of h each step, 0.3 us of a
-  // 2.6 us step at d = 400 on a 2-core Zen 4); the last vector also
-  // writes the output sequence.
+  // Units [j * V, + V) of the group, h (and the output row) in the slot
+  // layout: each thread's groups write only their own slots. In the
+  // natural layout both threads wrote every cache line of h at every
+  // step (0.3 us of a 2.6 us step at d = 400 on a 2-core Zen 4).
   [[gnu::always_inline]] void Vector(int64_t j) const {
     const RnnPlan& p = *st->p;
     const int64_t l = j * V, n = Min(V, len - l);
@@ -1133,11 +1132,8 @@ struct LstmPending {
     const CellOut out = LstmCell(zi, zf, zg, zo, LoadN(c, n));
     StoreN(c, out.c, n);
     StoreN(st->h_next + group * len + l, out.h, n);
-    if (p.out != nullptr && l + n == len) {
-      const int64_t g = p.units / len;
-      ScatterUnits(st->h_next + group * len, Task{group, g, len, 0},
-                   p.out + st->s * p.units);
-    }
+    if (p.out != nullptr)
+      StoreN(p.out + st->s * p.units + group * len + l, out.h, n);
   }
 };
 
@@ -1458,6 +1454,22 @@ void Recurrent(const RnnPlan& p, int tid, int nt, Sync& sync, int64_t s0,
                                             xr);
 }
 
+// LstmGroupStep's output rows, written in the slot layout, back to the
+// natural one, the rows split over the threads (after the last step's
+// barrier). Each thread's row copy is in x_proj, free by then ([steps,
+// 4 * units] at batch 1: room for 4 * steps threads).
+void OutputToNatural(const RnnPlan& p, int tid, int nt) {
+  const int64_t units = p.units, copies = Min(nt, 4 * p.steps);
+  if (tid >= copies) return;
+  float* copy = p.x_proj + tid * units;
+  for (int64_t s = p.steps * tid / copies; s < p.steps * (tid + 1) / copies;
+       ++s) {
+    float* row = p.out + s * units;
+    for (int64_t u = 0; u < units; ++u) copy[u] = row[u];
+    for (int64_t u = 0; u < units; ++u) row[u] = copy[p.slot_of_unit[u]];
+  }
+}
+
 void RnnBody(const RnnPlan& p, int tid, int nt) {
   Sync sync{p.barrier_arrivals, nt, 0};
   const int64_t window = WindowSteps(p);
@@ -1473,6 +1485,7 @@ void RnnBody(const RnnPlan& p, int tid, int nt) {
   InputPhase(p, tid, nt);
   sync.Wait();
   Recurrent(p, tid, nt, sync, 0, p.steps, XProjRows{0, p.steps});
+  if (GroupStepFits(p) && p.out != nullptr) OutputToNatural(p, tid, nt);
 }
 
 void BlockDiagBody(const BlockDiagPlan& p, int tid, int nt) {
