@@ -255,6 +255,15 @@ def lowered_stages(elements):
 
 _PORTABLE_ENV = "KERAS_ANTMAN_PORTABLE"
 _ISA_ENV = "KERAS_ANTMAN_ISA"
+# os.environ's own store (encoded keys), where CPython has one: a plain
+# dict lookup per op call instead of Mapping.__contains__, which raises
+# and catches a KeyError for an unset variable (3-5 us of a call).
+_ENV_STORE = getattr(os.environ, "_data", None)
+_ENV_KEYS = (
+    tuple(os.environ.encodekey(k) for k in (_PORTABLE_ENV, _ISA_ENV))
+    if _ENV_STORE is not None and hasattr(os.environ, "encodekey")
+    else None
+)
 INSTRUCTION_SETS = ("generic", "avx2", "avx512")
 _TRUE_VALUES = ("1", "true", "yes", "on")
 
@@ -396,8 +405,11 @@ def _op_module():
     would return then, without its environment reads and lock: a few
     microseconds of every call), else `load` itself."""
     module = _state["module"]
-    if (module is None or _PORTABLE_ENV in os.environ
-            or _ISA_ENV in os.environ):
+    if _ENV_KEYS is not None:
+        env_set = _ENV_KEYS[0] in _ENV_STORE or _ENV_KEYS[1] in _ENV_STORE
+    else:
+        env_set = _PORTABLE_ENV in os.environ or _ISA_ENV in os.environ
+    if module is None or env_set:
         return load()
     return module
 
@@ -662,6 +674,8 @@ def _num_threads_attr(num_threads):
     """The op's ``num_threads`` attr: None -> 0 (the process-wide setting)."""
     if num_threads is None:
         return 0
+    if type(num_threads) is int and 0 <= num_threads <= _MAX_THREADS:
+        return num_threads
     if isinstance(num_threads, bool) or not isinstance(
         num_threads, numbers.Integral
     ):
