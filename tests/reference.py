@@ -29,14 +29,16 @@ def lstm(x, kernel, recurrent_kernel, bias, go_backwards=False, h0=None,
     return np.stack(outs, 1), h, c
 
 
-def gru(x, kernel, recurrent_kernel, bias, reset_after=True):
-    """All hidden states [B, T, h] of a Keras GRU."""
+def gru(x, kernel, recurrent_kernel, bias, reset_after=True,
+        go_backwards=False, h0=None):
+    """All hidden states [B, T, h] and the final h of a Keras GRU (initial
+    state h0; None: zeros)."""
     b, t, _ = x.shape
     units = recurrent_kernel.shape[0]
-    h = np.zeros((b, units))
+    h = np.zeros((b, units)) if h0 is None else np.asarray(h0, np.float64)
     b_in, b_rec = (bias[0], bias[1]) if reset_after else (bias, 0.0)
     outs = []
-    for s in range(t):
+    for s in (range(t - 1, -1, -1) if go_backwards else range(t)):
         xz, xr, xh = np.split(x[:, s] @ kernel + b_in, 3, axis=-1)
         if reset_after:
             rz, rr, rh = np.split(h @ recurrent_kernel + b_rec, 3, axis=-1)

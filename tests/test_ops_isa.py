@@ -172,6 +172,38 @@ def test_gru_every_isa(isa, batch, kind, reset_after):
         np.testing.assert_allclose(h, h_ref, **tol)
 
 
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("g,units", [(2, 64), (4, 64), (10, 160)])
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_gru_batch1_slot_layout(isa, g, units, go_backwards):
+    """Batch 1 with one shuffled block stage of whole vectors (reset_after)
+    keeps h in the slot layout between the steps (each thread writes only
+    its groups' units): the initial state goes in and the final state and
+    the output rows come back to the natural order. The initial state is
+    not zero."""
+    ops.set_instruction_set(isa)
+    rng = np.random.default_rng(g + units + 1)
+    features = 40
+    x = rng.standard_normal((1, 7, features)).astype("f")
+    in_stages, k_in = chain("shuffle", features, 3 * units, rng)
+    blocks = weights(rng, g, units // g, 3 * units // g)
+    k_rec = reference.shuffled(reference.block_diag(blocks), g)
+    bias = (0.3 * rng.standard_normal((2, 3 * units))).astype("f")
+    h0 = rng.standard_normal((1, units)).astype("f")
+    seq_ref, h_ref = reference.gru(x.astype(np.float64), k_in, k_rec, bias,
+                                   go_backwards=go_backwards, h0=h0)
+    for seq, h in run_both_thread_counts(
+        lambda t: ops.structured_gru(x, h0, bias, in_stages,
+                                     [Stage(blocks, True)], None,
+                                     reset_after=True,
+                                     go_backwards=go_backwards,
+                                     return_sequences=True, num_threads=t)
+    ):
+        tol = dict(rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(seq, seq_ref, **tol)
+        np.testing.assert_allclose(h, h_ref, **tol)
+
+
 # Widths that are no multiple of any vector width (4, 8, 16 floats): GRU
 # blocks of 39 columns (3 gates x 13 units, g = 10), LSTM blocks of 52
 # (4 x 13; a multiple of 4, so the generic engine runs its group step)

@@ -667,6 +667,7 @@ inline void ScatterUnits(const float* src, const Task& tk, float* row) {
 #include "custom_ops/cc/kernels/sparse_term_impl.h"
 
 bool GroupStepFits(const RnnPlan& p);
+bool HSlots(const RnnPlan& p);
 
 // Rows of a one-stage input product per pass over the weights: a sequence
 // of 100 steps in one pass (5% faster than 64-row chunks at d = 1600), but
@@ -1003,10 +1004,19 @@ struct StepView {
   const RnnPlan* p;
   int64_t s;  // position in processing order: the row of `out`
   int64_t t;  // time index of x (reversed with go_backwards)
-  const float* h_prev;  // [batch, units], natural layout
-  float* h_next;        // [batch, units], natural layout
+  // [batch, units], natural layout, or the slot layout where h_slots
+  // (HSlots: batch 1, groups that own their units).
+  const float* h_prev;
+  float* h_next;
   TaskVectors v;
-  XProjRows xr;         // where x_proj holds this step's rows
+  XProjRows xr;  // where x_proj holds this step's rows
+  bool h_slots;
+
+  // Where a group-owned task's units are in h: with h_slots, the task's
+  // slots (contiguous); else its units in natural order.
+  Task HUnits(const Task& tk) const {
+    return h_slots ? Task{tk.first_slot, 1, tk.len, tk.first_slot} : tk;
+  }
 };
 
 // Row b of x_proj at this step, from the task's first slot.
@@ -1074,7 +1084,8 @@ struct LstmGates {
       StoreN(st.v.h + k, out.h, n);
     }
     for (int64_t i = g0; i < g1; ++i)
-      EmitH(st, Task{i, g, len, i * len}, 0, st.v.h + (i - g0) * len);
+      EmitH(st, st.HUnits(Task{i, g, len, i * len}), 0,
+            st.v.h + (i - g0) * len);
   }
 
   void operator()(const Task& tk, const float* rec, int64_t ldv) const {
@@ -1120,9 +1131,7 @@ struct LstmPending {
   int64_t Vectors() const { return z == nullptr ? 0 : (len + V - 1) / V; }
 
   // Units [j * V, + V) of the group, h (and the output row) in the slot
-  // layout: each thread's groups write only their own slots. In the
-  // natural layout both threads wrote every cache line of h at every
-  // step (0.3 us of a 2.6 us step at d = 400 on a 2-core Zen 4).
+  // layout (HSlots).
   [[gnu::always_inline]] void Vector(int64_t j) const {
     const RnnPlan& p = *st->p;
     const int64_t l = j * V, n = Min(V, len - l);
@@ -1190,6 +1199,33 @@ bool GroupStepFits(const RnnPlan& p) {
     return false;
   const Stage& s = pr.chain.stages[0];
   return !s.shared && s.b % V == 0;
+}
+
+// Whether the steps keep h (and the output rows) in the slot layout: batch
+// 1, one stage of blocks whose groups own their units, for LstmGroupStep
+// and the GRU with reset_after. Each thread then writes only its own
+// groups' slots; in the natural layout both threads wrote every cache line
+// of h at every step (0.3 us of a 2.6 us LSTM step at d = 400 on a 2-core
+// Zen 4). RunRnn moves the state in and out of that layout.
+bool HSlots(const RnnPlan& p) {
+  if (GroupStepFits(p)) return true;
+  const Product& pr = p.recurrent;
+  if (p.cell != kGru || !p.reset_after || p.batch != 1 ||
+      pr.chain.num_stages != 1 || pr.mode != kGroupOwned || HasSlices(pr))
+    return false;
+  const Stage& s = pr.chain.stages[0];
+  return !s.shared && s.b % V == 0;
+}
+
+// The inputs of this thread's groups of a one-stage recurrent product
+// (LastStage's split), gathered from h in the slot layout into `dst` at
+// their natural positions.
+const float* GroupInputs(const RnnPlan& p, const float* h, int tid, int nt,
+                         float* dst) {
+  const Stage& s = p.recurrent.chain.stages[0];
+  const int64_t g0 = s.g * tid / nt, g1 = s.g * (tid + 1) / nt;
+  for (int64_t k = g0 * s.a; k < g1 * s.a; ++k) dst[k] = h[p.slot_of_unit[k]];
+  return dst;
 }
 
 // One step of this thread's groups: each group's block product in panels
@@ -1270,7 +1306,8 @@ struct GruResetAfterGates {
         StoreN(hr + to + l, LoadN(prod + h, n) + LoadN(bias + h, n), n);
         StoreN(hx + to + l, LoadN(x_row + h, n), n);
       }
-      GatherUnits(st.h_prev, Task{g0 + i, g, len, 0}, hp + to);
+      const Task tk{g0 + i, g, len, (g0 + i) * len};
+      GatherUnits(st.h_prev, st.HUnits(tk), hp + to);
     }
     for (int64_t k = 0; k < slots; k += V) {
       const int64_t n = Min(V, slots - k);
@@ -1280,7 +1317,8 @@ struct GruResetAfterGates {
       StoreN(st.v.h + k, z * LoadN(hp + k, n) + (1.0f - z) * hh, n);
     }
     for (int64_t i = g0; i < g1; ++i)
-      EmitH(st, Task{i, g, len, i * len}, 0, st.v.h + (i - g0) * len);
+      EmitH(st, st.HUnits(Task{i, g, len, i * len}), 0,
+            st.v.h + (i - g0) * len);
   }
 
   void operator()(const Task& tk, const float* rec, int64_t ldv) const {
@@ -1293,7 +1331,7 @@ struct GruResetAfterGates {
     for (int64_t b = 0; b < p.batch; ++b) {
       const float* rec_row = rec + b * ldv;
       const float* x_row = XProjRow(st, b, tk);
-      GatherUnits(st.h_prev + b * units, tk, task_h_prev);
+      GatherUnits(st.h_prev + b * units, st.HUnits(tk), task_h_prev);
       for (int64_t l = 0; l < len; l += V) {
         const int64_t n = Min(V, len - l);
         const vf z = Sigmoid(LoadN(x_row + l, n) + LoadN(rec_row + l, n) +
@@ -1307,7 +1345,7 @@ struct GruResetAfterGates {
         const vf hp = LoadN(task_h_prev + l, n);
         StoreN(task_h + l, z * hp + (1.0f - z) * hh, n);
       }
-      EmitH(st, tk, b);
+      EmitH(st, st.HUnits(tk), b);
     }
   }
 };
@@ -1399,10 +1437,11 @@ void RecurrentPhase(const RnnPlan& p, int tid, int nt, Sync& sync,
 
   float* z_buffers[2] = {task_product,
                          thread_scratch + p.off_task_product_alt};
+  const bool h_slots = HSlots(p);
 
   for (int64_t s = s0; s < s1; ++s) {
     const StepView st{&p, s, p.go_backwards ? p.steps - 1 - s : s,
-                      p.h[s & 1], p.h[(s + 1) & 1], v, xr};
+                      p.h[s & 1], p.h[(s + 1) & 1], v, xr, h_slots};
     const bool rev = (s & 1) != 0;
     if (group_step) {
       LstmGroupStep(st, tid, nt, rev, z_buffers);
@@ -1418,8 +1457,10 @@ void RecurrentPhase(const RnnPlan& p, int tid, int nt, Sync& sync,
       if (p.recurrent.chain.num_stages == 1) sync.Wait();
     }
     const float* in =
-        Intermediate(p.recurrent, st.h_prev, batch, tid, nt, sync,
-                     unshuffled, &ldx);
+        h_slots ? GroupInputs(p, st.h_prev, tid, nt, v.r_h_prev)
+                : Intermediate(p.recurrent, st.h_prev, batch, tid, nt, sync,
+                               unshuffled, &ldx);
+    if (h_slots) ldx = units;
     LastStage(p.recurrent, in, ldx, batch, units, tid, nt, rev, task_product,
               PlusSparse<Gates>{p.recurrent.chain.sparse, batch, units,
                                 p.recurrent.gates, Gates{st}});
@@ -1454,12 +1495,13 @@ void Recurrent(const RnnPlan& p, int tid, int nt, Sync& sync, int64_t s0,
                                             xr);
 }
 
-// LstmGroupStep's output rows, written in the slot layout, back to the
+// The output rows, written in the slot layout (HSlots), back to the
 // natural one, the rows split over the threads (after the last step's
 // barrier). Each thread's row copy is in x_proj, free by then ([steps,
-// 4 * units] at batch 1: room for 4 * steps threads).
+// z_width] at batch 1: room for 3 * steps threads at least).
 void OutputToNatural(const RnnPlan& p, int tid, int nt) {
-  const int64_t units = p.units, copies = Min(nt, 4 * p.steps);
+  const int64_t units = p.units,
+                copies = Min(nt, p.steps * p.z_width / units);
   if (tid >= copies) return;
   float* copy = p.x_proj + tid * units;
   for (int64_t s = p.steps * tid / copies; s < p.steps * (tid + 1) / copies;
@@ -1485,7 +1527,7 @@ void RnnBody(const RnnPlan& p, int tid, int nt) {
   InputPhase(p, tid, nt);
   sync.Wait();
   Recurrent(p, tid, nt, sync, 0, p.steps, XProjRows{0, p.steps});
-  if (GroupStepFits(p) && p.out != nullptr) OutputToNatural(p, tid, nt);
+  if (HSlots(p) && p.out != nullptr) OutputToNatural(p, tid, nt);
 }
 
 void BlockDiagBody(const BlockDiagPlan& p, int tid, int nt) {
@@ -1516,10 +1558,10 @@ void BlockDiagBody(const BlockDiagPlan& p, int tid, int nt) {
 }  // namespace
 
 void RunRnn(const RnnPlan& plan) {
-  // LstmGroupStep keeps h in the slot layout: the initial state goes in
-  // (through the other buffer, free until the first step) and the last
-  // one comes back to the natural layout.
-  const bool slots = GroupStepFits(plan) && plan.steps > 0;
+  // With HSlots the steps keep h in the slot layout: the initial state
+  // goes in (through the other buffer, free until the first step) and the
+  // last one comes back to the natural layout.
+  const bool slots = HSlots(plan) && plan.steps > 0;
   const int64_t units = plan.units;
   if (slots) {
     float* tmp = plan.h[1];
