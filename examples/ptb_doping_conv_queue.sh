@@ -34,7 +34,9 @@ for kind in ${KINDS:-dope prune lmf hmd dope_nocmr kp}; do
     rates=(0.5)
     [ "$kind" = dope ] && read -ra rates <<< "${CMR_RATES:-0.5}"
     for rate in "${rates[@]}"; do
-        echo "== $(date -u +%FT%TZ) $kind (CMR $rate)"
+        label=$kind
+        [ "$kind" = dope ] && label="$kind (CMR $rate)"
+        echo "== $(date -u +%FT%TZ) $label"
         flock "$LOCK" "$PY" examples/ptb_word_lm.py "${COMMON[@]}" \
             --students "$kind" --cmr-rate "$rate"
     done
