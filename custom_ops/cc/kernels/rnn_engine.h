@@ -206,8 +206,8 @@ struct RnnPlan {
   // the engine may use it for windows of steps instead (rnn_engine_impl.h,
   // InputWindow).
   float* x_proj;
-  // [batch, units] double buffer, natural layout; slot layout (that of c)
-  // between the steps of LstmGroupStep (rnn_engine_impl.h, RunRnn).
+  // [batch, units] double buffer, natural layout; the slot layout (that of
+  // c) between the steps where HSlots (rnn_engine_impl.h, RunRnn).
   float* h[2];
   float* c;       // LSTM: cell state [batch, units], slot layout
   float* update_gate;   // GRU without reset_after: z, [batch, units]
