@@ -1084,8 +1084,7 @@ struct LstmGates {
       StoreN(st.v.h + k, out.h, n);
     }
     for (int64_t i = g0; i < g1; ++i)
-      EmitH(st, st.HUnits(Task{i, g, len, i * len}), 0,
-            st.v.h + (i - g0) * len);
+      EmitH(st, Task{i, g, len, i * len}, 0, st.v.h + (i - g0) * len);
   }
 
   void operator()(const Task& tk, const float* rec, int64_t ldv) const {
@@ -1219,7 +1218,9 @@ bool HSlots(const RnnPlan& p) {
 
 // The inputs of this thread's groups of a one-stage recurrent product
 // (LastStage's split), gathered from h in the slot layout into `dst` at
-// their natural positions.
+// their natural positions: the GRU's LastStage runs the shared GEMM
+// kernels, which read contiguous rows (LstmGroupStep's own GEMV reads
+// through the slot table instead).
 const float* GroupInputs(const RnnPlan& p, const float* h, int tid, int nt,
                          float* dst) {
   const Stage& s = p.recurrent.chain.stages[0];
@@ -1448,7 +1449,7 @@ void RecurrentPhase(const RnnPlan& p, int tid, int nt, Sync& sync,
       sync.Wait();
       continue;
     }
-    int64_t ldx;
+    int64_t ldx = units;
     // A sparse term's outputs are all computed before the last stage; a
     // chain of 2+ stages has a barrier in Intermediate in between.
     if (HasSlices(p.recurrent)) {
@@ -1460,7 +1461,6 @@ void RecurrentPhase(const RnnPlan& p, int tid, int nt, Sync& sync,
         h_slots ? GroupInputs(p, st.h_prev, tid, nt, v.r_h_prev)
                 : Intermediate(p.recurrent, st.h_prev, batch, tid, nt, sync,
                                unshuffled, &ldx);
-    if (h_slots) ldx = units;
     LastStage(p.recurrent, in, ldx, batch, units, tid, nt, rev, task_product,
               PlusSparse<Gates>{p.recurrent.chain.sparse, batch, units,
                                 p.recurrent.gates, Gates{st}});
@@ -1495,6 +1495,13 @@ void Recurrent(const RnnPlan& p, int tid, int nt, Sync& sync, int64_t s0,
                                             xr);
 }
 
+// A state row in the slot layout, in place, to the natural one; `copy`
+// holds units floats.
+void SlotsToNatural(const RnnPlan& p, float* row, float* copy) {
+  for (int64_t u = 0; u < p.units; ++u) copy[u] = row[u];
+  for (int64_t u = 0; u < p.units; ++u) row[u] = copy[p.slot_of_unit[u]];
+}
+
 // The output rows, written in the slot layout (HSlots), back to the
 // natural one, the rows split over the threads (after the last step's
 // barrier). Each thread's row copy is in x_proj, free by then ([steps,
@@ -1505,11 +1512,8 @@ void OutputToNatural(const RnnPlan& p, int tid, int nt) {
   if (tid >= copies) return;
   float* copy = p.x_proj + tid * units;
   for (int64_t s = p.steps * tid / copies; s < p.steps * (tid + 1) / copies;
-       ++s) {
-    float* row = p.out + s * units;
-    for (int64_t u = 0; u < units; ++u) copy[u] = row[u];
-    for (int64_t u = 0; u < units; ++u) row[u] = copy[p.slot_of_unit[u]];
-  }
+       ++s)
+    SlotsToNatural(p, p.out + s * units, copy);
 }
 
 void RnnBody(const RnnPlan& p, int tid, int nt) {
@@ -1562,12 +1566,11 @@ void RunRnn(const RnnPlan& plan) {
   // goes in (through the other buffer, free until the first step) and the
   // last one comes back to the natural layout.
   const bool slots = HSlots(plan) && plan.steps > 0;
-  const int64_t units = plan.units;
   if (slots) {
     float* tmp = plan.h[1];
-    for (int64_t u = 0; u < units; ++u)
+    for (int64_t u = 0; u < plan.units; ++u)
       tmp[plan.slot_of_unit[u]] = plan.h[0][u];
-    for (int64_t u = 0; u < units; ++u) plan.h[0][u] = tmp[u];
+    for (int64_t u = 0; u < plan.units; ++u) plan.h[0][u] = tmp[u];
   }
   if (plan.num_threads <= 1) {
     RnnBody(plan, 0, 1);
@@ -1577,12 +1580,9 @@ void RunRnn(const RnnPlan& plan) {
 #pragma omp parallel num_threads(plan.num_threads)
     RnnBody(plan, omp_get_thread_num(), omp_get_num_threads());
   }
-  if (slots) {
-    float* last = plan.h[plan.steps & 1];
-    float* tmp = plan.h[(plan.steps + 1) & 1];
-    for (int64_t u = 0; u < units; ++u) tmp[u] = last[plan.slot_of_unit[u]];
-    for (int64_t u = 0; u < units; ++u) last[u] = tmp[u];
-  }
+  if (slots)
+    SlotsToNatural(plan, plan.h[plan.steps & 1],
+                   plan.h[(plan.steps + 1) & 1]);
 }
 
 // The largest dense (g = 1) input stage that is packed: a copy doubles
